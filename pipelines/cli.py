@@ -1,0 +1,174 @@
+"""`latentpref` command line: one hop from each subcommand to its flow (STYLE.md §5)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _quiet_defaults() -> None:
+    # offline box: Prefect's telemetry would only log DNS errors
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (minutes, random tiny LM) or small (SmolLM2-135M)")
+    p.add_argument("--config", help="YAML file overriding the preset")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set personalize.beta=0.2 (repeatable)")
+    p.add_argument("--store", help="store root: local folder or s3://bucket/prefix")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in the store)")
+
+
+def _load(args):
+    from latentpref.pipelines.config import load_config
+    overrides = list(args.set)
+    if args.store:
+        overrides.append(f"runtime.store={args.store}")
+    if args.ray_address:
+        overrides.append(f"runtime.ray_address={args.ray_address}")
+    if args.mlflow_uri:
+        overrides.append(f"runtime.mlflow_tracking_uri={args.mlflow_uri}")
+    return load_config(args.preset, file=args.config, overrides=overrides)
+
+
+def _run_flow(args, until: str) -> int:
+    from latentpref.pipelines.nightly import nightly
+    from latentpref.pipelines.runtime import mlflow_uris, open_store
+    cfg = _load(args)
+    report = nightly(cfg, until=until)
+    uri, _ = mlflow_uris(cfg.runtime, open_store(cfg.runtime))
+    print(f"\nlatentpref {until}: done in {report.seconds:.0f}s (stages: {', '.join(report.stages_run)})")
+    print(f"  MLflow run id : {report.run_id} (experiment '{cfg.runtime.mlflow_experiment}')")
+    print(f"  MLflow UI     : mlflow ui --backend-store-uri {uri}")
+    print(f"  output folder : {report.store}")
+    if report.report_path:
+        print(f"  HTML report   : {report.report_path}")
+    if report.users:
+        print(f"  users         : {json.dumps(report.users)}")
+    for row in report.comparison:
+        print(f"  {row['method']:<12} win_rate={row.get('win_rate') or 0:.3f} "
+              f"mean_reward={row.get('mean_reward') or 0:.3f} fit_s/user={row.get('fit_seconds') or 0:.3f}")
+    return 0
+
+
+def _ingest(args) -> int:
+    import mlflow
+
+    from latentpref.pipelines import tracking
+    from latentpref.pipelines.runtime import open_store, setup_mlflow
+    from latentpref.tasks.data.ingest import ingest_feedback
+    from latentpref.tasks.data.validate import FeedbackFileError
+    cfg = _load(args)
+    store = open_store(cfg.runtime)
+    setup_mlflow(cfg.runtime, store)
+    with mlflow.start_run(run_name="ingest"):
+        mlflow.set_tag("flow", "ingest")
+        try:
+            report = ingest_feedback(args.file, store)
+        except FeedbackFileError as err:
+            mlflow.set_tag("error", str(err)[:500])
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        mlflow.log_metrics({"rows_read": report.rows_read, "rows_accepted": report.rows_accepted,
+                            "rows_quarantined": report.rows_quarantined,
+                            "rows_duplicate_of_stored": report.rows_duplicate_of_stored, "users": report.users})
+        mlflow.log_params({"source": tracking.safe_value("source", args.file), "batch": report.batch})
+        tracking.log_json_artifact(report.to_dict(), "ingest_report.json")
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def _generate(args) -> int:
+    from latentpref.pipelines.runtime import open_store
+    from latentpref.tasks.evaluate.serving import PersonalizedGenerator
+    cfg = _load(args)
+    gen = PersonalizedGenerator.from_store(open_store(cfg.runtime))
+    result = gen.generate([(args.user, args.prompt)], max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                          seed=args.seed)[0]
+    if result.notice:
+        print(f"notice: {result.notice}", file=sys.stderr)
+    print(result.text)
+    return 0
+
+
+def _report(args) -> int:
+    from latentpref.pipelines.report import build_report
+    from latentpref.pipelines.runtime import open_store
+    cfg = _load(args)
+    path = build_report(open_store(cfg.runtime), args.run_id, args.out)
+    print(path)
+    return 0
+
+
+def _lineage(args) -> int:
+    from latentpref.pipelines.runtime import open_store
+    from latentpref.tasks.train.personalize import current_fit
+    cfg = _load(args)
+    store = open_store(cfg.runtime)
+    fit = current_fit(store, args.user_id)
+    if fit is None:
+        print(f"user {args.user_id!r} has no stored fit in {store.url()}", file=sys.stderr)
+        return 1
+    clap = store.read_json("models", "clap", fit["clap_version"], "_manifest.json")
+    chain = {"user_id": args.user_id, "artifact_version": fit["version"], "data_hash": fit["data_hash"],
+             "n_pairs": fit["n_pairs"], "cold_start": fit["cold_start"], "mode": fit["mode"],
+             "clap_version": fit["clap_version"], "base_model_version": clap.get("base_model_version"),
+             "base_model_path": "/".join(clap.get("base_model_path", []))}
+    print(json.dumps(chain, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentpref", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("nightly", "run the whole chain: prepare, pretrain, personalize, evaluate, report"),
+                        ("prepare", "prepare data: prompts, SFT base LM, candidates, scores, users, pairs"),
+                        ("pretrain", "prepare (if needed), then pretrain CLaP on Ray Train"),
+                        ("personalize", "... then fit every user's latent encoder (Ray fan-out)"),
+                        ("evaluate", "... then evaluate latent DPO against the baselines")):
+        p = sub.add_parser(name, help=help_)
+        _config_args(p)
+        p.set_defaults(func=lambda a, n=name: _run_flow(a, "report" if n == "nightly" else n))
+    p = sub.add_parser("ingest", help="validate a feedback file (Parquet/CSV/JSONL) and add it to the store")
+    p.add_argument("file")
+    _config_args(p)
+    p.set_defaults(func=_ingest)
+    p = sub.add_parser("generate", help="generate text for a user id and a prompt")
+    p.add_argument("--user", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample (top-k 50) instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    _config_args(p)
+    p.set_defaults(func=_generate)
+    p = sub.add_parser("report", help="render the HTML report of a nightly run")
+    p.add_argument("run_id")
+    p.add_argument("--out", default="latentpref-report")
+    _config_args(p)
+    p.set_defaults(func=_report)
+    p = sub.add_parser("lineage", help="print the data/model chain behind a user's artifact")
+    p.add_argument("user_id")
+    _config_args(p)
+    p.set_defaults(func=_lineage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:   # config / argument errors: say what is wrong, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

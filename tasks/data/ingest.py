@@ -1,0 +1,100 @@
+"""Feedback ingestion: validate a feedback file, append good rows to the per-user feedback store,
+quarantine bad rows with their reason. Nothing already stored is modified.
+
+Layout under the store:
+    feedback/user=<key>/batch-<digest>.parquet    good rows of one ingested batch, one file per user
+    feedback/_quarantine/batch-<digest>.parquet   bad rows + `reason`
+    feedback/_batches/<digest>.json               batch manifest, written last (the commit marker)
+The batch digest is the digest of the validated input, so ingesting the same file twice is a no-op.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from latentpref.tasks.data import validate
+from latentpref.tasks.data.store import Store, table_digest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    source: str
+    batch: str
+    rows_read: int
+    rows_accepted: int
+    rows_quarantined: int
+    rows_duplicate_of_stored: int
+    users: int
+    already_ingested: bool
+    quarantine_url: str | None
+    reasons: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_feedback_store(store: Store) -> pa.Table | None:
+    """Every stored good feedback row (all users), or None when nothing was ingested yet."""
+    tables = []
+    for part in store.listdir("feedback"):
+        if not part.startswith("user="):
+            continue
+        for name in store.listdir("feedback", part):
+            if name.endswith(".parquet") and not name.startswith("."):
+                tables.append(store.read_table("feedback", part, name))
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _stored_rows_for(store: Store, user_keys: set[str]) -> pa.Table | None:
+    tables = []
+    for key in user_keys:
+        for name in store.listdir("feedback", f"user={key}"):
+            if name.endswith(".parquet") and not name.startswith("."):
+                tables.append(store.read_table("feedback", f"user={key}", name))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def ingest_feedback(uri: str, store: Store, *, max_text_chars: int = 20000) -> IngestReport:
+    """Validate `uri` (Parquet, CSV or JSONL; local or s3://) and append its good rows to the store.
+
+    Raises:
+        validate.FeedbackFileError: the file as a whole is unusable (missing, empty, truncated, a required
+            column missing); nothing is written in that case.
+    """
+    table = validate.read_feedback_file(uri)
+    good, bad = validate.validate_feedback(table, max_text_chars=max_text_chars)
+    batch = table_digest(good) if good.num_rows else table_digest(bad)
+    if store.exists("feedback", "_batches", f"{batch}.json"):
+        prev = store.read_json("feedback", "_batches", f"{batch}.json")
+        log.info("feedback batch %s from %s was already ingested", batch, uri)
+        return IngestReport(**{**prev, "already_ingested": True})
+
+    keys = {u: validate.user_storage_key(u) for u in set(good["user_id"].to_pylist())}
+    existing = _stored_rows_for(store, set(keys.values()))
+    before = good.num_rows
+    if existing is not None and good.num_rows:
+        good = validate.dedupe_against(good, existing)
+    dup_stored = before - good.num_rows
+
+    for user_id, key in sorted(keys.items()):
+        rows = good.filter(pc.equal(good["user_id"], user_id))
+        if rows.num_rows:
+            store.write_table(rows, "feedback", f"user={key}", f"batch-{batch}.parquet")
+    quarantine_url = None
+    if bad.num_rows:
+        quarantine_url = store.write_table(bad, "feedback", "_quarantine", f"batch-{batch}.parquet")
+    reasons: dict[str, int] = {}
+    for r in bad["reason"].to_pylist() if bad.num_rows else []:
+        reasons[r] = reasons.get(r, 0) + 1
+    report = IngestReport(source=uri, batch=batch, rows_read=table.num_rows, rows_accepted=good.num_rows,
+                          rows_quarantined=bad.num_rows, rows_duplicate_of_stored=dup_stored, users=len(keys),
+                          already_ingested=False, quarantine_url=quarantine_url, reasons=reasons)
+    store.write_json(report.to_dict(), "feedback", "_batches", f"{batch}.json")   # commit marker, last
+    return report

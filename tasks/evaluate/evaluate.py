@@ -1,0 +1,193 @@
+"""Evaluation of one night: personalised generation scored by each user's hidden reward, side by side with
+the un-personalised models and the baselines fitted on exactly the same pairs (spec latent-dpo.md §6).
+
+Methods (rows of the result):
+    base_lm       the (SFT'd) base LM alone, no latent prefix
+    clap_prior    CLaP with z = mean of the population prior N(0, I): the un-personalised latent model
+    latent_dpo    CLaP with z = mean of the user's fitted p_θ(z|x) (spec §4.1.9: z = μ_θ(x))
+    lora_dpo / full_dpo / ptuning_dpo   baselines (tasks/evaluate/baselines.py)
+Generation uses the same prompts and the same sampling seed for every method, so differences come from
+the method alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from latentpref.tasks.data import scorers, users as users_lib
+from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
+from latentpref.tasks.evaluate import baselines, metrics
+from latentpref.tasks.models import latent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    prompts_per_user: int
+    max_new_tokens: int
+    prompt_tokens: int
+    response_tokens: int
+    baselines: tuple[str, ...]
+    baseline_steps: int
+    baseline_lr: float
+    baseline_beta: float
+    baseline_batch_size: int
+    latent_fit: dict[str, Any]       # FitConfig fields, to time a one-user latent fit like-for-like
+    seed: int = 0
+
+
+def _user_reward(weights_json: str, texts: list[str]) -> np.ndarray:
+    feats = scorers.score_texts(texts)
+    return users_lib.user_rewards(weights_json, feats)
+
+
+@torch.no_grad()
+def _clap_generate(clap, tokenizer, prompts: list[str], z: torch.Tensor | None, s: EvalSettings) -> list[str]:
+    ids, mask = tokenize_prompts(tokenizer, prompts, s.prompt_tokens)
+    gen = torch.Generator().manual_seed(s.seed)
+    out = clap.generate(z, ids, mask, max_new_tokens=s.max_new_tokens, do_sample=True, top_k=50, generator=gen)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def _latent_implicit_reward(mu_p, logvar_p, mu_y) -> torch.Tensor:
+    """R_θ(z) = log p_θ(z|x) − log N(z; 0, I) at the response's posterior mean (spec §3.6)."""
+    return latent.gaussian_log_prob(mu_y, mu_p, logvar_p) - latent.standard_normal_log_prob(mu_y)
+
+
+def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_ids: list[str],
+                   test_prompts: list[str], references: list[str], train_pairs: pa.Table, heldout_pairs: pa.Table,
+                   user_heads: dict[str, tuple[torch.Tensor, torch.Tensor, dict]], settings: EvalSettings,
+                   progress: Callable[[int, int], None] | None = None) -> pa.Table:
+    """One row per (user, method) with mean_reward, win_rate, heldout_accuracy, perplexity, fit_seconds,
+    trainable_params, artifact_bytes, n_train_pairs."""
+    from latentpref.tasks.train.fit_user import FitConfig, fit_users, predict_latent
+
+    torch.manual_seed(settings.seed)
+    clap.eval()
+    base_model.eval()
+    hidden = {u: (c, w) for u, c, w in zip(users_table["user_id"].to_pylist(), users_table["cohort"].to_pylist(),
+                                            users_table["weights_json"].to_pylist())}
+    prompts = test_prompts[: settings.prompts_per_user]
+    refs = references[: settings.prompts_per_user]
+    p_ids, p_mask = tokenize_prompts(tokenizer, prompts, settings.prompt_tokens)
+    with torch.no_grad():
+        prompt_feats = clap.encoder.features(p_ids, p_mask).float()            # (N, Q, d)
+
+    # user-independent generations, shared by every user (same prompts, same seed)
+    shared = {"base_lm": baselines.generate_texts(base_model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                                                  do_sample=True, top_k=50, seed=settings.seed),
+              "clap_prior": _clap_generate(clap, tokenizer, prompts, torch.zeros(len(prompts), clap.config.latent_dim),
+                                           settings)}
+    ppl_cache: dict[str, float] = {}
+
+    def ppl(method_texts: list[str]) -> float:
+        key = "\x00".join(method_texts)
+        if key not in ppl_cache:
+            ppl_cache[key] = metrics.perplexity(base_model, tokenizer, [p + t for p, t in zip(prompts, method_texts)])
+        return ppl_cache[key]
+
+    rows: list[dict[str, Any]] = []
+    for n_done, user_id in enumerate(user_ids):
+        cohort, weights_json = hidden[user_id]
+        ref_reward = _user_reward(weights_json, refs)
+        u_train = train_pairs.filter(pa.compute.equal(train_pairs["user_id"], user_id))
+        u_held = heldout_pairs.filter(pa.compute.equal(heldout_pairs["user_id"], user_id))
+        triples = list(zip(u_train["prompt"].to_pylist(), u_train["chosen"].to_pylist(), u_train["rejected"].to_pylist()))
+        held = list(zip(u_held["prompt"].to_pylist(), u_held["chosen"].to_pylist(), u_held["rejected"].to_pylist()))
+
+        def row(method: str, texts: list[str], **extra) -> dict[str, Any]:
+            reward = _user_reward(weights_json, texts)
+            return {"user_id": user_id, "cohort": cohort, "method": method, "n_train_pairs": len(triples),
+                    "mean_reward": float(reward.mean()), "win_rate": metrics.win_rate(reward, ref_reward),
+                    "perplexity": ppl(texts), "sample": texts[0][:200], **extra}
+
+        for method, texts in shared.items():
+            rows.append(row(method, texts, heldout_accuracy=None, fit_seconds=0.0, trainable_params=0,
+                            artifact_bytes=0))
+
+        # latent DPO: the stored head of the nightly fit
+        weight, bias, manifest = user_heads[user_id]
+        mu_p, logvar_p = predict_latent(weight, bias, prompt_feats)
+        texts = _clap_generate(clap, tokenizer, prompts, mu_p, settings)
+        held_acc = None
+        if held:
+            hp_ids, hp_mask = tokenize_prompts(tokenizer, [h[0] for h in held], settings.prompt_tokens)
+            with torch.no_grad():
+                feats_h = clap.encoder.features(hp_ids, hp_mask).float()
+                mu_h, logvar_h = predict_latent(weight, bias, feats_h)
+                c_ids, c_mask = tokenize_responses(tokenizer, [h[1] for h in held], settings.response_tokens)
+                r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], settings.response_tokens)
+                mu_c, _ = clap.encode(hp_ids, hp_mask, c_ids, c_mask)
+                mu_r, _ = clap.encode(hp_ids, hp_mask, r_ids, r_mask)
+            held_acc = metrics.preference_accuracy(_latent_implicit_reward(mu_h, logvar_h, mu_c).numpy(),
+                                                   _latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
+        # like-for-like timing: one user fitted alone from the cache (the nightly batched cost is lower)
+        fit_s = manifest.get("fit_seconds", 0.0)
+        if triples:
+            tp_ids, tp_mask = tokenize_prompts(tokenizer, [t[0] for t in triples], settings.prompt_tokens)
+            c_ids, c_mask = tokenize_responses(tokenizer, [t[1] for t in triples], settings.response_tokens)
+            r_ids, r_mask = tokenize_responses(tokenizer, [t[2] for t in triples], settings.response_tokens)
+            with torch.no_grad():
+                f_t = clap.encoder.features(tp_ids, tp_mask).float()
+                mc, lc = clap.encode(tp_ids, tp_mask, c_ids, c_mask)
+                mr, lr_ = clap.encode(tp_ids, tp_mask, r_ids, r_mask)
+            t0 = time.perf_counter()
+            fit_users(f_t, mc.float(), lc.float(), mr.float(), lr_.float(), torch.zeros(len(triples), dtype=torch.long),
+                      1, FitConfig(**settings.latent_fit))
+            fit_s = time.perf_counter() - t0
+        rows.append(row("latent_dpo", texts, heldout_accuracy=held_acc, fit_seconds=fit_s,
+                        trainable_params=int(weight.numel() + bias.numel()),
+                        artifact_bytes=int(manifest.get("artifact_bytes", 0)),
+                        cold_start=bool(manifest.get("cold_start", False))))
+
+        # baselines on exactly the same pairs
+        for method in settings.baselines:
+            if not triples:
+                continue
+            cfg = baselines.BaselineConfig(method=method, beta=settings.baseline_beta, lr=settings.baseline_lr,
+                                           steps=settings.baseline_steps, batch_size=settings.baseline_batch_size,
+                                           seed=settings.seed)
+            result = baselines.fit_baseline(base_model, tokenizer, triples, cfg)
+            b_texts = baselines.generate_texts(result.model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                                               do_sample=True, top_k=50, seed=settings.seed)
+            b_held = None
+            if held:
+                hp = [h[0] for h in held]
+                lc_, _ = baselines.sequence_logps(result.model, tokenizer, hp, [h[1] for h in held])
+                lr2, _ = baselines.sequence_logps(result.model, tokenizer, hp, [h[2] for h in held])
+                rc, _ = baselines.sequence_logps(base_model, tokenizer, hp, [h[1] for h in held])
+                rr, _ = baselines.sequence_logps(base_model, tokenizer, hp, [h[2] for h in held])
+                b_held = metrics.preference_accuracy((lc_ - rc).numpy(), (lr2 - rr).numpy())
+            rows.append(row(method, b_texts, heldout_accuracy=b_held, fit_seconds=result.seconds,
+                            trainable_params=int(result.trainable_params), artifact_bytes=int(result.artifact_bytes)))
+            del result
+        if progress is not None:
+            progress(n_done + 1, len(user_ids))
+    return pa.Table.from_pylist(rows)
+
+
+def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
+    """Per method: mean and 95% bootstrap interval over users of each metric."""
+    out = []
+    methods = list(dict.fromkeys(per_user["method"].to_pylist()))
+    for method in methods:
+        sub = per_user.filter(pa.compute.equal(per_user["method"], method))
+        entry: dict[str, Any] = {"method": method, "users": sub.num_rows}
+        for col in ("mean_reward", "win_rate", "heldout_accuracy", "perplexity", "fit_seconds"):
+            vals = np.array([v for v in sub[col].to_pylist() if v is not None], dtype=float)
+            if len(vals):
+                m, lo, hi = metrics.bootstrap_ci(vals, seed=seed)
+                entry.update({col: m, f"{col}_lo": lo, f"{col}_hi": hi})
+            else:
+                entry.update({col: None, f"{col}_lo": None, f"{col}_hi": None})
+        entry["trainable_params"] = int(np.median(sub["trainable_params"].to_numpy()))
+        entry["artifact_bytes"] = int(np.median(sub["artifact_bytes"].to_numpy()))
+        out.append(entry)
+    return pa.Table.from_pylist(out)

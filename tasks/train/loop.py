@@ -1,0 +1,171 @@
+"""CLaP training step in plain PyTorch (spec latent-dpo.md §3.5), usable with or without Ray/DDP.
+
+`ClapObjective` wraps a CLaP model so that the *whole* loss is computed inside `forward`: DDP only
+synchronises gradients correctly for work done through the wrapped module's forward.
+
+Data layout (spec §9.1): a batch holds P prompts x B responses, flattened prompt-major to P*B rows;
+DG-KLD aggregates the posterior over the B responses of each prompt, and the contrastive loss uses the
+other responses of the same prompt as negatives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from latentpref.tasks import objectives
+from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
+from latentpref.tasks.models import latent
+
+Stage = Literal[1, 2]
+
+
+@dataclass
+class ClapBatch:
+    prompt_ids: torch.Tensor       # (P*B, Tp) left-padded
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor     # (P*B, Tr) right-padded
+    response_mask: torch.Tensor
+    n_prompts: int                 # P
+    n_responses: int               # B
+
+    def to(self, device) -> "ClapBatch":
+        return ClapBatch(self.prompt_ids.to(device), self.prompt_mask.to(device), self.response_ids.to(device),
+                         self.response_mask.to(device), self.n_prompts, self.n_responses)
+
+
+def make_clap_batch(tokenizer, prompts: list[str], responses: list[list[str]], *,
+                    max_prompt_tokens: int, max_response_tokens: int) -> ClapBatch:
+    """prompts (P,), responses (P, B) -> one ClapBatch (every prompt must have the same B)."""
+    n_resp = {len(r) for r in responses}
+    if len(n_resp) != 1:
+        raise ValueError(f"every prompt needs the same number of responses in a batch, got {sorted(n_resp)}")
+    B = n_resp.pop()
+    flat_prompts = [p for p in prompts for _ in range(B)]
+    flat_responses = [r for rs in responses for r in rs]
+    p_ids, p_mask = tokenize_prompts(tokenizer, flat_prompts, max_prompt_tokens)
+    r_ids, r_mask = tokenize_responses(tokenizer, flat_responses, max_response_tokens)
+    return ClapBatch(p_ids, p_mask, r_ids, r_mask, len(prompts), B)
+
+
+def sample_clap_batches(tokenizer, prompt_texts: list[str], candidate_texts: list[list[str]], *,
+                        prompts_per_batch: int, responses_per_prompt: int, max_prompt_tokens: int,
+                        max_response_tokens: int, seed: int):
+    """Endless iterator of ClapBatches: P random prompts, B random distinct candidates of each."""
+    rng = np.random.default_rng(seed)
+    n = len(prompt_texts)
+    if n == 0:
+        raise ValueError("no prompts to train CLaP on")
+    while True:
+        idx = rng.choice(n, size=min(prompts_per_batch, n), replace=False)
+        prompts = [prompt_texts[i] for i in idx]
+        responses = []
+        for i in idx:
+            cands = candidate_texts[i]
+            pick = rng.choice(len(cands), size=min(responses_per_prompt, len(cands)), replace=False)
+            responses.append([cands[j] for j in pick])
+        yield make_clap_batch(tokenizer, prompts, responses, max_prompt_tokens=max_prompt_tokens,
+                              max_response_tokens=max_response_tokens)
+
+
+class ClapObjective(nn.Module):
+    """L_CLaP = L_lm + w_kl * DG-KLD (+ w_con * contrastive in stage 2); G-skip in stage 1 (spec §3.5)."""
+
+    def __init__(self, clap: nn.Module, *, kl_samples: int = 16, kl_weight: float = 1.0,
+                 contrastive_weight: float = 1.0):
+        super().__init__()
+        self.clap = clap
+        self.kl_samples = kl_samples
+        self.kl_weight = kl_weight
+        self.contrastive_weight = contrastive_weight
+
+    def forward(self, batch: ClapBatch, stage: int, generator: torch.Generator | None = None):
+        P, B = batch.n_prompts, batch.n_responses
+        mu, logvar = self.clap.encode(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        kl = objectives.dg_kld(mu, logvar, n_samples=self.kl_samples, group=(P, B), generator=generator)
+        z = latent.sample(mu, logvar, 1, generator=generator)[0]                    # (P*B, D)
+        n_tokens = batch.response_mask.sum()
+        skip_z = None
+        if stage == 1 and getattr(self.clap.config, "skip_connection", False):
+            # a fresh posterior sample per response position (spec §2.4)
+            T = batch.response_ids.shape[1]
+            skip_z = latent.sample(mu, logvar, T, generator=generator).transpose(0, 1)  # (P*B, T, D)
+        logps = self.clap.response_logps(z, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                         batch.response_mask, skip_z=skip_z)          # (P*B,)
+        nll = -logps.mean()   # spec §3.1: per-sequence token sum, mean over sequences
+        loss = nll + self.kl_weight * kl
+        contrastive = torch.zeros((), device=nll.device)
+        contrastive_acc = torch.zeros((), device=nll.device)
+        if stage == 2 and B > 1 and self.contrastive_weight > 0:
+            # nll_matrix[p, k, b] = -log p(y_{p,b} | x_p, z_{p,(b-k) mod B}) (spec §3.3)
+            rows = [-logps.view(P, B)]
+            zg = z.view(P, B, -1)
+            for k in range(1, B):
+                z_k = torch.roll(zg, shifts=k, dims=1).reshape(P * B, -1)
+                rows.append(-self.clap.response_logps(z_k, batch.prompt_ids, batch.prompt_mask,
+                                                      batch.response_ids, batch.response_mask).view(P, B))
+            nll_matrix = torch.stack(rows, dim=1)                                   # (P, B_shift, B)
+            contrastive = objectives.contrastive_loss(nll_matrix)
+            contrastive_acc = (nll_matrix.argmin(dim=1) == 0).float().mean()
+            loss = loss + self.contrastive_weight * contrastive
+        with torch.no_grad():
+            # active units (posterior-collapse detector): dims whose posterior mean varies across the batch
+            active_units = (mu.float().var(dim=0) > 0.01).sum().float() if mu.shape[0] > 1 else torch.zeros(())
+        metrics = {"loss": loss.detach(), "nll_per_token": (-logps.sum() / n_tokens).detach(),
+                   "kl": kl.detach(), "contrastive": contrastive.detach(), "contrastive_acc": contrastive_acc,
+                   "active_units": active_units, "tokens": n_tokens.detach().float()}
+        return loss, metrics
+
+
+def lm_step_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a plain causal LM, with explicit positions from the mask."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    weight = attention_mask[:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none").view_as(weight)
+    return (nll * weight).sum() / weight.sum().clamp(min=1)
+
+
+def sft_base_model(model, tokenizer, texts: list[str], *, steps: int, lr: float, batch_size: int,
+                   max_tokens: int, seed: int, progress=None) -> list[float]:
+    """Brief full fine-tune of the base LM on corpus chunks (spec §4.1 step 2). Returns the loss curve."""
+    if steps <= 0:
+        return []
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    chunks: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer.encode(text)
+        for start in range(0, max(len(ids) - 8, 1), max_tokens):
+            piece = ids[start:start + max_tokens]
+            if len(piece) >= 8:
+                chunks.append(piece)
+    if not chunks:
+        raise ValueError("corpus has no text long enough for SFT")
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    curve = []
+    for step in range(steps):
+        rows = [chunks[i] for i in rng.choice(len(chunks), size=min(batch_size, len(chunks)), replace=False)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        loss = lm_step_loss(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        curve.append(float(loss))
+        if progress is not None:
+            progress(step + 1, steps, float(loss))
+    model.eval()
+    return curve
