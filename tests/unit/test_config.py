@@ -1,0 +1,41 @@
+import pytest
+import yaml
+
+from latentpref.pipelines.config import NightlyConfig, load_config
+
+
+def test_presets_load_and_differ():
+    tiny, small = load_config("tiny"), load_config("small")
+    assert tiny.data.base_model == "tiny-gpt2"
+    assert small.data.base_model == "smollm2-135m"
+    assert small.data.prompt_tokens == 64 and small.data.response_tokens == 48   # spec §4.1
+    assert tiny.pretrain.num_workers == 2
+
+
+def test_override_goes_through_validation():
+    cfg = load_config("tiny", overrides=["personalize.beta=0.2", "evaluate.baselines=[lora_dpo, full_dpo]"])
+    assert cfg.personalize.beta == 0.2
+    assert cfg.evaluate.baselines == ("lora_dpo", "full_dpo")
+
+
+def test_typo_in_yaml_names_the_key(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump({"personalize": {"lerning_rate": 0.1}}))
+    with pytest.raises(ValueError, match="lerning_rate"):
+        load_config("tiny", file=path)
+
+
+def test_bad_values_and_unknown_preset_are_clear():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        load_config("huge")
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config("tiny", overrides=["personalize.beta"])
+    with pytest.raises(ValueError, match="loss_type"):
+        load_config("tiny", overrides=["personalize.loss_type=kto"])
+
+
+def test_config_is_frozen_and_round_trips():
+    cfg = load_config("tiny")
+    with pytest.raises(Exception):
+        cfg.data.n_users = 3
+    assert NightlyConfig.model_validate(cfg.model_dump()) == cfg
