@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -54,6 +54,11 @@ class DataConfig(_Section):
     seed: int = 0
 
 
+def _bool_to_str(value: Any) -> Any:
+    # YAML/CLI `true`/`false` arrive as booleans; the setting also takes the word "auto"
+    return str(value).lower() if isinstance(value, bool) else value
+
+
 class PretrainConfig(_Section):
     """pretrain: CLaP (latent encoder + adapter) on Ray Train, stage 1 (frozen base + G-skip) then stage 2."""
 
@@ -70,7 +75,7 @@ class PretrainConfig(_Section):
     kl_weight: float = 1.0
     contrastive_weight: float = 1.0
     num_workers: int = 2                      # Ray Train workers (DDP, gloo on CPU)
-    use_gpu: Literal["auto", "true", "false"] = "auto"
+    use_gpu: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_to_str)] = "auto"  # auto: GPUs if the cluster has them
     checkpoint_every: int = 20
     max_failures: int = 2
     seed: int = 0

@@ -26,12 +26,13 @@ def open_store(cfg: RuntimeConfig) -> Store:
 
 def mlflow_uris(cfg: RuntimeConfig, store: Store) -> tuple[str, str | None]:
     """(tracking URI, artifact location for a new experiment or None to let the server decide)."""
-    if cfg.mlflow_tracking_uri:
+    configured = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
         artifact = None
-        if cfg.mlflow_tracking_uri.startswith("sqlite:") or cfg.mlflow_tracking_uri.startswith("file:"):
+        if configured.startswith(("sqlite:", "file:")) or "://" not in configured:
             artifact = store.url("mlflow", "artifacts") if not store.is_local else \
                 Path(store.url("mlflow", "artifacts")).as_uri()
-        return cfg.mlflow_tracking_uri, artifact
+        return configured, artifact
     if store.is_local:
         folder = Path(store.url("mlflow"))
     else:  # an S3 store with no MLflow server configured: keep tracking in a local folder

@@ -68,8 +68,10 @@ def ingest_feedback(uri: str, store: Store, *, max_text_chars: int = 20000) -> I
         validate.FeedbackFileError: the file as a whole is unusable (missing, empty, truncated, a required
             column missing); nothing is written in that case.
     """
-    table = validate.read_feedback_file(uri)
-    good, bad = validate.validate_feedback(table, max_text_chars=max_text_chars)
+    table, problems = validate.read_feedback_file(uri)
+    good, bad = validate.validate_feedback(table, max_text_chars=max_text_chars, source=uri)
+    if problems:   # rows the reader could not even parse go to quarantine too, with their reason
+        bad = pa.concat_tables([bad, validate.problems_table(problems, uri)], promote_options="permissive")
     batch = table_digest(good) if good.num_rows else table_digest(bad)
     if store.exists("feedback", "_batches", f"{batch}.json"):
         prev = store.read_json("feedback", "_batches", f"{batch}.json")
@@ -93,7 +95,7 @@ def ingest_feedback(uri: str, store: Store, *, max_text_chars: int = 20000) -> I
     reasons: dict[str, int] = {}
     for r in bad["reason"].to_pylist() if bad.num_rows else []:
         reasons[r] = reasons.get(r, 0) + 1
-    report = IngestReport(source=uri, batch=batch, rows_read=table.num_rows, rows_accepted=good.num_rows,
+    report = IngestReport(source=uri, batch=batch, rows_read=table.num_rows + len(problems), rows_accepted=good.num_rows,
                           rows_quarantined=bad.num_rows, rows_duplicate_of_stored=dup_stored, users=len(keys),
                           already_ingested=False, quarantine_url=quarantine_url, reasons=reasons)
     store.write_json(report.to_dict(), "feedback", "_batches", f"{batch}.json")   # commit marker, last

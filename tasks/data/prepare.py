@@ -134,7 +134,8 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
         torch.manual_seed(cfg.seed)
         cands = candidates_lib.generate_candidates(generate_fn, tokenizer, prompts, k=cfg.n_candidates,
                                                    max_new_tokens=cfg.response_tokens,
-                                                   batch_size=cfg.generation_batch_size, seed=cfg.seed)
+                                                   batch_size=cfg.generation_batch_size, seed=cfg.seed,
+                                                   pack_prompts=True)  # batches of prompts: deterministic for a config
         cands = candidates_lib.annotate(cands)
         cand_ref = _write_versioned(store, cands, folder, "candidates.parquet",
                                     {"stage": "candidates", "base_model_version": base_version})
