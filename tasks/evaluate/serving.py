@@ -60,7 +60,7 @@ class PersonalizedGenerator:
         from latentpref.tasks.train.fit_user import predict_latent
         ids, mask = tokenize_prompts(self.tokenizer, prompts, self.prompt_tokens)
         feats = self.clap.encoder.features(ids, mask).float()
-        z = torch.zeros(len(prompts), self.clap.config.latent_dim)
+        z = torch.zeros(len(prompts), self.clap.cfg.latent_dim)
         notices: list[str | None] = []
         for i, user_id in enumerate(user_ids):
             head = self._head(user_id)

@@ -89,7 +89,7 @@ class ClapObjective(nn.Module):
         z = latent.sample(mu, logvar, 1, generator=generator)[0]                    # (P*B, D)
         n_tokens = batch.response_mask.sum()
         skip_z = None
-        if stage == 1 and getattr(self.clap.config, "skip_connection", False):
+        if stage == 1 and self.clap.skip is not None:
             # a fresh posterior sample per response position (spec §2.4)
             T = batch.response_ids.shape[1]
             skip_z = latent.sample(mu, logvar, T, generator=generator).transpose(0, 1)  # (P*B, T, D)

@@ -81,8 +81,9 @@ def _set_stage(clap, stage: int) -> None:
     from latentpref.tasks.models import clap as clap_lib
     clap_lib.freeze_base(clap, frozen=(stage == 1))
     # the skip MLP is a stage-1 training device only: frozen in stage 2 so DDP sees no unused trainables
-    for p in clap.skip.parameters():
-        p.requires_grad_(stage == 1)
+    if clap.skip is not None:
+        for p in clap.skip.parameters():
+            p.requires_grad_(stage == 1)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -159,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if rank == 0:
-                    save_clap(model, os.path.join(d, "clap"))
+                    save_clap(model, os.path.join(d, "clap"), tokenizer=tokenizer)
                     torch.save({"step": step + 1, "history": history,
                                 "optimizer": {"stage": stage, "state": opt.state_dict()}},
                                os.path.join(d, "trainer_state.pt"))

@@ -1,0 +1,591 @@
+"""CLaP: latent encoder q(z|x,y), latent adapter p(y|x,z) (per-layer K/V prefix) and the shared base LM.
+
+Spec: /work/shared/spec/latent-dpo.md §2 (architecture), §3.4 (gradient-only skip), §9 (reference-code bugs we
+avoid). Paper: Zhang et al., COLING 2025, https://arxiv.org/abs/2412.20834. Works for GPT-2 and Llama-family
+bases (detected from `config.model_type`). All padding is explicit: callers pass attention masks; positions are
+computed from the masks, never from token ids (spec §9.3, §9.4).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+_GPT2_TYPES = ("gpt2",)
+_LLAMA_TYPES = ("llama",)  # k_proj/v_proj + rotary_emb; other llama-like types are untested, so not admitted
+WEIGHTS_FILE = "clap.safetensors"
+CONFIG_FILE = "clap_config.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CLaPConfig:
+    latent_dim: int = 32  # reference `dim_z` (spec §2.1)
+    n_query: int = 4  # reference `num_q`: each query emits latent_dim / n_query means + log-variances
+    n_prefix: int = 4  # reference `num_p`: prefix K/V slots per LM layer
+    encoder_layers: int = 2  # reference `latent_aggregator_layers`: copies of base blocks 0..L-1
+    posterior_reads_prompt: bool = True  # reference `post_with_x` (train_vae default 1): q(z|x,y) reads [x; y]
+    skip_connection: bool = True  # build the gradient-only skip MLP (spec §2.4, §3.4)
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "n_query", "n_prefix", "encoder_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CLaPConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.latent_dim % self.n_query:
+            raise ValueError(
+                f"CLaPConfig.latent_dim={self.latent_dim} must be divisible by n_query={self.n_query} "
+                "(latent dims are grouped per query, spec §2.2)"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ base access
+def _kind(config) -> str:
+    if config.model_type in _GPT2_TYPES:
+        return "gpt2"
+    if config.model_type in _LLAMA_TYPES:
+        return "llama"
+    raise ValueError(
+        f"base model_type {config.model_type!r} is not supported; expected one of {_GPT2_TYPES + _LLAMA_TYPES}"
+    )
+
+
+def _blocks(body: nn.Module, kind: str) -> nn.ModuleList:
+    return body.h if kind == "gpt2" else body.layers
+
+
+def _kv_geometry(base_lm: PreTrainedModel) -> tuple[int, int, int]:
+    """(hidden size d, number of KV heads, head dim) of the base."""
+    c = base_lm.config
+    d, heads = c.hidden_size, c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or d // heads
+    return d, kv_heads, head_dim
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _positions(mask: Tensor, offset: int = 0) -> Tensor:
+    """Position ids from a 0/1 mask (B, T): real tokens get offset, offset+1, ...; pads get a valid dummy."""
+    return offset + (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_padding(mask: Tensor, side: str, what: str) -> None:
+    m = mask.long()
+    bad = (m[:, 1:] < m[:, :-1]) if side == "left" else (m[:, 1:] > m[:, :-1])
+    rows = bad.any(-1).nonzero().flatten().tolist()
+    if rows:
+        example = "0 0 1 1" if side == "left" else "1 1 0 0"
+        raise ValueError(
+            f"{what} must be {side}-padded (like {example}); rows {rows[:8]} are not, e.g. {m[rows[0]].tolist()}"
+        )
+
+
+def _check_z(z: Tensor | None, batch: int, latent_dim: int) -> None:
+    if z is not None and tuple(z.shape) != (batch, latent_dim):
+        raise ValueError(f"z has shape {tuple(z.shape)}; expected ({batch}, {latent_dim})")
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+class LatentEncoder(nn.Module):
+    """Latent aggregator: learned queries read a token sequence through copies of the base's first blocks.
+
+    Spec §2.2: `h = LN_in([wte(ids); Q])`, `encoder_layers` copied base blocks, `LN_out(h[:, -n_query:])`, shared
+    head Linear(d, 2·latent_dim/n_query): dims of query q are latent dims q·k..(q+1)·k-1 (k = latent_dim/n_query).
+    Unlike the reference (spec §9.3, §9.4) the encoder gets explicit positions from the attention mask (copied
+    GPT-2 `wpe`; rotary for Llama), so any padding layout encodes identically.
+    """
+
+    def __init__(self, base_lm: PreTrainedModel, cfg: CLaPConfig) -> None:
+        super().__init__()
+        self.kind = _kind(base_lm.config)
+        self.cfg = cfg
+        body = base_lm.base_model
+        blocks = _blocks(body, self.kind)
+        if cfg.encoder_layers > len(blocks):
+            raise ValueError(f"CLaPConfig.encoder_layers={cfg.encoder_layers} > base layers {len(blocks)}")
+        d = base_lm.config.hidden_size
+        self.wte = copy.deepcopy(body.get_input_embeddings())
+        self.wpe = copy.deepcopy(body.wpe) if self.kind == "gpt2" else None
+        self.rotary = copy.deepcopy(body.rotary_emb) if self.kind == "llama" else None
+        self.blocks = nn.ModuleList(copy.deepcopy(blocks[i]) for i in range(cfg.encoder_layers))
+        self.queries = nn.Parameter(torch.randn(cfg.n_query, d) * 0.02)  # (Q, C), spec §2.2 N(0, 0.02)
+        self.ln_in = nn.LayerNorm(d)
+        self.ln_out = nn.LayerNorm(d)
+        self.h2z = nn.Linear(d, 2 * cfg.latent_dim // cfg.n_query)
+        self.to(self.wte.weight.dtype)  # new parts follow the base dtype; the head still computes in fp32
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Query outputs after LN_out, the input of the Gaussian head.
+
+        Args:
+            input_ids: (B, T) token ids, any padding layout (left, right or interior pads).
+            attention_mask: (B, T) 1 = real token, 0 = pad.
+        Returns:
+            (B, n_query, d) float32.
+        """
+        B, T = input_ids.shape
+        Q = self.cfg.n_query
+        mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, Q, dtype=torch.bool)], dim=1)
+        pos = _positions(mask)  # queries sit right after the last real token, whatever the padding
+        x = torch.cat([self.wte(input_ids), self.queries.to(self.wte.weight.dtype).expand(B, Q, -1)], dim=1)
+        if self.wpe is not None:
+            if T + Q > self.wpe.num_embeddings:
+                n = self.wpe.num_embeddings
+                raise ValueError(f"encoder input of {T} tokens + {Q} queries exceeds the {n} GPT-2 positions")
+            x = x + self.wpe(pos)
+        h = self.ln_in(x)  # (B, T+Q, C)
+        # causal + key padding; each position may always see itself so pad rows never go fully masked (no NaN)
+        L = T + Q
+        causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
+        allowed = (causal & mask[:, None, :]) | torch.eye(L, dtype=torch.bool, device=h.device)
+        bias = torch.zeros(B, 1, L, L, dtype=h.dtype, device=h.device)
+        bias = bias.masked_fill(~allowed[:, None], torch.finfo(h.dtype).min)
+        if self.kind == "gpt2":
+            for block in self.blocks:
+                h = block(h, attention_mask=bias)
+        else:
+            rope = self.rotary(h, pos)
+            for block in self.blocks:
+                h = block(h, attention_mask=bias, position_ids=pos, position_embeddings=rope)
+        return self.ln_out(h[:, -Q:]).float()
+
+    def head(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Gaussian head in fp32 (spec §9.5): features (B, Q, C) -> (mu, logvar), each (B, latent_dim)."""
+        B = features.shape[0]
+        k = self.cfg.latent_dim // self.cfg.n_query
+        out = F.linear(features.float(), self.h2z.weight.float(), self.h2z.bias.float())  # (B, Q, 2k)
+        return out[..., :k].reshape(B, -1), out[..., k:].reshape(B, -1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, logvar), each (B, latent_dim) float32."""
+        return self.head(self.features(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def standardize(self) -> None:
+        """Zero the head so the encoder outputs exactly N(0, I) (spec §2.2; CLaP init and Latent-DPO init)."""
+        self.h2z.weight.zero_()
+        self.h2z.bias.zero_()
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+class LatentAdapter(nn.Module):
+    """z -> per-layer prefix (key, value), spec §2.3 (reference `LatentDecoder`).
+
+    Layer l: `H_l = LN_l(reshape(Linear(d -> P·d)(GELU(Linear(latent_dim -> d)(z))), [B, P, d]))`, then K/V from a
+    separate (freezable) copy of layer l's K/V projections. K/V are computed explicitly rather than taken from the
+    attention module's `present` (spec §9.15); Llama keys get rotary at positions 0..P-1 so real tokens start at P.
+    """
+
+    def __init__(self, base_lm: PreTrainedModel, cfg: CLaPConfig) -> None:
+        super().__init__()
+        self.kind = _kind(base_lm.config)
+        self.cfg = cfg
+        body = base_lm.base_model
+        d, self.n_kv_heads, self.head_dim = _kv_geometry(base_lm)
+        P = cfg.n_prefix
+        blocks = _blocks(body, self.kind)
+        self.z2h = nn.ModuleList(
+            nn.Sequential(nn.Linear(cfg.latent_dim, d), nn.GELU(), nn.Linear(d, P * d)) for _ in blocks
+        )
+        self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in blocks)
+        self.k_proj = nn.ModuleList()
+        self.v_proj = nn.ModuleList()
+        for block in blocks:
+            if self.kind == "gpt2":
+                k, v = _gpt2_kv_linears(block.attn.c_attn, d)
+            else:
+                k, v = copy.deepcopy(block.self_attn.k_proj), copy.deepcopy(block.self_attn.v_proj)
+            self.k_proj.append(k)
+            self.v_proj.append(v)
+        self.rotary = copy.deepcopy(body.rotary_emb) if self.kind == "llama" else None
+        self.to(next(base_lm.parameters()).dtype)
+
+    def attention_copies(self) -> list[nn.Module]:
+        """The K/V projection copies (frozen together with the base in CLaP stage 1, spec §2.5)."""
+        return [self.k_proj, self.v_proj]
+
+    def forward(self, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Args: z (B, latent_dim). Returns per layer (key, value), each (B, n_kv_heads, n_prefix, head_dim)."""
+        B, P = z.shape[0], self.cfg.n_prefix
+        dtype = self.k_proj[0].weight.dtype
+        z = z.to(dtype)
+        rope = None
+        if self.rotary is not None:
+            pos = torch.arange(P, device=z.device)[None]  # prefix occupies positions 0..P-1
+            cos, sin = self.rotary(z, pos)  # (1, P, head_dim)
+            rope = cos[:, None], sin[:, None]
+        prefix = []
+        for z2h, ln, k_proj, v_proj in zip(self.z2h, self.ln, self.k_proj, self.v_proj):
+            h = ln(z2h(z).view(B, P, -1))  # (B, P, C)
+            k = k_proj(h).view(B, P, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, P, hd)
+            v = v_proj(h).view(B, P, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if rope is not None:
+                k = k * rope[0] + _rotate_half(k) * rope[1]
+            prefix.append((k, v))
+        return prefix
+
+
+def _gpt2_kv_linears(c_attn: nn.Module, d: int) -> tuple[nn.Linear, nn.Linear]:
+    """Copy the K and V slices of GPT-2's fused Conv1D c_attn (weight (d, 3d): x @ W + b) into two Linears."""
+    out = []
+    for i in (1, 2):  # q = 0, k = 1, v = 2
+        lin = nn.Linear(d, d, dtype=c_attn.weight.dtype, device=c_attn.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(c_attn.weight[:, i * d : (i + 1) * d].T)
+            lin.bias.copy_(c_attn.bias[i * d : (i + 1) * d])
+        out.append(lin)
+    return out[0], out[1]
+
+
+class SkipMLP(nn.Module):
+    """S(z) = LN_noaffine(Linear(d <- d)(GELU(Linear(d <- latent_dim)(z)))), spec §2.4."""
+
+    def __init__(self, latent_dim: int, d: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, d), nn.GELU(), nn.Linear(d, d))
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.net(z.to(self.net[0].weight.dtype))
+        return F.layer_norm(h, h.shape[-1:])
+
+
+# ------------------------------------------------------------------------------------------------ CLaP
+class CLaP(nn.Module):
+    """Base LM + posterior encoder q(z|x,y) + latent adapter + skip MLP (reference `GPT2ForVAE`, spec §2.5).
+
+    Layout for every LM call: [prefix (n_prefix slots in the cache) ; left-padded prompt ; right-padded response].
+    The prefix takes positions 0..n_prefix-1 and real tokens start at n_prefix; positions come from the masks.
+    """
+
+    def __init__(self, base_lm: PreTrainedModel, cfg: CLaPConfig | None = None, *, base_spec: str | None = None):
+        super().__init__()
+        self.cfg = cfg or CLaPConfig()
+        self.kind = _kind(base_lm.config)
+        self.base_spec = base_spec
+        self.base_lm = base_lm
+        self.encoder = LatentEncoder(base_lm, self.cfg)
+        self.encoder.standardize()  # CLaP starts from q = N(0, I) (spec §2.2)
+        self.adapter = LatentAdapter(base_lm, self.cfg)
+        d = base_lm.config.hidden_size
+        self.skip = SkipMLP(self.cfg.latent_dim, d) if self.cfg.skip_connection else None
+        p = next(base_lm.parameters())
+        self.to(device=p.device, dtype=p.dtype)
+
+    @property
+    def max_positions(self) -> int | None:
+        c = self.base_lm.config
+        return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+
+    # -------------------------------------------------------------------------------------------- encoder side
+    def encode(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Posterior q(z|x,y): (mu, logvar), each (B, latent_dim) float32.
+
+        Reads [prompt; response] when `posterior_reads_prompt` (interior pads are fine: positions come from the
+        concatenated mask, spec §9.3b), else the response only.
+        """
+        if not self.cfg.posterior_reads_prompt:
+            return self.encoder(response_ids, response_mask)
+        ids = torch.cat([prompt_ids, response_ids], dim=1)
+        mask = torch.cat([prompt_mask, response_mask], dim=1)
+        return self.encoder(ids, mask)
+
+    # -------------------------------------------------------------------------------------------- LM side
+    def prefix_cache(self, z: Tensor | None) -> DynamicCache:
+        """A fresh cache holding the adapter's prefix for z (B, latent_dim); empty when z is None."""
+        cache = DynamicCache(config=self.base_lm.config)
+        if z is not None:
+            dtype = next(self.base_lm.parameters()).dtype
+            for layer, (k, v) in enumerate(self.adapter(z)):
+                cache.update(k.to(dtype), v.to(dtype), layer)
+        return cache
+
+    def hidden_states(
+        self,
+        z: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        prefix_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Final hidden states (after the last norm, before lm_head) of the base run with the prefix of z.
+
+        Args:
+            z: (B, latent_dim) or None (plain base LM, no prefix).
+            input_ids, attention_mask: (B, T), any padding layout.
+            position_ids: (B, T); default = n_prefix + cumsum(mask) - 1 (0-based without a prefix).
+            prefix_mask: (B, n_prefix) attention mask of the prefix slots; default ones (tests mask them out).
+        Returns:
+            (B, T, d) in the base's dtype.
+        """
+        B, T = input_ids.shape
+        _check_z(z, B, self.cfg.latent_dim)
+        P = self.cfg.n_prefix if z is not None else 0
+        if (
+            z is not None
+            and self.base_lm.training
+            and torch.is_grad_enabled()
+            and getattr(self.base_lm, "is_activation_checkpointing", False)
+        ):
+            # HF checkpointed layers drop `cache`, which would silently drop the prefix
+            raise RuntimeError("gradient checkpointing on the base LM discards the latent prefix; disable it")
+        if position_ids is None:
+            position_ids = _positions(attention_mask, P)
+        limit = self.max_positions
+        if limit is not None and int(position_ids.max()) >= limit:
+            raise ValueError(f"position {int(position_ids.max())} >= the base's {limit} positions ({P} prefix + {T})")
+        mask = attention_mask.long()
+        if z is not None:
+            pm = torch.ones(B, P, dtype=torch.long, device=mask.device) if prefix_mask is None else prefix_mask.long()
+            mask = torch.cat([pm, mask], dim=1)
+        out = self.base_lm.base_model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=self.prefix_cache(z) if z is not None else None,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        z: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        position_ids: Tensor | None = None,
+        prefix_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V) in the base's dtype; arguments as in `hidden_states`."""
+        h = self.hidden_states(z, input_ids, attention_mask, position_ids=position_ids, prefix_mask=prefix_mask)
+        return self.base_lm.get_output_embeddings()(h)
+
+    def response_logps(
+        self,
+        z: Tensor | None,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        response_ids: Tensor,
+        response_mask: Tensor,
+        *,
+        skip_z: Tensor | None = None,
+    ) -> Tensor:
+        """Summed log p(y|x,z) over the response tokens (spec §3.1: a sum, not a mean; spec §9.6).
+
+        Args:
+            z: (B, latent_dim) prefix latent, or None for the plain base LM.
+            prompt_ids, prompt_mask: (B, Tp) left-padded, at least one real token per row.
+            response_ids, response_mask: (B, Tr) right-padded.
+            skip_z: (B, Tr, latent_dim) optional per-position latents for the gradient-only skip (spec §3.4):
+                hidden + (s - s.detach()) with s = skip(z_t): the value is unchanged, the gradient reaches z_t.
+        Returns:
+            (B,) float32.
+        """
+        _check_padding(prompt_mask, "left", "prompt_mask")
+        _check_padding(response_mask, "right", "response_mask")
+        if not bool(prompt_mask[:, -1].bool().all()):
+            raise ValueError("every prompt needs at least one real token (prompt_mask[:, -1] must be 1)")
+        Tp, Tr = prompt_ids.shape[1], response_ids.shape[1]
+        ids = torch.cat([prompt_ids, response_ids], dim=1)
+        mask = torch.cat([prompt_mask, response_mask], dim=1)
+        h = self.hidden_states(z, ids, mask)[:, Tp - 1 : Tp + Tr - 1]  # (B, Tr, C): states predicting y_t
+        if skip_z is not None:
+            if self.skip is None:
+                raise ValueError("skip_z given but CLaPConfig.skip_connection=False (no skip MLP was built)")
+            if tuple(skip_z.shape) != (*response_ids.shape, self.cfg.latent_dim):
+                want = (*response_ids.shape, self.cfg.latent_dim)
+                raise ValueError(f"skip_z has shape {tuple(skip_z.shape)}; expected {want} (B, T_resp, latent_dim)")
+            s = self.skip(skip_z)
+            h = h + (s - s.detach()).to(h.dtype)  # value exactly 0, gradient identity (spec §3.4 "G-Skip")
+        logits = self.base_lm.get_output_embeddings()(h).float()  # upcast before log_softmax (spec §9.5)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)  # (B, Tr)
+        return (logp * response_mask.to(logp.dtype)).sum(-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        z: Tensor | None,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Batched decoding with each row's own prefix; exactly `max_new_tokens` tokens (no EOS stop, spec §4.1).
+
+        Call `.eval()` first if the base has dropout. Incremental decoding over an explicit cache: the mask grows
+        by one column and each row's position by one per step, so batched == row-by-row (left padding is inert).
+
+        Args:
+            z: (B, latent_dim) or None (plain base LM).
+            prompt_ids, prompt_mask: (B, Tp) left-padded, at least one real token per row.
+            do_sample: False = greedy argmax; True = sample from softmax(logits / temperature), top_k > 0 keeps
+                the k most likely tokens. `generator` makes sampling reproducible.
+        Returns:
+            (B, max_new_tokens) LongTensor of new tokens.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)")
+        if top_k < 0:
+            raise ValueError(f"top_k={top_k} must be >= 0 (0 = no top-k filter)")
+        _check_padding(prompt_mask, "left", "prompt_mask")
+        if not bool(prompt_mask[:, -1].bool().all()):
+            raise ValueError("every prompt needs at least one real token (prompt_mask[:, -1] must be 1)")
+        B, Tp = prompt_ids.shape
+        _check_z(z, B, self.cfg.latent_dim)
+        if max_new_tokens == 0:
+            return prompt_ids.new_zeros(B, 0)
+        P = self.cfg.n_prefix if z is not None else 0
+        limit = self.max_positions
+        if limit is not None and P + Tp + max_new_tokens > limit:
+            raise ValueError(
+                f"{P} prefix + {Tp} prompt + {max_new_tokens} new tokens exceed the base's {limit} positions"
+            )
+        body, lm_head = self.base_lm.base_model, self.base_lm.get_output_embeddings()
+        cache = self.prefix_cache(z)
+        mask = torch.cat([prompt_mask.new_ones(B, P), prompt_mask], dim=1).long()  # (B, P+Tp)
+        pos = _positions(prompt_mask, P)
+        h = body(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        logits = lm_head(h.last_hidden_state[:, -1]).float()  # (B, V)
+        next_pos = pos[:, -1:] + 1
+        new = []
+        for step in range(max_new_tokens):
+            token = _pick(logits, do_sample, temperature, top_k, generator)  # (B,)
+            new.append(token)
+            if step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            h = body(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
+            logits = lm_head(h.last_hidden_state[:, -1]).float()
+            next_pos = next_pos + 1
+        return torch.stack(new, dim=1)
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def freeze_base(model: CLaP, frozen: bool) -> None:
+    """Freeze (or unfreeze) the base LM and the adapter's K/V copies: CLaP stage 1 vs stage 2 (spec §2.5, §2.6).
+
+    Encoder (with its own embedding copy), adapter MLPs + LNs and the skip MLP stay trainable either way.
+    """
+    model.base_lm.requires_grad_(not frozen)
+    for module in model.adapter.attention_copies():
+        module.requires_grad_(not frozen)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def save_clap(model: CLaP, folder: str | Path, *, tokenizer=None) -> Path:
+    """Write `clap.safetensors` (full state, tied weights stored once) + `clap_config.json` (CLaPConfig, base spec,
+    base config dict) so `load_clap` rebuilds the model offline; `tokenizer`, if given, goes to `tokenizer/`."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS_FILE + ".part")  # write-then-rename: a retried save never leaves a torn file
+    save_model(model, str(tmp))
+    tmp.replace(folder / WEIGHTS_FILE)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "clap_config": asdict(model.cfg),
+        "base_spec": model.base_spec,
+        "base_model_type": model.base_lm.config.model_type,
+        "base_config": model.base_lm.config.to_dict(),
+        "dtype": str(next(model.base_lm.parameters()).dtype).removeprefix("torch."),
+    }
+    tmp = folder / (CONFIG_FILE + ".part")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    tmp.replace(folder / CONFIG_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    return folder
+
+
+def load_clap(folder: str | Path, base_spec: str | None = None, *, map_location: str = "cpu") -> CLaP:
+    """Rebuild a CLaP saved by `save_clap`.
+
+    Args:
+        folder: the saved folder.
+        base_spec: None (default) rebuilds the base from the saved config dict, offline. Given, the base is built
+            with `registry.load_base_model(base_spec)` (must have the saved architecture) and then overwritten by
+            the saved weights; `model.base_spec` records it.
+    Raises:
+        FileNotFoundError: the folder lacks clap.safetensors or clap_config.json.
+        ValueError: unknown format version, or `base_spec` whose architecture differs from the saved one.
+    """
+    from safetensors.torch import load_model
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    folder = Path(folder)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{str(folder / name)!r} missing: not a folder written by save_clap")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"clap format_version={meta.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+    dtype = getattr(torch, meta["dtype"])
+    saved_config = CONFIG_MAPPING[meta["base_model_type"]].from_dict(meta["base_config"])
+    if base_spec is None:
+        base = AutoModelForCausalLM.from_config(saved_config)
+    else:
+        from .registry import load_base_model
+
+        base, _ = load_base_model(base_spec)
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        got, want = ({k: getattr(c, k, None) for k in keys} for c in (base.config, saved_config))
+        if got != want:
+            raise ValueError(f"base_spec {base_spec!r} has architecture {got}; the saved CLaP needs {want}")
+    cfg = CLaPConfig(**meta["clap_config"])
+    model = CLaP(base.to(dtype), cfg, base_spec=base_spec or meta.get("base_spec"))
+    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=map_location)
+    if missing or unexpected:  # strict=True raises first; kept as a guard for future safetensors versions
+        raise ValueError(f"state mismatch loading {str(folder)!r}: missing={missing} unexpected={unexpected}")
+    log.info("loaded CLaP from %s (base %s, %s)", folder, model.base_spec, meta["base_model_type"])
+    return model.to(map_location).eval()
+
+
+def load_clap_tokenizer(folder: str | Path):
+    """Tokenizer saved next to a CLaP (`save_clap(..., tokenizer=)`), else the GPT-2 one for tiny bases."""
+    from .registry import TINY_SPECS, load_tokenizer
+
+    folder = Path(folder)
+    if (folder / TOKENIZER_DIR).is_dir():
+        return load_tokenizer(folder / TOKENIZER_DIR)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("base_spec") in TINY_SPECS:
+        return load_tokenizer()
+    raise FileNotFoundError(
+        f"{str(folder)!r} has no tokenizer/ and base_spec={meta.get('base_spec')!r} is not a tiny spec; "
+        "pass tokenizer= to save_clap or load the base's tokenizer with registry.load_base_model"
+    )
