@@ -130,8 +130,12 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
         skipped.append("candidates")
     else:
         prompts = store.read_table(*prompts_ref.path)
-        generate_fn = candidates_lib.hf_sampling_fn(model, top_k=cfg.top_k)
-        torch.manual_seed(cfg.seed)
+        from latentpref.tasks.models.clap import decode
+
+        def generate_fn(ids, mask, *, max_new_tokens, generator):
+            # fixed-length top-k sampling (spec §4.1) with our own decoder: explicit masks and positions
+            return decode(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=True, top_k=cfg.top_k,
+                          generator=generator)
         cands = candidates_lib.generate_candidates(generate_fn, tokenizer, prompts, k=cfg.n_candidates,
                                                    max_new_tokens=cfg.response_tokens,
                                                    batch_size=cfg.generation_batch_size, seed=cfg.seed,

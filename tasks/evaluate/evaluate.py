@@ -67,7 +67,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                    progress: Callable[[int, int], None] | None = None) -> pa.Table:
     """One row per (user, method) with mean_reward, win_rate, heldout_accuracy, perplexity, fit_seconds,
     trainable_params, artifact_bytes, n_train_pairs."""
-    from latentpref.tasks.train.fit_user import FitConfig, fit_users, predict_latent
+    from latentpref.tasks.train.fit_user import FitConfig, fit_users, user_latent
 
     torch.manual_seed(settings.seed)
     clap.eval()
@@ -83,7 +83,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
     # user-independent generations, shared by every user (same prompts, same seed)
     shared = {"base_lm": baselines.generate_texts(base_model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                                   do_sample=True, top_k=50, seed=settings.seed),
-              "clap_prior": _clap_generate(clap, tokenizer, prompts, torch.zeros(len(prompts), clap.config.latent_dim),
+              "clap_prior": _clap_generate(clap, tokenizer, prompts, torch.zeros(len(prompts), clap.cfg.latent_dim),
                                            settings)}
     ppl_cache: dict[str, float] = {}
 
@@ -114,14 +114,14 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
 
         # latent DPO: the stored head of the nightly fit
         weight, bias, manifest = user_heads[user_id]
-        mu_p, logvar_p = predict_latent(weight, bias, prompt_feats)
+        mu_p, _ = user_latent(weight, bias, prompt_feats)
         texts = _clap_generate(clap, tokenizer, prompts, mu_p, settings)
         held_acc = None
         if held:
             hp_ids, hp_mask = tokenize_prompts(tokenizer, [h[0] for h in held], settings.prompt_tokens)
             with torch.no_grad():
                 feats_h = clap.encoder.features(hp_ids, hp_mask).float()
-                mu_h, logvar_h = predict_latent(weight, bias, feats_h)
+                mu_h, logvar_h = user_latent(weight, bias, feats_h)
                 c_ids, c_mask = tokenize_responses(tokenizer, [h[1] for h in held], settings.response_tokens)
                 r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], settings.response_tokens)
                 mu_c, _ = clap.encode(hp_ids, hp_mask, c_ids, c_mask)

@@ -463,24 +463,39 @@ class CLaP(nn.Module):
             raise ValueError(
                 f"{P} prefix + {Tp} prompt + {max_new_tokens} new tokens exceed the base's {limit} positions"
             )
-        body, lm_head = self.base_lm.base_model, self.base_lm.get_output_embeddings()
-        cache = self.prefix_cache(z)
-        mask = torch.cat([prompt_mask.new_ones(B, P), prompt_mask], dim=1).long()  # (B, P+Tp)
-        pos = _positions(prompt_mask, P)
-        h = body(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        logits = lm_head(h.last_hidden_state[:, -1]).float()  # (B, V)
-        next_pos = pos[:, -1:] + 1
-        new = []
-        for step in range(max_new_tokens):
-            token = _pick(logits, do_sample, temperature, top_k, generator)  # (B,)
-            new.append(token)
-            if step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            h = body(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
-            logits = lm_head(h.last_hidden_state[:, -1]).float()
-            next_pos = next_pos + 1
-        return torch.stack(new, dim=1)
+        return decode(self.base_lm, prompt_ids, prompt_mask, cache=self.prefix_cache(z), n_prefix=P,
+                      max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                      generator=generator)
+
+
+@torch.no_grad()
+def decode(base_lm: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, *, cache: DynamicCache | None = None,
+           n_prefix: int = 0, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Incremental decoding of exactly `max_new_tokens` tokens over an explicit cache (which may already hold
+    `n_prefix` prefix slots per layer). Left-padded prompts; the mask grows one column per step and each row's
+    position by one, so batched == row-by-row. Used by CLaP.generate and for plain-LM candidate sampling.
+    """
+    B = prompt_ids.shape[0]
+    P = n_prefix
+    body, lm_head = base_lm.base_model, base_lm.get_output_embeddings()
+    cache = cache if cache is not None else DynamicCache(config=base_lm.config)
+    mask = torch.cat([prompt_mask.new_ones(B, P), prompt_mask], dim=1).long()  # (B, P+Tp)
+    pos = _positions(prompt_mask, P)
+    h = body(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    logits = lm_head(h.last_hidden_state[:, -1]).float()  # (B, V)
+    next_pos = pos[:, -1:] + 1
+    new = []
+    for step in range(max_new_tokens):
+        token = _pick(logits, do_sample, temperature, top_k, generator)  # (B,)
+        new.append(token)
+        if step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        h = body(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
+        logits = lm_head(h.last_hidden_state[:, -1]).float()
+        next_pos = next_pos + 1
+    return torch.stack(new, dim=1)
 
 
 def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
@@ -488,10 +503,13 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, gener
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # sample among the k best only: torch.multinomial over a 50k vocabulary is slow on CPU
+        values, index = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
+        return index.gather(-1, choice).squeeze(-1)
+    # Gumbel-max: an exact categorical sample, O(V) and vectorised
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
+    return (logits - torch.log(-torch.log(u))).argmax(-1)
 
 
 def freeze_base(model: CLaP, frozen: bool) -> None:

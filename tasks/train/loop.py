@@ -164,8 +164,8 @@ def sft_base_model(model, tokenizer, texts: list[str], *, steps: int, lr: float,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        curve.append(float(loss))
+        curve.append(loss.item())
         if progress is not None:
-            progress(step + 1, steps, float(loss))
+            progress(step + 1, steps, curve[-1])
     model.eval()
     return curve

@@ -89,7 +89,7 @@ def build_latent_cache(clap, tokenizer, prompts: list[str], prompt_response: lis
         mus.append(mu.float())
         logvars.append(logvar.float())
     d = clap.encoder.features(*tokenize_prompts(tokenizer, ["x"], prompt_tokens)).shape[1:]
-    D = clap.config.latent_dim
+    D = clap.cfg.latent_dim
     return LatentCache(
         {text_key(p): i for i, p in enumerate(uniq_prompts)},
         torch.cat(feats) if feats else torch.zeros((0, *d)),
@@ -215,7 +215,7 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
                                        result.weight[u_i], result.bias[u_i], {
                 "cold_start": False, "n_pairs": rows.num_rows, "data_hash": data_hash,
                 "clap_version": job.clap_version, "mode": job.mode, "fit_seconds": per_user_s,
-                "train_accuracy": float(result.accuracy[u_i]), "final_loss": float(result.final_loss[u_i]),
+                "train_accuracy": float(result.final_accuracy[u_i]), "final_loss": float(result.final_loss[u_i]),
                 "warm_start": init is not None}))
     return records
 

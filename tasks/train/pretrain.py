@@ -132,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             objective = ClapObjective(model, kl_samples=job.kl_samples, kl_weight=job.kl_weight,
                                       contrastive_weight=job.contrastive_weight)
             # re-wrap on a stage switch: DDP registers hooks only for parameters trainable at wrap time
-            wrapped = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+            wrapped = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": False})
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
             if opt_state is not None and opt_state.get("stage") == stage:
