@@ -46,6 +46,7 @@ class DataConfig(_Section):
     sft_batch_size: int = 16
     generation_batch_size: int = 64
     top_k: int = 50
+    learned_scorer: bool = True               # also score candidates with the SST-2 classifier (sentiment_clf)
     n_users: int = 20
     cohort_mix: dict[str, float] | None = None   # None = the population's default mix
     min_pairs: int = 2

@@ -1,6 +1,7 @@
 """The nightly flow: prepare -> pretrain (Ray Train) -> personalize (Ray fan-out) -> evaluate -> report."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,9 @@ def nightly(cfg: NightlyConfig, until: Stage = "report", fault: dict | None = No
     store = open_store(cfg.runtime)
     exp_id = setup_mlflow(cfg.runtime, store)
     stop = STAGES.index(until)
-    with store_lock(store, "nightly"), ray_session(cfg.runtime), \
+    # prepare alone needs no Ray; every later stage does
+    ray_ctx = ray_session(cfg.runtime) if stop >= 1 else contextlib.nullcontext()
+    with store_lock(store, "nightly"), ray_ctx, \
             mlflow.start_run(run_name=cfg.runtime.run_name or f"nightly-{cfg.preset}") as parent:
         run_id = parent.info.run_id
         mlflow.set_tags({"preset": cfg.preset, "flow": "nightly", "until": until})

@@ -22,6 +22,8 @@ def prepare_stage(cfg: DataConfig, store: Store, parent_run_id: str) -> DataArti
             tracking.log_table_input(ref.url(store), name=name, digest=ref.digest, context="output",
                                      rows=ref.rows)
         mlflow.set_tags({"base_model_version": data.base_model_version, "skipped": ",".join(data.skipped)})
+        if data.scorer.get("sst2_test_accuracy") is not None:
+            mlflow.log_metric("scorer_sst2_test_accuracy", data.scorer["sst2_test_accuracy"])
         mlflow.log_metrics({f"seconds_{k}": v for k, v in data.timings_s.items()}
                            | {"rows_prompts": data.prompts.rows, "rows_candidates": data.candidates.rows,
                               "rows_pairs": data.pairs.rows, "rows_users": data.users.rows})

@@ -46,6 +46,7 @@ class DataArtifacts:
     base_model_version: str
     timings_s: dict[str, float] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
+    scorer: dict[str, Any] = field(default_factory=dict)   # learned scorer: path + SST-2 test accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,8 +121,28 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
     timings["sft"] = time.perf_counter() - t0
     say("sft", 2, 5)
 
-    # 3. K candidates per prompt + reward annotation
+    # 3a. the learned sentiment scorer (hashed TF-IDF + logistic regression on the vendored SST-2)
+    classifier = None
+    scorer_info: dict[str, Any] = {}
+    if cfg.learned_scorer:
+        from latentpref.tasks.data.scorers import SentimentClassifier, train_sentiment_classifier
+        scorer_folder = ("models", "scorer", json_digest({"kind": "sst2-tfidf-logreg", "seed": cfg.seed, "v": 1}))
+        t0 = time.perf_counter()
+        done = stage_done(store, *scorer_folder)
+        if done:
+            classifier = SentimentClassifier.load(store.url(*scorer_folder))
+            scorer_info = done
+            skipped.append("scorer")
+        else:
+            classifier = train_sentiment_classifier(seed=cfg.seed)
+            classifier.save(store.url(*scorer_folder))
+            scorer_info = {"sst2_test_accuracy": classifier.accuracy_on_sst2_test(), "path": list(scorer_folder)}
+            store.write_json(scorer_info, *scorer_folder, MANIFEST)
+        timings["scorer"] = time.perf_counter() - t0
+
+    # 3. K candidates per prompt + reward annotation (every candidate scored once by every scorer)
     key = json_digest({"prompts": prompts_ref.digest, "base": base_version, "k": cfg.n_candidates,
+                       "scorer": scorer_info.get("path"),
                        "rt": cfg.response_tokens, "pt": cfg.prompt_tokens, "top_k": cfg.top_k, "seed": cfg.seed})
     folder = ("data", "candidates", key)
     t0 = time.perf_counter()
@@ -140,7 +161,7 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
                                                    max_new_tokens=cfg.response_tokens,
                                                    batch_size=cfg.generation_batch_size, seed=cfg.seed,
                                                    pack_prompts=True)  # batches of prompts: deterministic for a config
-        cands = candidates_lib.annotate(cands)
+        cands = candidates_lib.annotate(cands, classifier=classifier)
         cand_ref = _write_versioned(store, cands, folder, "candidates.parquet",
                                     {"stage": "candidates", "base_model_version": base_version})
     timings["candidates"] = time.perf_counter() - t0
@@ -176,4 +197,4 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
 
     return DataArtifacts(prompts=prompts_ref, candidates=cand_ref, users=users_ref, pairs=pairs_ref,
                          base_model_path=base_folder, base_model_version=base_version, timings_s=timings,
-                         skipped=tuple(skipped))
+                         skipped=tuple(skipped), scorer=scorer_info)

@@ -42,6 +42,7 @@ def test_mlflow_parent_and_stage_children(tiny_run):
     names = {d.dataset.name: d.dataset.digest for d in prepare.inputs.dataset_inputs}
     assert {"prompts", "candidates", "pairs", "users_hidden"} <= set(names)
     assert all(len(v) == 16 for v in names.values())
+    assert prepare.data.metrics["scorer_sst2_test_accuracy"] > 0.75   # the learned scorer (SST-2 test)
     # CLaP training curves are logged step by step
     history = client.get_metric_history(stages["pretrain"].info.run_id, "nll_per_token")
     assert len(history) == cfg.pretrain.stage1_steps + cfg.pretrain.stage2_steps
@@ -96,5 +97,5 @@ def test_unchanged_night_is_skipped(tiny_run):
     assert again.users["unchanged"] == report.users["fitted"] + report.users["cold_start"]
     client = mlflow.MlflowClient(again.tracking_uri)
     stages = {r.info.run_name: r for r in _children(client, again.experiment_id, again.run_id)}
-    assert set(stages["prepare"].data.tags["skipped"].split(",")) == {"prompts", "sft", "candidates", "population"}
+    assert set(stages["prepare"].data.tags["skipped"].split(",")) == {"prompts", "sft", "scorer", "candidates", "population"}
     assert stages["pretrain"].data.tags.get("skipped") == "true"
