@@ -11,6 +11,8 @@ import sys
 def _quiet_defaults() -> None:
     # offline box: Prefect's telemetry would only log DNS errors
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary API server can take long to start on a busy 2-core box (default 20 s)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -88,7 +90,11 @@ def _generate(args) -> int:
     from latentpref.pipelines.runtime import open_store
     from latentpref.tasks.evaluate.serving import PersonalizedGenerator
     cfg = _load(args)
-    gen = PersonalizedGenerator.from_store(open_store(cfg.runtime))
+    try:
+        gen = PersonalizedGenerator.from_store(open_store(cfg.runtime))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     result = gen.generate([(args.user, args.prompt)], max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                           seed=args.seed)[0]
     if result.notice:
@@ -99,9 +105,22 @@ def _generate(args) -> int:
 
 def _report(args) -> int:
     from latentpref.pipelines.report import build_report
-    from latentpref.pipelines.runtime import open_store
+    from latentpref.pipelines.runtime import mlflow_uris
+    from latentpref.tasks.data.store import Store
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a bar per tiny table is noise
     cfg = _load(args)
-    path = build_report(open_store(cfg.runtime), args.run_id, args.out)
+    store = Store(cfg.runtime.store)
+    configured = cfg.runtime.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not configured and store.is_local and not os.path.exists(store.url("mlflow", "mlflow.db")):
+        print(f"error: no MLflow database at {store.url('mlflow', 'mlflow.db')}: pass --store (the night's store) "
+              "or --mlflow-uri", file=sys.stderr)
+        return 2
+    uri, _ = mlflow_uris(cfg.runtime, store)
+    try:
+        path = build_report(args.run_id, args.out, tracking_uri=uri, store=store)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 

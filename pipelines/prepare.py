@@ -16,7 +16,10 @@ def prepare_stage(cfg: DataConfig, store: Store, parent_run_id: str) -> DataArti
     logger = get_run_logger()
     with mlflow.start_run(run_name="prepare", parent_run_id=parent_run_id, nested=True):
         tracking.log_params(tracking.flatten("data", cfg))
-        data = prepare_data(cfg, store, progress=lambda s, d, n: logger.info("prepare/%s %d/%d", s, d, n))
+        def progress(stage: str, done: int, total: int) -> None:
+            if done == total or done % max(total // 10, 1) == 0:   # about every 10%
+                logger.info("prepare/%s %d/%d", stage, done, total)
+        data = prepare_data(cfg, store, progress=progress)
         for name, ref in (("prompts", data.prompts), ("candidates", data.candidates), ("pairs", data.pairs),
                           ("users_hidden", data.users)):
             tracking.log_table_input(ref.url(store), name=name, digest=ref.digest, context="output",

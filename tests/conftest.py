@@ -9,7 +9,7 @@ _SESSION_DIR = tempfile.mkdtemp(prefix="latentpref-tests-")
 os.environ.setdefault("PREFECT_HOME", os.path.join(_SESSION_DIR, "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # MLflow's default is now sqlite:///mlflow.db in the CWD: never let a test write into the repo
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.join(_SESSION_DIR, 'mlflow.db')}")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

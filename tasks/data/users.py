@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from latentpref.tasks.data.scorers import CLASSIFIER_FEATURE, FEATURES
+from latentpref.tasks.data.validate import FEEDBACK_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,8 @@ USERS_SCHEMA = pa.schema(
         ("n_pairs", pa.int32()),
     ]
 )
-PAIRS_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-        ("weight", pa.float32()),
-        ("prompt_id", pa.string()),
-        ("chosen_id", pa.string()),
-        ("rejected_id", pa.string()),
-        ("split", pa.string()),
-        ("pair_kind", pa.string()),
-    ]
-)
+# the public feedback contract (validate.FEEDBACK_SCHEMA) plus how the simulated pair was drawn
+PAIRS_SCHEMA = FEEDBACK_SCHEMA.append(pa.field("pair_kind", pa.string()))
 PAIR_KINDS = ("top_bottom", "random")
 _EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

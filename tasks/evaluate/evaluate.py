@@ -82,7 +82,8 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
 
     # user-independent generations, shared by every user (same prompts, same seed)
     shared = {"base_lm": baselines.generate_texts(base_model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-                                                  do_sample=True, top_k=50, seed=settings.seed),
+                                                  do_sample=True, top_k=50, seed=settings.seed,
+                                                  max_prompt_tokens=settings.prompt_tokens),
               "clap_prior": _clap_generate(clap, tokenizer, prompts, torch.zeros(len(prompts), clap.cfg.latent_dim),
                                            settings)}
     ppl_cache: dict[str, float] = {}
@@ -92,6 +93,17 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         if key not in ppl_cache:
             ppl_cache[key] = metrics.perplexity(base_model, tokenizer, [p + t for p, t in zip(prompts, method_texts)])
         return ppl_cache[key]
+
+    # reference log-probs are user-independent: one table for every user's baseline fit and held-out check
+    # (spec §8.6; the reference code recomputed them online, spec §3.9)
+    sel = pa.compute.is_in(train_pairs["user_id"], value_set=pa.array(user_ids, pa.string()))
+    sel_h = pa.compute.is_in(heldout_pairs["user_id"], value_set=pa.array(user_ids, pa.string()))
+    texts: list[tuple[str, str]] = []
+    for table in (train_pairs.filter(sel), heldout_pairs.filter(sel_h)):
+        for p, c, r in zip(table["prompt"].to_pylist(), table["chosen"].to_pylist(), table["rejected"].to_pylist()):
+            texts += [(p, c), (p, r)]
+    lengths = dict(max_prompt_tokens=settings.prompt_tokens, max_response_tokens=settings.response_tokens)
+    ref_cache = baselines.reference_logps_cache(base_model, tokenizer, texts, **lengths) if settings.baselines else {}
 
     rows: list[dict[str, Any]] = []
     for n_done, user_id in enumerate(user_ids):
@@ -153,18 +165,19 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                 continue
             cfg = baselines.BaselineConfig(method=method, beta=settings.baseline_beta, lr=settings.baseline_lr,
                                            steps=settings.baseline_steps, batch_size=settings.baseline_batch_size,
-                                           seed=settings.seed)
-            result = baselines.fit_baseline(base_model, tokenizer, triples, cfg)
+                                           seed=settings.seed, **lengths)
+            result = baselines.fit_baseline(base_model, tokenizer, triples, cfg, ref_logps=ref_cache)
             b_texts = baselines.generate_texts(result.model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-                                               do_sample=True, top_k=50, seed=settings.seed)
+                                               do_sample=True, top_k=50, seed=settings.seed,
+                                                  max_prompt_tokens=settings.prompt_tokens)
             b_held = None
             if held:
                 hp = [h[0] for h in held]
-                lc_, _ = baselines.sequence_logps(result.model, tokenizer, hp, [h[1] for h in held])
-                lr2, _ = baselines.sequence_logps(result.model, tokenizer, hp, [h[2] for h in held])
-                rc, _ = baselines.sequence_logps(base_model, tokenizer, hp, [h[1] for h in held])
-                rr, _ = baselines.sequence_logps(base_model, tokenizer, hp, [h[2] for h in held])
-                b_held = metrics.preference_accuracy((lc_ - rc).numpy(), (lr2 - rr).numpy())
+                lc_, _ = baselines.sequence_logps(result.model, tokenizer, hp, [h[1] for h in held], **lengths)
+                lr2, _ = baselines.sequence_logps(result.model, tokenizer, hp, [h[2] for h in held], **lengths)
+                rc = np.array([ref_cache[(h[0], h[1])] for h in held])
+                rr = np.array([ref_cache[(h[0], h[2])] for h in held])
+                b_held = metrics.preference_accuracy(lc_.numpy() - rc, lr2.numpy() - rr)
             rows.append(row(method, b_texts, heldout_accuracy=b_held, fit_seconds=result.seconds,
                             trainable_params=int(result.trainable_params), artifact_bytes=int(result.artifact_bytes)))
             del result

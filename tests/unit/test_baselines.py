@@ -211,7 +211,7 @@ def test_cached_reference_is_used(gpt2, monkeypatch):
     ref = bl.reference_logps_cache(model, tok, [(p, x) for p, c, r in PAIRS for x in (c, r)])
     monkeypatch.setattr(bl, "reference_logps_cache", lambda *a, **k: pytest.fail("cache hit expected"))
     res = bl.fit_baseline(model, tok, PAIRS, bl.BaselineConfig(steps=1, batch_size=4), ref_logps=ref)
-    assert res.reference_seconds < 0.01 and res.loss_curve[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert res.loss_curve[0] == pytest.approx(math.log(2), abs=1e-5)   # policy == cached reference at step 0
 
 
 def test_epochs_set_the_step_count(gpt2):
