@@ -68,7 +68,10 @@ def ray_session(cfg: RuntimeConfig):
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, **kwargs)
         else:
-            ray.init(num_cpus=cfg.ray_num_cpus, object_store_memory=cfg.ray_object_store_mb * 1024 * 1024, **kwargs)
+            # address="local": always a fresh private instance, never silently joining a cluster that
+            # `ray start` left on this machine
+            ray.init(address="local", num_cpus=cfg.ray_num_cpus,
+                     object_store_memory=cfg.ray_object_store_mb * 1024 * 1024, **kwargs)
         started = True
     try:
         yield ray
