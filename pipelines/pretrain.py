@@ -1,4 +1,11 @@
-"""pretrain stage: CLaP on Ray Train, stored as a versioned model folder and logged to MLflow."""
+"""pretrain stage: CLaP on Ray Train, stored as a versioned model folder and registered in MLflow.
+
+Two identifiers, both kept: `clap_version` (tag) is the content digest of everything the CLaP depends on and names
+its store folder; `clap_model_version` (tag) is the version number of the registered MLflow model
+`latentpref-clap` (a LoggedModel of the pretrain run holding the saved CLaP folder), which later stages and
+people reference for lineage (`models:/latentpref-clap/<n>`). The registered version carries the digest as its
+`clap_version` tag, so an unchanged night finds it again instead of registering a duplicate.
+"""
 from __future__ import annotations
 
 import json
@@ -15,12 +22,17 @@ from latentpref.tasks.data.prepare import DataArtifacts
 from latentpref.tasks.data.store import MANIFEST, Store, json_digest, stage_done
 
 
+CLAP_MODEL_NAME = "latentpref-clap"   # MLflow registered-model name of the pretrained CLaP
+
+
 @dataclass(frozen=True)
 class ClapArtifact:
     version: str
     path: tuple[str, ...]           # store folder holding the CLaP model (save_clap layout)
     final_metrics: dict[str, float]
     skipped: bool = False
+    model_name: str | None = None   # MLflow registered model and version number of this CLaP
+    model_version: int | None = None
 
 
 def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts) -> str:
@@ -28,6 +40,45 @@ def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts)
     return json_digest({"pretrain": settings, "base": data.base_model_version, "prompts": data.prompts.digest,
                         "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
                         "rt": data_cfg.response_tokens})
+
+
+def _register_clap(local_dir: str, *, version: str, run_id: str, base_model_version: str) -> int:
+    """Log the saved CLaP folder as a LoggedModel of the run `run_id` and register it as a new version of
+    `CLAP_MODEL_NAME`; returns the version number. (MLflow 3 registers `runs:/...` URIs only for logged models,
+    so a plain artifact folder goes through `initialize_logged_model` + `log_model_artifacts`.)"""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    client = mlflow.MlflowClient()
+    tags = {"clap_version": version, "base_model_version": base_model_version}
+    model = mlflow.initialize_logged_model(name="clap", source_run_id=run_id, tags=tags, model_type="clap")
+    try:
+        client.log_model_artifacts(model.model_id, local_dir)
+    except BaseException:
+        mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    registered = mlflow.register_model(f"models:/{model.model_id}", CLAP_MODEL_NAME, tags=tags)
+    return int(registered.version)
+
+
+def _registered_version(version: str) -> int | None:
+    """Latest registered version of `CLAP_MODEL_NAME` whose `clap_version` tag is this digest, if any."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow.MlflowClient().search_model_versions(
+            f"name = '{CLAP_MODEL_NAME}' and tag.clap_version = '{version}'")
+    except MlflowException:   # no such registered model yet
+        return None
+    return max((int(v.version) for v in found), default=None)
+
+
+def _tag_model_version(model_version: int, parent_run_id: str) -> None:
+    import mlflow
+    mlflow.set_tag("clap_model_version", str(model_version))
+    mlflow.MlflowClient().set_tag(parent_run_id, "clap_model_version", str(model_version))
 
 
 def _use_gpu(setting: str) -> bool:
@@ -51,12 +102,22 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
         tracking.log_params(tracking.flatten("pretrain", cfg))
         tracking.log_table_input(data.candidates.url(store), name="candidates", digest=data.candidates.digest,
                                  context="training", rows=data.candidates.rows)
+        run_id = mlflow.active_run().info.run_id
         done = stage_done(store, *folder)
         if done:
-            logger.info("pretrain: CLaP %s already trained, skipped", version)
             mlflow.set_tag("skipped", "true")
+            # the registry may be another tracking server than the one of the training night: look the digest
+            # up there, and register the stored folder only if this registry has never seen it
+            model_version = _registered_version(version)
+            if model_version is None:
+                model_version = _register_clap(store.local_copy(*folder), version=version, run_id=run_id,
+                                               base_model_version=data.base_model_version)
+            _tag_model_version(model_version, parent_run_id)
+            logger.info("pretrain: CLaP %s already trained (%s version %d), skipped", version, CLAP_MODEL_NAME,
+                        model_version)
             store.write_json({"version": version}, "models", "clap", "current.json")
-            return ClapArtifact(version, folder, done.get("final_metrics", {}), skipped=True)
+            return ClapArtifact(version, folder, done.get("final_metrics", {}), skipped=True,
+                                model_name=CLAP_MODEL_NAME, model_version=model_version)
         use_gpu = _use_gpu(cfg.use_gpu)
         job = PretrainJob(store_root=store.root, base_model_path="/".join(data.base_model_path),
                           prompts_path=list(data.prompts.path), candidates_path=list(data.candidates.path),
@@ -73,19 +134,26 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
         if result.checkpoint is None:
             raise RuntimeError(f"CLaP pretraining {version} finished without a checkpoint: {result.error}")
         with result.checkpoint.as_directory() as d:
+            # rank 0's history: every worker computes the same metrics on its shard; only rank 0 checkpoints
             history = json.loads(open(os.path.join(d, "history.json")).read())
             with tempfile.TemporaryDirectory() as out:
                 import shutil
                 shutil.copytree(os.path.join(d, "clap"), out, dirs_exist_ok=True)
                 store.upload_folder(out, *folder)
+                model_version = _register_clap(out, version=version, run_id=run_id,
+                                               base_model_version=data.base_model_version)
         tracking.log_history(history, prefix="")
         final = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        # the manifest is written last: it marks the stage done (stage_done)
         store.write_json({"version": version, "final_metrics": final, "history": history,
                           "ray_train_path": result.path, "base_model_path": list(data.base_model_path),
                           "base_model_version": data.base_model_version, "prompt_tokens": data_cfg.prompt_tokens,
-                          "response_tokens": data_cfg.response_tokens}, *folder, MANIFEST)
+                          "response_tokens": data_cfg.response_tokens, "clap_model_name": CLAP_MODEL_NAME,
+                          "clap_model_version": model_version}, *folder, MANIFEST)
         store.write_json({"version": version}, "models", "clap", "current.json")
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in final.items()})
-        logger.info("pretrain: done, nll/token %.3f, kl %.3f, active units %d", final.get("nll_per_token", 0),
-                    final.get("kl", 0), int(final.get("active_units", 0)))
-    return ClapArtifact(version, folder, final)
+        _tag_model_version(model_version, parent_run_id)
+        logger.info("pretrain: done, nll/token %.3f, kl %.3f, active units %d, %.0f tokens/s; registered %s "
+                    "version %d", final.get("nll_per_token", 0), final.get("kl", 0),
+                    int(final.get("active_units", 0)), final.get("tokens_per_s", 0), CLAP_MODEL_NAME, model_version)
+    return ClapArtifact(version, folder, final, model_name=CLAP_MODEL_NAME, model_version=model_version)

@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)   # oversubscribed threads were up to 9x slower next to Ray workers
 
 
 @pytest.fixture(scope="session")

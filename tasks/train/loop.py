@@ -19,6 +19,7 @@ from torch import nn
 from latentpref.tasks import objectives
 from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
 from latentpref.tasks.models import latent
+from latentpref.tasks.models.clap import freeze_base
 
 Stage = Literal[1, 2]
 
@@ -71,6 +72,17 @@ def sample_clap_batches(tokenizer, prompt_texts: list[str], candidate_texts: lis
                               max_response_tokens=max_response_tokens)
 
 
+def set_stage(clap: nn.Module, stage: int) -> None:
+    """Trainable parameters of CLaP stage 1 or 2 (spec §2.6): stage 1 freezes the base LM and the adapter's K/V
+    copies and trains the skip MLP; stage 2 trains everything but the skip MLP (a stage-1 device only, spec
+    §3.4; frozen so DDP sees no trainable parameter without a gradient)."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage={stage!r}; expected 1 (frozen base + G-skip) or 2 (all + contrastive)")
+    freeze_base(clap, frozen=(stage == 1))
+    if clap.skip is not None:
+        clap.skip.requires_grad_(stage == 1)
+
+
 class ClapObjective(nn.Module):
     """L_CLaP = L_lm + w_kl * DG-KLD (+ w_con * contrastive in stage 2); G-skip in stage 1 (spec §3.5)."""
 
@@ -83,7 +95,17 @@ class ClapObjective(nn.Module):
         self.contrastive_weight = contrastive_weight
 
     def forward(self, batch: ClapBatch, stage: int, generator: torch.Generator | None = None):
+        """One CLaP step's loss (scalar, with grad) and detached metrics; rows are P prompts x B responses.
+
+        Stage 1: L_lm with G-skip (when the skip MLP exists) + DG-KLD. Stage 2: L_lm + DG-KLD + contrastive.
+        `generator` draws, in this order, the DG-KLD noise, the prefix latent z and the G-skip latents.
+        """
         P, B = batch.n_prompts, batch.n_responses
+        if stage not in (1, 2):
+            raise ValueError(f"stage={stage!r}; expected 1 or 2")
+        if batch.prompt_ids.shape[0] != P * B or batch.response_ids.shape[0] != P * B:
+            raise ValueError(f"batch has {batch.prompt_ids.shape[0]} prompt rows and {batch.response_ids.shape[0]} "
+                             f"response rows; the layout P={P} x B={B} needs {P * B} of each (prompt-major)")
         mu, logvar = self.clap.encode(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
         kl = objectives.dg_kld(mu, logvar, n_samples=self.kl_samples, group=(P, B), generator=generator)
         z = latent.sample(mu, logvar, 1, generator=generator)[0]                    # (P*B, D)

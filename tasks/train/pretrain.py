@@ -77,15 +77,6 @@ def _build_clap(job: PretrainJob):
     return model, tokenizer
 
 
-def _set_stage(clap, stage: int) -> None:
-    from latentpref.tasks.models import clap as clap_lib
-    clap_lib.freeze_base(clap, frozen=(stage == 1))
-    # the skip MLP is a stage-1 training device only: frozen in stage 2 so DDP sees no unused trainables
-    if clap.skip is not None:
-        for p in clap.skip.parameters():
-            p.requires_grad_(stage == 1)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point."""
     import ray.train
@@ -93,7 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from latentpref.tasks.models.clap import load_clap, save_clap
-    from latentpref.tasks.train.loop import ClapObjective, sample_clap_batches
+    from latentpref.tasks.train.loop import ClapObjective, sample_clap_batches, set_stage
 
     job = PretrainJob.model_validate(config)
     ctx = ray.train.get_context()
@@ -128,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         want = 1 if step < job.stage1_steps else 2
         if want != stage:
             stage = want
-            _set_stage(model, stage)
+            set_stage(model, stage)
             objective = ClapObjective(model, kl_samples=job.kl_samples, kl_weight=job.kl_weight,
                                       contrastive_weight=job.contrastive_weight)
             # re-wrap on a stage switch: DDP registers hooks only for parameters trainable at wrap time
@@ -146,7 +137,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.step()
         tokens += float(metrics["tokens"])
         row = {k: float(v) for k, v in metrics.items()}
-        row.update(step=step + 1, stage=stage, tokens_per_s=tokens * world / max(time.perf_counter() - t0, 1e-9))
+        # tokens/s of all workers (each rank trains an equal share); resumed_from_step = the checkpoint step this
+        # worker group started from (0 = fresh), so a history shows where a restart picked up
+        row.update(step=step + 1, stage=stage, tokens_per_s=tokens * world / max(time.perf_counter() - t0, 1e-9),
+                   resumed_from_step=start_step)
         history.append(row)
 
         if job.fail_at_step is not None and step + 1 == job.fail_at_step and rank == world - 1 \
@@ -169,6 +163,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ckpt = Checkpoint.from_directory(d)
                 # every rank reports equally often: report is a barrier (STYLE.md §4)
                 ray.train.report(row, checkpoint=ckpt)
+            if not last:
+                # Commit the checkpoint before training on. Ray Train V2 registers a checkpoint only when its
+                # controller has polled that report from EVERY worker (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+                # 2 s); a worker that dies before that poll takes the report with it, and the restarted group
+                # gets the previous checkpoint (seen in tests/integration/test_pretrain_ray.py). Each worker's
+                # result queue holds one report, so this second report returns only once the first was
+                # collected: at most one poll interval per checkpoint.
+                ray.train.report(row)
 
 
 def run_pretrain(job: PretrainJob, *, storage_path: str, name: str, num_workers: int, use_gpu: bool,

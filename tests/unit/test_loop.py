@@ -1,0 +1,192 @@
+"""The CLaP training step (`ClapObjective`, spec latent-dpo.md §3.5) on tiny GPT-2 and tiny Llama bases.
+
+Which parameters train in each stage (§2.6), the P prompts x B responses layout (§9.1: DG-KLD and the contrastive
+negatives are per prompt), the stage-1 G-skip (§3.4), the stage-2 contrastive term (§3.3), and that a few
+optimisation steps on a fixed batch lower the loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+
+from latentpref.tasks import objectives
+from latentpref.tasks.models import latent
+from latentpref.tasks.models.clap import CLaP, CLaPConfig
+from latentpref.tasks.models.registry import load_base_model
+from latentpref.tasks.train.loop import ClapBatch, ClapObjective, make_clap_batch, set_stage
+
+ARCHS = ["tiny-gpt2", "tiny-llama"]
+PROMPTS = ["The movie was", "A long and winding road of a film that"]          # 3 and 9 tokens: left pads
+RESPONSES = [[" great", " fun and sad", " bad acting all along the way"],      # 1, 3 and 6 tokens: right pads
+             [" never ends", " was a bore", " I loved it"]]
+P, B = 2, 3
+
+
+@functools.cache
+def _base(spec: str):
+    return load_base_model(spec, seed=0)  # (model, tokenizer), built once per module
+
+
+def _clap(spec: str, seed: int = 0) -> CLaP:
+    base = copy.deepcopy(_base(spec)[0])
+    torch.manual_seed(seed)
+    model = CLaP(base, CLaPConfig(latent_dim=8, n_query=2), base_spec=spec).train()
+    with torch.no_grad():  # a non-trivial posterior head (CLaP starts standardized, §2.2): posteriors differ per row
+        model.encoder.h2z.weight.normal_(0, 0.5)
+        model.encoder.h2z.bias.normal_(0, 0.1)
+    return model
+
+
+def _batch(spec: str) -> ClapBatch:
+    return make_clap_batch(_base(spec)[1], PROMPTS, RESPONSES, max_prompt_tokens=16, max_response_tokens=8)
+
+
+def _grad_norm(params) -> float:
+    return sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+
+
+def _has_no_grad(module: torch.nn.Module) -> bool:
+    return all(p.grad is None for p in module.parameters())
+
+
+def test_batch_layout_is_prompt_major():
+    batch = _batch("tiny-gpt2")
+    assert (batch.n_prompts, batch.n_responses) == (P, B)
+    assert batch.prompt_ids.shape[0] == batch.response_ids.shape[0] == P * B
+    # rows p*B .. p*B+B-1 share prompt p; prompts are left-padded, responses right-padded
+    for p in range(P):
+        rows = batch.prompt_ids[p * B:(p + 1) * B]
+        assert bool((rows == rows[0]).all())
+    assert not torch.equal(batch.prompt_ids[0], batch.prompt_ids[B])
+    assert batch.prompt_mask[0].tolist()[:1] == [0] and batch.prompt_mask[:, -1].bool().all()
+    assert batch.response_mask[0].tolist() == [1] + [0] * (batch.response_mask.shape[1] - 1)
+    with pytest.raises(ValueError, match="same number of responses"):
+        make_clap_batch(_base("tiny-gpt2")[1], PROMPTS, [["a", "b"], ["c"]], max_prompt_tokens=8,
+                        max_response_tokens=8)
+
+
+@pytest.mark.parametrize("spec", ARCHS)
+def test_stage1_trains_encoder_adapter_and_skip_but_not_the_base(spec):
+    model, batch = _clap(spec), _batch(spec)
+    set_stage(model, 1)
+    loss, metrics = ClapObjective(model, kl_samples=4)(batch, 1, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["contrastive"]) == 0.0 and float(metrics["contrastive_acc"]) == 0.0
+    assert float(metrics["tokens"]) == float(batch.response_mask.sum())
+    # frozen (spec §2.6): the base LM and the adapter's K/V copies
+    assert _has_no_grad(model.base_lm)
+    assert all(_has_no_grad(m) for m in model.adapter.attention_copies())
+    # trained: posterior encoder (incl. its own embedding copy), adapter MLPs + LNs, skip MLP
+    for module in (model.encoder.h2z, model.encoder.blocks, model.encoder.wte, model.encoder.queries,
+                   model.adapter.z2h, model.skip):
+        params = [module] if isinstance(module, torch.nn.Parameter) else list(module.parameters())
+        assert _grad_norm(params) > 0, module
+    assert all(p.grad is not None for p in model.adapter.ln.parameters())
+
+
+def test_stage1_skip_adds_a_gradient_path_to_the_encoder():
+    """G-skip (§3.4): same loss value, but the encoder's gradient changes with the skip MLP on."""
+    grads, losses = [], []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        model = CLaP(copy.deepcopy(_base("tiny-gpt2")[0]), CLaPConfig(latent_dim=8, n_query=2, skip_connection=skip))
+        torch.manual_seed(1)  # the skip MLP's init consumed the global RNG: same head either way
+        with torch.no_grad():
+            model.encoder.h2z.weight.normal_(0, 0.5)
+        set_stage(model, 1)
+        loss, metrics = ClapObjective(model, kl_samples=4, kl_weight=0.0)(
+            _batch("tiny-gpt2"), 1, torch.Generator().manual_seed(0))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.encoder.h2z.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1])  # value exactly the plain LM loss
+    assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("spec", ARCHS)
+def test_stage2_adds_contrastive_and_trains_the_base(spec):
+    model, batch = _clap(spec), _batch(spec)
+    set_stage(model, 2)
+    objective = ClapObjective(model, kl_samples=4)
+    loss, metrics = objective(batch, 2, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    # InfoNCE over B latents: >= 0, and (a softmax over B candidates) its chance level is log B
+    assert float(metrics["contrastive"]) > 0
+    assert 0.0 <= float(metrics["contrastive_acc"]) <= 1.0
+    assert _grad_norm(model.base_lm.parameters()) > 0
+    assert all(_grad_norm(m.parameters()) > 0 for m in model.adapter.attention_copies())
+    assert _grad_norm(model.encoder.parameters()) > 0 and _grad_norm(model.adapter.z2h.parameters()) > 0
+    assert _has_no_grad(model.skip)  # the skip is a stage-1 device only (§3.4, reference arg default 0)
+    # the same draws without the contrastive weight: the loss differs by exactly the contrastive term
+    model.zero_grad(set_to_none=True)
+    objective.contrastive_weight = 0.0
+    loss0, metrics0 = objective(batch, 2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss.detach() - loss0.detach(), metrics["contrastive"])
+    assert float(metrics0["contrastive"]) == 0.0
+
+
+@pytest.mark.parametrize("spec", ARCHS)
+def test_kl_and_contrastive_match_by_hand_per_prompt(spec):
+    """DG-KLD of the step == objectives.dg_kld grouped (P, B); the contrastive negatives are the other responses
+    of the same prompt (latents rolled within each prompt, §3.3), never another prompt's."""
+    model, batch = _clap(spec), _batch(spec)
+    model.eval()
+    objective = ClapObjective(model, kl_samples=5)
+    with torch.no_grad():
+        _, metrics = objective(batch, 2, torch.Generator().manual_seed(3))
+        args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        mu, logvar = model.encode(*args)
+        g = torch.Generator().manual_seed(3)  # same draws, same order: DG-KLD noise, then the prefix latent
+        kl = objectives.dg_kld(mu, logvar, n_samples=5, group=(P, B), generator=g)
+        z = latent.sample(mu, logvar, 1, generator=g)[0].view(P, B, -1)
+        nll = torch.empty(P, B, B)  # nll[p, k, b] = -log p(y_pb | x_p, z_p,(b-k) mod B)
+        for k in range(B):
+            zk = torch.stack([z[p, [(b - k) % B for b in range(B)]] for p in range(P)]).view(P * B, -1)
+            nll[:, k] = -model.response_logps(zk, *args).view(P, B)
+        pooled = objectives.dg_kld(mu, logvar, n_samples=5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(metrics["kl"], kl)
+    torch.testing.assert_close(metrics["contrastive"], objectives.contrastive_loss(nll), rtol=1e-5, atol=1e-5)
+    # the grouping matters: one q_agg over all P*B responses is a different number
+    assert abs(float(pooled) - float(kl)) > 1e-4
+
+
+def test_layout_and_stage_errors():
+    model, batch = _clap("tiny-gpt2"), _batch("tiny-gpt2")
+    objective = ClapObjective(model, kl_samples=2)
+    bad = ClapBatch(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, 3, B)
+    with pytest.raises(ValueError, match="P=3 x B=3"):
+        objective(bad, 1)
+    with pytest.raises(ValueError, match="stage"):
+        objective(batch, 3)
+    with pytest.raises(ValueError, match="stage"):
+        set_stage(model, 0)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss(stage):
+    """From the real init (standardized posterior), AdamW on one batch with the same draws every step: the loss
+    and the per-token NLL go down (stage 1 only through the latent prefix, the base being frozen)."""
+    torch.manual_seed(0)
+    model, batch = CLaP(copy.deepcopy(_base("tiny-gpt2")[0]), CLaPConfig(latent_dim=8, n_query=2)), _batch("tiny-gpt2")
+    set_stage(model, stage)
+    objective = ClapObjective(model, kl_samples=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    losses, nlls = [], []
+    for _ in range(6):
+        loss, metrics = objective(batch, stage, torch.Generator().manual_seed(0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        nlls.append(float(metrics["nll_per_token"]))
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert nlls[-1] < nlls[0] - 0.1, nlls
