@@ -181,9 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from latentpref.tasks.data.locks import StoreLocked
+    from latentpref.tasks.data.store import StoreUnavailable
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except (StoreLocked, StoreUnavailable) as err:   # another night holds the store / the store is down
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except ValueError as err:   # config / argument errors: say what is wrong, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -45,6 +45,10 @@ def mlflow_uris(cfg: RuntimeConfig, store: Store) -> tuple[str, str | None]:
 def setup_mlflow(cfg: RuntimeConfig, store: Store) -> str:
     """Point MLflow at the configured tracking server and experiment; returns the experiment id."""
     import mlflow
+    # MLflow >= 3 clients fetch artifacts through presigned S3 URLs signed with the server's credentials;
+    # with temporary credentials the URL carries the session token into S3 request logs. Download via the
+    # server instead (found by the credential-leak scan, tests/integration/test_distributed.py).
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     uri, artifact_location = mlflow_uris(cfg, store)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.mlflow_experiment)

@@ -39,13 +39,18 @@ class IngestReport:
 
 
 def read_feedback_store(store: Store) -> pa.Table | None:
-    """Every stored good feedback row (all users), or None when nothing was ingested yet."""
+    """Every stored good feedback row (all users), or None when nothing was ingested yet.
+
+    Only batches whose commit marker exists are read: a batch cut off mid-way (crash, store outage) stays
+    invisible until it is ingested again.
+    """
+    committed = {n[: -len(".json")] for n in store.listdir("feedback", "_batches") if n.endswith(".json")}
     tables = []
     for part in store.listdir("feedback"):
         if not part.startswith("user="):
             continue
         for name in store.listdir("feedback", part):
-            if name.endswith(".parquet") and not name.startswith("."):
+            if name.startswith("batch-") and name.endswith(".parquet") and name[6:-8] in committed:
                 tables.append(store.read_table("feedback", part, name))
     if not tables:
         return None

@@ -1,19 +1,25 @@
 """A run lock in the store, so two nightly runs on the same store never interleave their writes.
 
-Local stores use an exclusively created lock file (O_CREAT|O_EXCL is atomic on POSIX). Object stores use
-create-if-absent followed by a read-back of our own token: S3 has no rename, and the read-back catches a
-concurrent writer that won the race. A lock left behind by a dead process on this host is taken over.
+Acquiring is one create-if-absent write of a token: locally O_CREAT|O_EXCL, on S3 a conditional PUT
+(If-None-Match: *), both atomic, so of two runs starting together exactly one gets the lock. On object stores
+the token is read back as well: it settles a retried PUT whose first attempt had landed, and protects against
+S3-compatible stores that ignore the condition (the later writer wins there, and the earlier one sees it).
+A lock left behind by a dead process on this host is taken over; one held from another host is never guessed
+dead, the message says how to remove it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
 import uuid
 from contextlib import contextmanager
 
-from latentpref.tasks.data.store import Store
+from latentpref.tasks.data.store import Store, redact_url
+
+log = logging.getLogger(__name__)
 
 
 class StoreLocked(RuntimeError):
@@ -31,7 +37,15 @@ def _alive(pid: int) -> bool:
 
 
 def _holder_is_dead(info: dict) -> bool:
-    return info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1)))
+    pid = info.get("pid")
+    return info.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+
+def _read_holder(store: Store, parts: tuple[str, ...]) -> dict | None:
+    try:
+        return store.read_json(*parts)
+    except (FileNotFoundError, json.JSONDecodeError):   # released meanwhile (or caught mid-write locally)
+        return None
 
 
 @contextmanager
@@ -44,46 +58,49 @@ def store_lock(store: Store, name: str, *, wait_s: float = 0.0, poll_s: float = 
     token = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex, "since": time.time()}
     parts = ("locks", f"{name}.lock")
     deadline = time.monotonic() + wait_s
+    unreadable = 0
     while True:
         if _try_acquire(store, parts, token):
             break
-        try:
-            holder = store.read_json(*parts)
-        except Exception:   # vanished between our attempt and the read: try again
-            holder = {}
-        if holder and _holder_is_dead(holder):
-            store.delete(*parts)
+        holder = _read_holder(store, parts)
+        if holder is None and unreadable < 10:   # released between our attempt and the read: try again
+            unreadable += 1
+            time.sleep(0.05)
+            continue
+        holder = holder or {"pid": "?", "host": "? (unreadable lock file)"}
+        if _holder_is_dead(holder):
+            # re-read just before deleting, so a lock another run has just taken over is left alone
+            again = _read_holder(store, parts)
+            if again is not None and again.get("token") == holder.get("token"):
+                log.warning("taking over the '%s' lock of dead process %s on %s", name, holder.get("pid"),
+                            holder.get("host"))
+                store.delete(*parts)
             continue
         if time.monotonic() >= deadline:
+            since = time.ctime(holder["since"]) if holder.get("since") else "?"
             raise StoreLocked(
-                f"store {store.url()} is locked by another '{name}' run (pid {holder.get('pid')} on "
-                f"{holder.get('host')}, since {time.ctime(holder.get('since', 0))}); wait for it to finish, "
-                f"or delete {store.url(*parts)} if that run is gone")
+                f"store {redact_url(store.url())} is locked by another '{name}' run (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, since {since}); wait for it to finish, "
+                f"or delete {redact_url(store.url(*parts))} if that run is gone")
         time.sleep(poll_s)
     try:
         yield token
     finally:
         try:
-            if store.read_json(*parts).get("token") == token["token"]:
+            holder = _read_holder(store, parts)
+            if holder is not None and holder.get("token") == token["token"]:
                 store.delete(*parts)
-        except FileNotFoundError:
-            pass
+        except Exception:   # e.g. the store is unreachable: the work is done, a stale lock is recoverable
+            log.exception("could not release the '%s' lock %s; the next run on this host takes it over, "
+                          "elsewhere delete it by hand", name, redact_url(store.url(*parts)))
 
 
 def _try_acquire(store: Store, parts: tuple[str, ...], token: dict) -> bool:
     blob = json.dumps(token).encode()
+    created = store.create_bytes(blob, *parts)
     if store.is_local:
-        path = store.url(*parts)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-        return True
-    if store.exists(*parts):
-        return False
-    store.write_bytes(blob, *parts)
-    time.sleep(0.2)  # let a racing writer's PUT land, then check who won
-    return store.read_json(*parts).get("token") == token["token"]
+        return created
+    if created:
+        time.sleep(0.2)   # a store that ignored the condition: let a racing PUT land, then see who won
+    holder = _read_holder(store, parts)
+    return holder is not None and holder.get("token") == token["token"]

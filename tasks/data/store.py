@@ -9,24 +9,92 @@ Layout (all paths relative to the root):
 Atomic writes: locally temp file + rename (POSIX rename is atomic on one filesystem); on S3 a single PUT of
 the whole object (S3 never shows a partially written object). A folder is "done" when its manifest exists;
 manifests are written last, so a reader never trusts a half-written folder.
+
+Remote stores (s3://, ...) retry transient errors (connection refused/reset, timeouts, HTTP 5xx, throttling)
+with bounded exponential backoff; after the last attempt `StoreUnavailable` names the URL, the attempts and the
+last error. Permanent errors (missing object, access denied) are raised at once. Every retried operation is
+idempotent: a PUT rewrites the whole object with the same bytes, reads and listings have no side effects.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
+import random
+import re
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
+T = TypeVar("T")
+
+# errors that say "this request failed", not "this request is wrong": worth another attempt
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+              ValueError, TypeError, KeyError)
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests"}
+_URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+class StoreUnavailable(OSError):
+    """A remote store kept failing with transient errors (connection, timeout, 5xx) on every attempt."""
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import botocore.exceptions as be
+        types += [be.ConnectionError, be.HTTPClientError, be.IncompleteReadError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    from fsspec.exceptions import FSTimeoutError
+    types.append(FSTimeoutError)
+    return tuple(types)
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors another attempt may cure: connection/timeouts, HTTP 5xx and throttling from S3.
+
+    s3fs translates botocore errors into OSError subclasses and keeps the original as the cause, so the
+    whole cause chain is inspected; a not-found or access-denied anywhere on top is permanent.
+    """
+    if isinstance(err, (StoreUnavailable, *_PERMANENT)):
+        return False
+    transient = _transient_types()
+    seen: BaseException | None = err
+    for _ in range(8):   # cause chains are short; bound the walk anyway
+        if seen is None:
+            break
+        if isinstance(seen, transient):
+            return True
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+            code = (response.get("Error") or {}).get("Code", "")
+            return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def redact_url(url: str) -> str:
+    """A URL safe for logs and error messages: credentials in the userinfo part replaced by ***."""
+    return _URL_USERINFO.sub(r"\1***@", url)
 
 
 def table_digest(table: pa.Table) -> str:
@@ -45,14 +113,60 @@ def json_digest(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class Store:
-    """A root URL plus atomic read/write helpers. Picklable, so Ray tasks can receive it."""
+    """A root URL plus atomic read/write helpers. Picklable, so Ray tasks can receive it.
+
+    `retries` attempts per remote operation, waiting about backoff_s * 2**k (k = 0, 1, ...; jittered down to
+    half, at most max_backoff_s) between them: with the defaults (waits of ~1, 2, 4, 8, 16 s) an object store
+    may be unreachable for 15-30 s without failing a run, and a longer outage fails it in under a minute.
+    """
 
     root: str
+    retries: int = 6
+    backoff_s: float = 1.0
+    max_backoff_s: float = 16.0
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        fs, _ = fsspec.core.url_to_fs(self.root)
+        fs, _ = fsspec.core.url_to_fs(self.root, **self._storage_options())
         return fs
+
+    def _storage_options(self) -> dict[str, Any]:
+        if not self.root.startswith(("s3://", "s3a://")):
+            return {}
+        # Listings are not cached: Ray workers and other runs write to the same store, and a stale listing
+        # would hide their objects. botocore retries once inside; the bounded backoff above is the policy.
+        # The endpoint is part of the options so that the fsspec instance cache never hands out a
+        # filesystem built for another endpoint (credentials stay with botocore's env/IAM lookup).
+        opts: dict[str, Any] = {"use_listings_cache": False,
+                                "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"},
+                                                  "connect_timeout": 10, "read_timeout": 120}}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+
+    def _retry(self, what: str, parts: tuple[str, ...], call: Callable[[], T]) -> T:
+        """Run one idempotent remote operation with bounded exponential backoff on transient errors."""
+        if self.is_local:
+            return call()
+        t0 = time.monotonic()
+        for attempt in range(1, self.retries + 1):
+            try:
+                return call()
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                url = redact_url(self.url(*parts))
+                if attempt >= self.retries:
+                    raise StoreUnavailable(
+                        f"store {what} {url} failed {attempt} times over {time.monotonic() - t0:.1f}s with "
+                        f"transient errors (last: {type(err).__name__}: {str(err)[:300]}); is the object store "
+                        f"reachable (endpoint, network)? Re-run when it is: finished work is kept") from err
+                wait = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                log.warning("store %s %s: %s: %s; attempt %d/%d, retrying in %.1fs", what, url,
+                            type(err).__name__, str(err)[:200], attempt, self.retries, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")   # the loop returns or raises
 
     @property
     def is_local(self) -> bool:
@@ -70,13 +184,17 @@ class Store:
         return path
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self._path(*parts))
+        return self._retry("exists", parts, lambda: self.fs.exists(self._path(*parts)))
 
     def listdir(self, *parts: str) -> list[str]:
         path = self._path(*parts)
-        if not self.fs.exists(path):
-            return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+
+        def ls() -> list[str]:
+            fs = self.fs
+            if not fs.exists(path):
+                return []
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+        return self._retry("list", parts, ls)
 
     # -- atomic writes -------------------------------------------------------------------------------
     def write_bytes(self, data: bytes, *parts: str) -> str:
@@ -95,12 +213,35 @@ class Store:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-        else:
-            fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+        else:   # one PUT: the object appears whole or not at all, so a retry can only rewrite the same bytes
+            self._retry("write", parts, lambda: fs.pipe_file(path, data))
         return self.url(*parts)
 
+    def create_bytes(self, data: bytes, *parts: str) -> bool:
+        """Write only if absent; False when the object already exists (locks, commit markers).
+
+        Locally O_CREAT|O_EXCL; on S3 a conditional PUT (If-None-Match: *), which S3 and moto honour. A
+        store that ignores the condition overwrites instead, so callers that need exclusivity read back.
+        """
+        path = self._path(*parts)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return True
+        fs = self.fs
+        try:
+            self._retry("create", parts, lambda: fs.pipe_file(path, data, mode="create"))
+        except FileExistsError:   # also the answer when a retried PUT of ours had landed: callers read back
+            return False
+        return True
+
     def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self._path(*parts))
+        return self._retry("read", parts, lambda: self.fs.cat_file(self._path(*parts)))
 
     def write_json(self, obj: Any, *parts: str) -> str:
         return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
@@ -118,8 +259,15 @@ class Store:
 
     def delete(self, *parts: str) -> None:
         path = self._path(*parts)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+
+        def rm() -> None:
+            fs = self.fs
+            if fs.exists(path):
+                try:
+                    fs.rm(path, recursive=True)
+                except FileNotFoundError:   # a retried delete whose first attempt had landed
+                    pass
+        self._retry("delete", parts, rm)
 
     # -- local staging for libraries that want a folder (save_pretrained, Ray checkpoints) -----------
     def upload_folder(self, local_dir: str, *parts: str) -> str:
@@ -143,7 +291,8 @@ class Store:
     def download_folder(self, local_dir: str, *parts: str) -> str:
         if self.is_local:
             return self._path(*parts)
-        self.fs.get(self._path(*parts).rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+        src, dst = self._path(*parts).rstrip("/") + "/", local_dir.rstrip("/") + "/"
+        self._retry("download", parts, lambda: self.fs.get(src, dst, recursive=True))
         return local_dir
 
     def local_copy(self, *parts: str) -> str:
