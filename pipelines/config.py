@@ -85,7 +85,9 @@ class PretrainConfig(_Section):
 class PersonalizeConfig(_Section):
     """personalize: per-user Latent DPO fits fanned out as Ray tasks over chunks of users."""
 
-    mode: Literal["head-only"] = "head-only"
+    # head-only: Gaussian head on cached features (fastest); trunk-frozen: + top encoder block and queries;
+    # faithful: the whole encoder copy minus its token embedding (spec §3.6; the spec's lr is 1e-4)
+    mode: Literal["head-only", "trunk-frozen", "faithful"] = "head-only"
     loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
     steps: int = 100
     lr: float = 1e-2

@@ -71,6 +71,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
     from latentpref.tasks.models.clap import load_clap
     from latentpref.tasks.models.registry import load_base_model
     from latentpref.tasks.train.personalize import load_user_head
+    from tqdm.auto import tqdm
     logger = get_run_logger()
     with mlflow.start_run(run_name="evaluate", parent_run_id=parent_run_id, nested=True) as stage_run:
         mlflow.set_tags({"clap_version": clap.version, "base_model_version": data.base_model_version})
@@ -97,11 +98,17 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
             latent_fit={"steps": pcfg.steps, "lr": pcfg.lr, "beta": pcfg.beta, "n_samples": pcfg.n_samples,
                         "evidence_ratio": pcfg.evidence_ratio, "loss_type": pcfg.loss_type, "seed": pcfg.seed},
             seed=cfg.seed)
-        per_user = evaluate_users(
-            clap=clap_model, base_model=base_model, tokenizer=tokenizer, users_table=users_table, user_ids=user_ids,
-            test_prompts=test["prompt"].to_pylist(), references=test["reference"].to_pylist(), train_pairs=train,
-            heldout_pairs=heldout, user_heads=heads, settings=settings,
-            progress=lambda d, n: logger.info("evaluate: %d/%d users done", d, n))
+        with tqdm(total=len(user_ids), desc="evaluate users", unit="user") as bar:
+            def progress(done: int, total: int) -> None:
+                bar.update(done - bar.n)
+                rate = bar.format_dict.get("rate")
+                eta = f"{(total - done) / rate:.0f}s" if rate else "?"
+                logger.info("evaluate: %d/%d users done, ETA %s", done, total, eta)
+
+            per_user = evaluate_users(
+                clap=clap_model, base_model=base_model, tokenizer=tokenizer, users_table=users_table,
+                user_ids=user_ids, test_prompts=test["prompt"].to_pylist(), references=test["reference"].to_pylist(),
+                train_pairs=train, heldout_pairs=heldout, user_heads=heads, settings=settings, progress=progress)
         comparison = summarise(per_user, seed=cfg.seed)
         per_user_path = ("runs", parent_run_id, "evaluation_per_user.parquet")
         comparison_path = ("runs", parent_run_id, "comparison.parquet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger, task
@@ -46,9 +47,10 @@ def _ensure_cache(store: Store, clap: ClapArtifact, data: DataArtifacts, pairs: 
                   extra_prompts: list[str], data_cfg: DataConfig, logger) -> tuple[str, ...]:
     from latentpref.tasks.models.clap import load_clap
     from latentpref.tasks.models.registry import load_tokenizer
-    from latentpref.tasks.train.personalize import build_latent_cache
+    from latentpref.tasks.train.personalize import CACHE_FORMAT, build_latent_cache
+    # the cache format is part of the digest: a cache written by older code (no prompt tokens) is not reused
     texts_digest = json_digest([table_digest(pairs.select(["prompt", "chosen", "rejected"])),
-                                sorted(set(extra_prompts))])
+                                sorted(set(extra_prompts)), CACHE_FORMAT])
     path = ("cache", clap.version, f"latents-{texts_digest}.safetensors")
     if store.exists(*path):
         logger.info("personalize: latent cache %s reused", texts_digest)
@@ -85,31 +87,55 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         population = store.read_table(*data.users.path)["user_id"].to_pylist()
         everyone = list(dict.fromkeys(population + pairs["user_id"].to_pylist()))
         if user_ids is not None:
-            everyone = [u for u in everyone if u in set(user_ids)]
+            wanted = set(user_ids)
+            everyone = [u for u in everyone if u in wanted]
+            pairs = pairs.filter(pc.is_in(pairs["user_id"], value_set=pa.array(everyone, pa.string())))
+        # chunks are runs of consecutive user ids, so after one sort each chunk's pairs are one contiguous slice
+        # (a filter per chunk rescans every row: O(rows x chunks), hours at 10^6 users)
+        everyone.sort()
+        pairs = pairs.sort_by("user_id")
+        sorted_users = pairs["user_id"].to_numpy(zero_copy_only=False)
         # prompts of the evaluation split are encoded too, so evaluation and serving find them cached
         prompts_tbl = store.read_table(*data.prompts.path)
         cache_path = _ensure_cache(store, clap, data, pairs, prompts_tbl["prompt"].to_pylist(), data_cfg, logger)
 
+        # loss_type reaches every mode through FitConfig (head-only: fit_users; encoder modes: fit_encoder_users)
         fit = {"steps": cfg.steps, "lr": cfg.lr, "beta": cfg.beta, "n_samples": cfg.n_samples,
                "evidence_ratio": cfg.evidence_ratio, "loss_type": cfg.loss_type, "seed": cfg.seed}
         remote_fit = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(fit_chunk)
+
+        def jobs():
+            for i in range(0, len(everyone), cfg.users_per_task):
+                chunk = tuple(everyone[i:i + cfg.users_per_task])
+                lo = int(np.searchsorted(sorted_users, chunk[0], side="left"))
+                hi = int(np.searchsorted(sorted_users, chunk[-1], side="right"))
+                # the encoder modes (trunk-frozen, faithful) load the CLaP in the worker, from the store
+                yield ChunkJob(store_root=store.root, clap_version=clap.version, cache_path=cache_path,
+                               user_ids=chunk, pairs_ipc=table_to_ipc(pairs.slice(lo, hi - lo)), fit=fit,
+                               mode=cfg.mode, min_pairs=cfg.min_pairs, clap_path=tuple(clap.path))
+
+        # a bounded window of tasks in flight: each job carries its pairs, and submitting every chunk at once
+        # would put all of them in the object store together
+        in_flight = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
+        queue = jobs()
         pending = {}
-        user_col = pairs["user_id"]
-        for i in range(0, len(everyone), cfg.users_per_task):
-            chunk = tuple(everyone[i:i + cfg.users_per_task])
-            sub = pairs.filter(pc.is_in(user_col, value_set=pa.array(chunk, pa.string())))
-            job = ChunkJob(store_root=store.root, clap_version=clap.version, cache_path=cache_path, user_ids=chunk,
-                           pairs_ipc=table_to_ipc(sub), fit=fit, mode=cfg.mode, min_pairs=cfg.min_pairs)
-            pending[remote_fit.remote(job)] = len(chunk)
         records = []
         with tqdm(total=len(everyone), desc="personalize users", unit="user") as bar:
-            while pending:
+            while True:
+                for job in queue:
+                    pending[remote_fit.remote(job)] = len(job.user_ids)
+                    if len(pending) >= in_flight:
+                        break
+                if not pending:
+                    break
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     records.extend(ray.get(ref))
                     bar.update(pending.pop(ref))
-                    logger.info("personalize: %d/%d users done", bar.n, len(everyone))
-        table = pa.Table.from_pylist([{k: r.get(k) for k in ("user_id", "status", "cold_start", "n_pairs",
+                    rate = bar.format_dict.get("rate")
+                    eta = f"{(len(everyone) - bar.n) / rate:.0f}s" if rate else "?"
+                    logger.info("personalize: %d/%d users done, ETA %s", bar.n, len(everyone), eta)
+        table = pa.Table.from_pylist([{k: r.get(k) for k in ("user_id", "status", "mode", "cold_start", "n_pairs",
                                                              "fit_seconds", "train_accuracy", "final_loss",
                                                              "artifact_bytes", "version", "data_hash")}
                                       for r in records])

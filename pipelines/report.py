@@ -1,29 +1,409 @@
-"""report stage: render the static HTML dashboard of a run and store it (store + MLflow artifact)."""
+"""report stage: gather one nightly run from MLflow (+ the store it points to) and render the static HTML report.
+
+Any run id works: the run is looked up in MLflow, walked up to its nightly root, and everything else is found
+from there: stage runs (children), their tags, params, metric histories, dataset inputs (digests + URIs) and
+artifacts; the store comes from the run's `runtime.store` param (or its dataset URIs), so the report does not
+depend on the store or MLflow server the CLI happens to be configured with. Bulky inputs the report needs that
+MLflow does not hold (per-user heads, the latent cache) are read from that store.
+"""
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 import tempfile
+import time
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from latentpref.tasks.data.store import Store
+from latentpref.tasks.data.store import MANIFEST, Store
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "pretrain", "personalize", "evaluate")
+_HISTORY_KEYS = ("loss", "nll_per_token", "kl", "contrastive", "active_units", "stage")
+MAP_PROMPTS = 16          # fixed prompts (first of the test split) each user's mean latent is taken over
+MAP_MAX_USERS = 2000      # a bigger population is subsampled (deterministically) for the map
 
 
-def build_report(store: Store, run_id: str, out_dir: str) -> str:
+class RunNotFound(ValueError):
+    """The run id is not in the MLflow the report reads (the CLI prints it as an error, exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------------ MLflow side
+def nightly_root(client, run_id: str):
+    """The nightly run `run_id` belongs to (itself, or the nearest ancestor tagged flow=nightly)."""
+    from mlflow.exceptions import MlflowException
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise RunNotFound(f"MLflow run {run_id!r} not found at {client.tracking_uri}: pass the --mlflow-uri "
+                          f"(or --store) the night was logged with ({str(err).splitlines()[0][:200]})") from err
+    seen = {run.info.run_id}
+    while run.data.tags.get("flow") != "nightly" and run.data.tags.get("mlflow.parentRunId"):
+        parent = run.data.tags["mlflow.parentRunId"]
+        if parent in seen:
+            break
+        run = client.get_run(parent)
+        seen.add(parent)
+    return run
+
+
+def stage_runs(client, root) -> dict[str, Any]:
+    children = client.search_runs([root.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{root.info.run_id}'", max_results=200)
+    return {r.info.run_name: r for r in children if r.info.run_name in STAGES}
+
+
+def dataset_inputs(stages: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """name -> {digest, uri, rows} over the stage runs' MLflow dataset inputs (first stage wins)."""
+    out: dict[str, dict[str, str]] = {}
+    for name in STAGES:
+        run = stages.get(name)
+        for d in (run.inputs.dataset_inputs if run is not None and run.inputs else []):
+            if d.dataset.name in out:
+                continue
+            try:
+                uri = json.loads(d.dataset.source).get("uri", "")
+            except (TypeError, ValueError):
+                uri = str(d.dataset.source)
+            rows = next((t.value for t in d.tags if t.key == "rows"), "")
+            out[d.dataset.name] = {"digest": d.dataset.digest, "uri": uri, "rows": rows}
+    return out
+
+
+def artifact_table(client, run_id: str | None, path: str) -> pa.Table | None:
+    if run_id is None:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            local = client.download_artifacts(run_id, path, d)
+            return pq.read_table(local)
+    except Exception as err:   # noqa: BLE001 - a missing artifact only empties one section
+        log.info("report: artifact %s of run %s unavailable (%s)", path, run_id, err)
+        return None
+
+
+def training_history(client, root, stages: dict[str, Any], clap_version: str | None
+                     ) -> tuple[dict[str, list[tuple[int, float]]], str, str | None]:
+    """CLaP metric histories from the pretrain run that trained this CLaP version (tonight's, or the earlier run
+    that trained it when tonight's pretrain was skipped). Returns (history, source sentence, run id)."""
+    candidates = []
+    tonight = stages.get("pretrain")
+    if tonight is not None and tonight.data.tags.get("skipped") != "true":
+        candidates.append(tonight)
+    elif clap_version:
+        exp_ids = [root.info.experiment_id] + [e.experiment_id for e in client.search_experiments()
+                                               if e.experiment_id != root.info.experiment_id]
+        for exp_id in exp_ids:
+            found = client.search_runs([exp_id], filter_string=f"attributes.run_name = 'pretrain' and "
+                                                               f"tags.clap_version = '{clap_version}'",
+                                       order_by=["attributes.start_time ASC"], max_results=50)
+            candidates += [r for r in found if r.data.tags.get("skipped") != "true" and r.data.metrics]
+            if candidates:
+                break
+    for run in candidates:
+        history = {}
+        for key in _HISTORY_KEYS:
+            if key in run.data.metrics:
+                history[key] = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        if history:
+            when = "tonight" if run is tonight else "by an earlier night (tonight's pretrain was skipped: same version)"
+            return history, f"From MLflow run {run.info.run_id}, which trained CLaP {clap_version} {when}.", \
+                run.info.run_id
+    return {}, "", None
+
+
+def manifest_history(store: Store, clap_version: str) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    """Fallback: the per-step history the pretrain stage keeps in the CLaP manifest."""
+    if not store.exists("models", "clap", clap_version, MANIFEST):
+        return {}, ""
+    rows = store.read_json("models", "clap", clap_version, MANIFEST).get("history", [])
+    history = {k: [(int(r["step"]), float(r[k])) for r in rows if k in r] for k in _HISTORY_KEYS}
+    return ({k: v for k, v in history.items() if v},
+            f"From the CLaP {clap_version} manifest in the store (no MLflow metric history found).")
+
+
+# ------------------------------------------------------------------------------------------------ store side
+def _store_of(root, datasets: dict[str, dict[str, str]], fallback: Store | None, clap_version: str | None) -> Store:
+    """The store the night wrote to: its `runtime.store` param, else the root of its dataset URIs, else fallback."""
+    options: list[str] = []
+    param = root.data.params.get("runtime.store")
+    if param and param != "None":
+        options.append(param)
+    for d in datasets.values():
+        uri = d.get("uri", "")
+        if "/data/" in uri:
+            options.append(uri[: uri.rindex("/data/")])
+    if fallback is not None:
+        options.append(fallback.root)
+    for option in options:
+        store = Store(option)
+        try:
+            if store.exists("runs", root.info.run_id) or (
+                    clap_version and store.exists("models", "clap", clap_version)):
+                return store
+        except Exception:  # noqa: BLE001 - an unreachable candidate is just not the one
+            continue
+    raise FileNotFoundError(f"none of the stores {options} holds run {root.info.run_id}: pass --store")
+
+
+def read_uri_table(store: Store, uri: str) -> pa.Table | None:
+    """A Parquet table by the URI MLflow recorded (inside the store if it is under its root)."""
+    import fsspec
+    if not uri:
+        return None
+    root = store.url().rstrip("/") + "/"
+    try:
+        if uri.startswith(root):
+            return store.read_table(*uri[len(root):].split("/"))
+        with fsspec.open(uri, "rb") as fh:
+            return pq.read_table(io.BytesIO(fh.read()))
+    except Exception as err:  # noqa: BLE001
+        log.info("report: table %s unreadable (%s)", uri, err)
+        return None
+
+
+def _fixed_prompts(prompts: pa.Table) -> list[str]:
+    texts = prompts["prompt"].to_pylist()
+    splits = prompts["split"].to_pylist() if "split" in prompts.column_names else ["test"] * len(texts)
+    test = [t for t, s in zip(texts, splits) if s == "test"]
+    return (test or texts)[:MAP_PROMPTS]
+
+
+class _ClapForPrompts:
+    """The night's CLaP and its tokenised fixed prompts, loaded on first use only (the cache usually suffices)."""
+
+    def __init__(self, store: Store, clap_version: str, prompts: list[str]):
+        self.store, self.clap_version, self.prompts = store, clap_version, prompts
+        self._loaded = None
+
+    def get(self):
+        """(clap, input_ids, attention_mask) of the fixed prompts."""
+        if self._loaded is None:
+            from latentpref.tasks.data.batching import tokenize_prompts
+            from latentpref.tasks.models.clap import load_clap
+            from latentpref.tasks.models.registry import load_tokenizer
+            manifest = self.store.read_json("models", "clap", self.clap_version, MANIFEST)
+            clap = load_clap(self.store.local_copy("models", "clap", self.clap_version))
+            tokenizer = load_tokenizer(self.store.local_copy(*manifest["base_model_path"]))
+            ids, mask = tokenize_prompts(tokenizer, self.prompts, int(manifest.get("prompt_tokens", 64)))
+            self._loaded = (clap, ids, mask)
+        return self._loaded
+
+
+def prompt_features(store: Store, clap_version: str, prompts: list[str], model: _ClapForPrompts):
+    """(N, Q, d) query features of `prompts` (the input of head-only policies): from the personalize stage's latent
+    cache when it holds them all, else computed with the CLaP encoder."""
+    import torch
+
+    from latentpref.tasks.train.personalize import LatentCache, text_key
+    keys = [text_key(p) for p in prompts]
+    for name in reversed(store.listdir("cache", clap_version)):
+        if not name.startswith("latents-"):
+            continue
+        cache = LatentCache.from_bytes(store.read_bytes("cache", clap_version, name))
+        if all(k in cache.prompt_index for k in keys):
+            return cache.features[[cache.prompt_index[k] for k in keys]].float(), "the latent cache"
+    clap, ids, mask = model.get()
+    with torch.no_grad():
+        return clap.encoder.features(ids, mask).float(), "the CLaP encoder"
+
+
+def _policy_of_run(store: Store, record: dict[str, Any], clap_version: str):
+    """The user's policy in the exact version the night recorded (else their current one, same CLaP only)."""
+    from safetensors.torch import load as st_load
+
+    from latentpref.tasks.train.personalize import HEAD_FILE, UserPolicy, load_user_policy, user_folder
+    folder = (*user_folder(record["user_id"]), record["version"])
+    if store.exists(*folder, "manifest.json"):
+        manifest = store.read_json(*folder, "manifest.json")
+        tensors = st_load(store.read_bytes(*folder, manifest.get("artifact", HEAD_FILE)))
+        return UserPolicy(manifest.get("mode", "head-only"), tensors, manifest)
+    policy = load_user_policy(store, record["user_id"])   # that version was pruned
+    if policy is None or policy.manifest.get("clap_version") != clap_version:
+        return None
+    return policy
+
+
+def user_map(store: Store, clap_version: str, records: pa.Table, users: pa.Table | None, prompts: pa.Table,
+             evaluated: set[str]):
+    """PCA map of every user the night fitted (or kept): mean of μ_θ(x) over fixed prompts, any fit mode."""
+    import numpy as np
+    import torch
+
+    from latentpref.dashboards.user_map import UserMap, mean_user_latents, pca_2d
+    cohort_of = dict(zip(users["user_id"].to_pylist(), users["cohort"].to_pylist())) if users is not None else {}
+    rows = [r for r in records.to_pylist() if r.get("version")]
+    if len(rows) > MAP_MAX_USERS:
+        pick = np.random.default_rng(0).choice(len(rows), MAP_MAX_USERS, replace=False)
+        rows = [rows[i] for i in sorted(pick)]
+    found = [(r["user_id"], _policy_of_run(store, r, clap_version)) for r in rows]
+    found = [(u, p) for u, p in found if p is not None]
+    if not found:
+        return None, "no stored user policies found for this run's users"
+    fixed = _fixed_prompts(prompts)
+    model = _ClapForPrompts(store, clap_version, fixed)
+    z: list[torch.Tensor | None] = [None] * len(found)
+    heads = [i for i, (_, p) in enumerate(found) if p.mode == "head-only" and not p.cold_start]
+    source = ""
+    if heads:   # one batched einsum over cached prompt features for every head-only user
+        feats, source = prompt_features(store, clap_version, fixed, model)
+        stacked = mean_user_latents(torch.stack([found[i][1].tensors["weight"].float() for i in heads]),
+                                    torch.stack([found[i][1].tensors["bias"].float() for i in heads]), feats)
+        for j, i in enumerate(heads):
+            z[i] = stacked[j]
+    for i, (_, policy) in enumerate(found):
+        if z[i] is None and not policy.cold_start:   # trunk-frozen / faithful: the user's own encoder pass
+            clap, ids, mask = model.get()
+            z[i] = policy.latent(clap.encoder, ids, mask)[0].float().mean(0)
+    D = next((t.numel() for t in z if t is not None), 1)
+    latents = torch.stack([t if t is not None else torch.zeros(D) for t in z])   # cold start: the prior mean 0
+    coords, explained = pca_2d(latents.numpy())
+    ids = [u for u, _ in found]
+    um = UserMap(ids, [cohort_of.get(u, "unknown (ingested)") for u in ids], [p.cold_start for _, p in found],
+                 [u in evaluated for u in ids], coords, explained, len(fixed))
+    return um, f"Prompt features from {source}." if source else ""
+
+
+def code_usage(store: Store, clap_version: str | None, latent_type: str) -> tuple[list[int] | None, str]:
+    """Codebook usage of a discrete-latent CLaP, as recorded in its model manifest (`code_usage`: one count per
+    code). Discrete latents are not implemented yet (issue 9): Gaussian runs get no section at all."""
+    if latent_type != "discrete" or not clap_version:
+        return None, ""
+    manifest = store.read_json("models", "clap", clap_version, MANIFEST) \
+        if store.exists("models", "clap", clap_version, MANIFEST) else {}
+    counts = manifest.get("code_usage")
+    if not counts:
+        return None, f"CLaP {clap_version} recorded no code_usage in its manifest."
+    return [int(c) for c in counts], ""
+
+
+# ------------------------------------------------------------------------------------------------ assemble
+def _fmt_time(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000)) if ms else "–"
+
+
+def collect(client, run_id: str, fallback_store: Store | None = None):
+    """Everything the report shows, as a `ReportData`."""
+    from latentpref.dashboards.report import ReportData
+    root = nightly_root(client, run_id)
+    tags, params, metrics = root.data.tags, root.data.params, root.data.metrics
+    stages = stage_runs(client, root)
+    datasets = dataset_inputs(stages)
+    clap_version = tags.get("clap_version") or (stages["pretrain"].data.tags.get("clap_version")
+                                                 if "pretrain" in stages else None)
+    store = _store_of(root, datasets, fallback_store, clap_version)
+    rid = root.info.run_id
+    sid = {name: run.info.run_id for name, run in stages.items()}
+    notes: dict[str, str] = {}
+
+    def table(run: str | None, artifact: str, file: str) -> pa.Table | None:
+        found = artifact_table(client, run, artifact)
+        if found is None and store.exists("runs", rid, file):   # MLflow lacks it: the store keeps a copy
+            found = store.read_table("runs", rid, file)
+        return found
+
+    comparison = table(rid, "comparison/comparison.parquet", "comparison.parquet")
+    per_user = table(sid.get("evaluate"), "evaluation_per_user.parquet", "evaluation_per_user.parquet")
+    records = table(sid.get("personalize"), "personalize_users.parquet", "personalize_users.parquet")
+
+    try:
+        history, history_source, trained_by = training_history(client, root, stages, clap_version)
+        if not history and clap_version:
+            history, history_source = manifest_history(store, clap_version)
+    except Exception as err:  # noqa: BLE001 - one empty section, never a failed night
+        log.warning("report: CLaP training curves unavailable: %s", err)
+        history, history_source, trained_by = {}, "", None
+        notes["training"] = f"Training curves could not be read: {err}"
+    ones = [step for step, stage in history.pop("stage", []) if stage <= 1]
+    boundary = max(ones) if ones else None
+
+    umap = None
+    if records is None:
+        notes["user-latents"] = "the night did not reach the personalize stage"
+    elif clap_version and "prompts" in datasets:
+        try:
+            prompts = read_uri_table(store, datasets["prompts"]["uri"])
+            users = read_uri_table(store, datasets.get("users_hidden", {}).get("uri", ""))
+            evaluated = set(per_user["user_id"].to_pylist()) if per_user is not None else set()
+            if prompts is not None:
+                umap, notes["user-latents"] = user_map(store, clap_version, records, users, prompts, evaluated)
+        except Exception as err:  # noqa: BLE001
+            log.warning("report: user latent map unavailable: %s", err)
+            notes["user-latents"] = f"The user map could not be computed: {err}"
+
+    pre_params = stages["pretrain"].data.params if "pretrain" in stages else {}
+    latent_type = pre_params.get("pretrain.latent_type", "gaussian")
+    usage, usage_note = code_usage(store, clap_version, latent_type)
+    if usage_note:
+        notes["code-usage"] = usage_note
+
+    pm = stages["personalize"].data.metrics if "personalize" in stages else {}
+    seconds = metrics.get("nightly_seconds")
+    if seconds is None and root.info.end_time:
+        seconds = (root.info.end_time - root.info.start_time) / 1000
+    summary = {"MLflow run": f"{root.info.run_name} ({rid})", "status": root.info.status,
+               "preset": tags.get("preset", "–"), "stages": ", ".join(s for s in STAGES if s in stages) or "–",
+               "started": _fmt_time(root.info.start_time),
+               "duration": f"{seconds:.0f} s" if seconds is not None else "still running"}
+    if pm:
+        summary["users"] = (f"{int(pm.get('users', 0))} total: {int(pm.get('users_fitted', 0))} fitted, "
+                            f"{int(pm.get('users_unchanged', 0))} unchanged, "
+                            f"{int(pm.get('users_cold_start', 0))} cold start")
+        summary["nightly fit time per user"] = (f"{pm['mean_fit_seconds_per_user']:.3f} s (batched fit)"
+                                                if pm.get("users_fitted") else "no user refitted tonight")
+    if per_user is not None:
+        summary["evaluated users"] = str(len(set(per_user["user_id"].to_pylist())))
+
+    mlflow_rows = [("tracking URI", client.tracking_uri), ("experiment id", root.info.experiment_id),
+                   ("nightly run", rid)] + [(f"{name} run", sid[name]) for name in STAGES if name in sid]
+    if trained_by and trained_by != sid.get("pretrain"):
+        mlflow_rows.append(("CLaP trained by run", trained_by))
+    lineage: dict[str, list[tuple[str, str]]] = {
+        "MLflow": mlflow_rows,
+        "Models": [("CLaP version", clap_version or "–"), ("base model version", tags.get("base_model_version", "–")),
+                   ("latent type", latent_type)],
+        "Data": [(name, ", ".join(x for x in (f"digest {d['digest']}", d.get("rows") and f"{d['rows']} rows",
+                                               d["uri"]) if x))
+                 for name, d in sorted(datasets.items())],
+        "Store": [("store", store.url()), ("report rendered", _fmt_time(int(time.time() * 1000)))],
+    }
+    if clap_version and store.exists("models", "clap", clap_version, MANIFEST):
+        manifest = store.read_json("models", "clap", clap_version, MANIFEST)
+        lineage["Models"].append(("base model folder", "/".join(manifest.get("base_model_path", []))))
+        lineage["Models"].append(("CLaP folder", store.url("models", "clap", clap_version)))
+    if tags.get("pairs_digest"):
+        lineage["Data"].append(("pairs digest (run tag)", tags["pairs_digest"]))
+
+    return ReportData(run_id=rid, title=f"latentpref nightly run {root.info.run_name or rid}", summary=summary,
+                      lineage=lineage, comparison=comparison, per_user=per_user, history=history,
+                      history_source=history_source, stage_boundary=boundary, user_map=umap, latent_type=latent_type,
+                      code_usage=usage, notes=notes)
+
+
+def build_report(run_id: str, out_dir: str, *, tracking_uri: str | None = None, store: Store | None = None) -> str:
+    """Render the report of the nightly run `run_id` (any run of that night works) into `out_dir`.
+
+    Args:
+        tracking_uri: MLflow to read; None = the current one (inside the flow: the night's).
+        store: used only if MLflow does not say where the night's store is.
+    Returns:
+        Path of index.html.
+    Raises:
+        RunNotFound (a ValueError): no such run in that MLflow.
+    """
+    import mlflow
+
     from latentpref.dashboards.report import render_report
-    def maybe(*parts):
-        return store.read_table(*parts) if store.exists(*parts) else None
-    comparison = maybe("runs", run_id, "comparison.parquet")
-    per_user = maybe("runs", run_id, "evaluation_per_user.parquet")
-    history, lineage = [], {"mlflow_run_id": run_id}
-    if store.exists("models", "clap", "current.json"):
-        version = store.read_json("models", "clap", "current.json")["version"]
-        manifest = store.read_json("models", "clap", version, "_manifest.json")
-        history = manifest.get("history", [])
-        lineage.update({"clap_version": version, "base_model_version": manifest.get("base_model_version", "")})
-    return render_report(out_dir, run_id=run_id, comparison=comparison, per_user=per_user, history=history,
-                         lineage=lineage)
+    client = mlflow.MlflowClient(tracking_uri)
+    data = collect(client, run_id, store)
+    return render_report(out_dir, data)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -31,7 +411,7 @@ def report_stage(store: Store, run_id: str) -> str:
     import mlflow
     logger = get_run_logger()
     with tempfile.TemporaryDirectory() as d:
-        build_report(store, run_id, d)
+        build_report(run_id, d, store=store)
         for name in sorted(os.listdir(d)):
             with open(os.path.join(d, name), "rb") as fh:
                 store.write_bytes(fh.read(), "runs", run_id, "report", name)

@@ -3,15 +3,25 @@
 Head-only personalisation (spec latent-dpo.md §8): the policy encoder's transformer part is shared and frozen,
 so a prompt's query features (the input of the Gaussian head, `LatentEncoder.features`) are cached once and
 each user owns only a head `features -> (mu, logvar)`. Heads of all users are stacked into one tensor
-(U, Q, d, 2D/Q) + (U, Q, 2D/Q) and trained by one Adam. The loss is the sum over users of each user's own
+(U, Q, d, 2D/Q) + (U, Q, 2D/Q) and trained by Adam. The loss is the sum over users of each user's own
 latent-DPO loss (normalised over that user's pairs only), and Adam is elementwise, so every user's trajectory
 is independent of who else is in the batch: fitting users together or one at a time gives the same heads
-(up to float reduction order).
+(up to float reduction order). Users are processed in chunks of about `batch_pairs` pairs, each chunk for all
+its steps before the next (chunk-major: the chunk's tensors stay in cache; same result as step-major).
 
-Randomness: the latent-DPO noise of a user's k-th pair (in input order) at step t is block k of a stream
+Randomness: the latent-DPO noise of a user's k-th pair (in input order) for noise draw t is block k of a stream
 seeded by (cfg.seed, t). It depends on nothing else, so a user's fit is a pure function of its own pairs
 and the config. (Common random numbers across users: different users' k-th pairs share the noise, which
 only correlates MC errors between users, never couples their fits.)
+
+Speed (spec §8: "the latent-reward math depends only on cached posteriors + RNG"): per pair and noise draw,
+everything except the policy's density is parameter-free: the 3S samples z, the latent reward r(z), the
+evidence mask and which sample of each kept sample pair wins. `draw_pair_samples` computes that part once;
+`pair_loss_terms` then only needs R(z_k) = log pi_theta(z_k) - log N(z_k; 0, I), which for a diagonal
+Gaussian is linear in [z^2, z] (one small matmul), and the preference link on the kept sample pairs (a gather,
+not the dense 3S x 3S matrix). `FitConfig.noise_draws` reuses a few draws cyclically instead of drawing fresh
+samples every step, so the mask (an exact quantile per pair, the costliest part) is computed a few times per
+fit instead of every step. See benchmarks/README.md for measured costs.
 
 Plain torch; no ray / prefect / mlflow here (the flow wraps this in a task).
 """
@@ -22,14 +32,23 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import get_args
+from typing import NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-from latentpref.tasks.objectives import LossType, latent_dpo_pair_terms
+# the evidence-mask helpers are shared with `latent_dpo_loss` so the mask is the same definition, bit for bit
+from latentpref.tasks.objectives import (
+    LossType,
+    _antisymmetric_quantile,
+    _pairwise_differences,
+    _sample_log_prob,
+    latent_dpo_pair_terms,
+    preference_loss,
+)
 
-__all__ = ["FitConfig", "FitResult", "fit_users", "init_params", "predict_latent", "user_latent"]
+__all__ = ["FitConfig", "FitResult", "PairSamples", "draw_pair_samples", "fit_users", "init_params",
+           "pair_loss_terms", "predict_latent", "reduce_per_user", "step_noise", "user_latent"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +66,12 @@ class FitConfig:
     seed: int = 0                 # noise stream seed (see module docstring)
     weight_decay: float = 0.0     # Adam L2 toward the zero head, i.e. toward the prior N(0, I)
     gamma: float = 0.0            # SimPO target margin (ignored by dpo / ipo)
-    batch_pairs: int = 4096       # padded pair slots per forward/backward chunk: bounds memory, not the math
+    batch_pairs: int = 512        # pairs per chunk (users are never split): bounds memory, not the math
+    # k = k latent-sample draws per pair, step t uses draw t mod k: the parameter-free part (samples, reward,
+    # evidence mask; ~60% of a step) is computed k times per fit instead of `steps` times. None = fresh samples
+    # every step, as the reference (spec §3.6). 4 matched fresh noise in held-out accuracy on the tiny world
+    # (benchmarks/README.md) at ~1/5 of the cost; the faithful mode keeps None.
+    noise_draws: int | None = 4
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -66,6 +90,13 @@ class FitConfig:
             raise ValueError(f"weight_decay={self.weight_decay}; must be >= 0")
         if self.batch_pairs < 1:
             raise ValueError(f"batch_pairs={self.batch_pairs}; must be >= 1")
+        if self.noise_draws is not None and self.noise_draws < 1:
+            raise ValueError(f"noise_draws={self.noise_draws}; must be >= 1 (or None: fresh samples every step)")
+
+    @property
+    def n_draws(self) -> int:
+        """Distinct noise draws a fit uses (draw t mod n_draws at step t)."""
+        return self.steps if self.noise_draws is None else max(1, min(self.noise_draws, self.steps))
 
 
 @dataclass
@@ -127,6 +158,11 @@ def predict_latent(weight: Tensor, bias: Tensor, features: Tensor) -> Tensor:
     return user_latent(weight, bias, features)[0]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Latent-DPO in two halves: parameter-free samples + mask, then the policy's part
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -134,8 +170,8 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _step_noise(seed: int, step: int, n_rank: int, n_samples: int, latent_dim: int,
-                device: torch.device) -> Tensor:
+def step_noise(seed: int, step: int, n_rank: int, n_samples: int, latent_dim: int,
+               device: torch.device) -> Tensor:
     """(n_rank, 3, S, D) standard normal; row k depends only on (seed, step, k)."""
     g = torch.Generator(device=device)
     g.manual_seed(_splitmix64(_splitmix64(seed & 0xFFFFFFFFFFFFFFFF) ^ step) >> 1)
@@ -144,6 +180,112 @@ def _step_noise(seed: int, step: int, n_rank: int, n_samples: int, latent_dim: i
     blocks = [torch.randn((_RANK_BLOCK, 3, n_samples, latent_dim), generator=g, device=device)
               for _ in range(n_blocks)]
     return torch.cat(blocks)[:n_rank]
+
+
+_step_noise = step_noise   # old private name (tests, callers)
+
+
+class PairSamples(NamedTuple):
+    """The parameter-free half of latent DPO for n preference pairs at one noise draw (spec §3.6)."""
+
+    phi: Tensor    # (n, K, 2D) [z^2, z] of the K = 3S samples: R(z) is linear in these
+    win: Tensor    # (n, M) int64 sample index of the winner of each kept ordered sample pair
+    lose: Tensor   # (n, M) int64 index of the loser
+    keep: Tensor   # (n, M) float32 1 = kept, 0 = padding (pairs keep different numbers of sample pairs)
+
+
+def draw_pair_samples(chosen_mu: Tensor, chosen_logvar: Tensor, rejected_mu: Tensor, rejected_logvar: Tensor,
+                      noise: Tensor, *, evidence_ratio: float) -> PairSamples:
+    """Samples, latent reward and evidence mask of `latent_dpo_pair_terms`, compacted to the kept sample pairs.
+
+    Same definitions as `objectives.latent_dpo_pair_terms` (same helpers): Z = S prior samples + S from each
+    posterior, r = sigmoid(log q_w - log q_l), gap C_ij = r_i - r_j kept when |C| >= tau (per-pair (1 - rho/2)
+    quantile of the off-diagonal C) and C != 0; the sample with the larger r wins.
+
+    Args:
+        chosen_mu, chosen_logvar, rejected_mu, rejected_logvar: (n, D) frozen posteriors.
+        noise: (n, 3, S, D) standard normal ([:, 0] prior samples, [:, 1] / [:, 2] reparameterisation noise).
+        evidence_ratio: rho in (0, 1].
+    Returns:
+        PairSamples with M = the largest kept count of the n pairs.
+    """
+    w_mu, w_lv, l_mu, l_lv = (t.detach().float() for t in (chosen_mu, chosen_logvar, rejected_mu, rejected_logvar))
+    n, D = w_mu.shape
+    with torch.no_grad():
+        noise = noise.float()
+        z = torch.cat([noise[:, 0],
+                       w_mu[:, None] + torch.exp(0.5 * w_lv)[:, None] * noise[:, 1],
+                       l_mu[:, None] + torch.exp(0.5 * l_lv)[:, None] * noise[:, 2]], dim=1)      # (n, K, D)
+        K = z.shape[1]
+        r = torch.sigmoid(_sample_log_prob(z, w_mu, w_lv) - _sample_log_prob(z, l_mu, l_lv))      # (n, K)
+        c = _pairwise_differences(r)                                                             # (n, M0)
+        gap = c.abs()
+        tau = _antisymmetric_quantile(gap, 1.0 - evidence_ratio / 2.0).unsqueeze(-1)
+        keep = (gap >= tau) & (gap > 0)                                                          # (n, M0)
+        # compact the kept entries of each row to its front (index_select: far cheaper than advanced indexing)
+        M0 = c.shape[1]
+        iu, ju = torch.triu_indices(K, K, offset=1, device=z.device)
+        counts = keep.sum(-1)
+        m = int(counts.max()) if n else 0
+        flat = keep.flatten().nonzero().squeeze(1)                                               # row-major
+        rows, cols = flat // M0, flat % M0
+        slot = torch.arange(flat.numel(), device=z.device) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
+        target = rows * m + slot
+        pos = c.flatten().index_select(0, flat) > 0              # i wins when C_ij > 0, else j wins
+        i_c, j_c = iu.index_select(0, cols), ju.index_select(0, cols)
+        win = torch.zeros(n * m, dtype=torch.long, device=z.device)   # padding points at sample 0, weight 0
+        lose = torch.zeros(n * m, dtype=torch.long, device=z.device)
+        compact = torch.zeros(n * m, device=z.device)
+        win.index_copy_(0, target, torch.where(pos, i_c, j_c))
+        lose.index_copy_(0, target, torch.where(pos, j_c, i_c))
+        compact.index_fill_(0, target, 1.0)
+        win, lose, compact = win.view(n, m), lose.view(n, m), compact.view(n, m)
+        phi = torch.cat([z.square(), z], dim=-1)                                                 # (n, K, 2D)
+    return PairSamples(phi, win, lose, compact)
+
+
+def pair_loss_terms(mu: Tensor, logvar: Tensor, samples: PairSamples, *, beta: float, loss_type: LossType,
+                    gamma: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-pair latent-DPO loss sums over the kept sample pairs, given the policy's (mu, logvar) (spec §3.6).
+
+    R(z) = log N(z; mu, e^lv) - log N(z; 0, I) = sum_d A_d z_d^2 + B_d z_d + const with A = (1 - e^-lv) / 2,
+    B = mu e^-lv; the per-pair constant cancels in every margin R(z_win) - R(z_lose), so it is dropped. (This
+    expanded form is exact in real arithmetic; in fp32 it loses ~e^-lv * 1e-7 absolute, harmless unless a
+    policy variance collapses below ~1e-4.)
+
+    Args:
+        mu, logvar: (n, D) policy Gaussian of each pair's prompt (carry the gradient).
+        samples: `draw_pair_samples` for the same n pairs.
+        beta, loss_type, gamma: see `objectives.preference_loss`.
+    Returns:
+        (loss_sum (n,), n_kept (n,) float): sum_kept loss and the number of kept sample pairs, as
+        `objectives.PairTerms.loss_sum` / `n_kept`.
+    """
+    prec = torch.exp(-logvar.float())
+    theta = torch.cat([0.5 * (1.0 - prec), mu.float() * prec], dim=-1)                          # (n, 2D)
+    # broadcast-multiply + sum: 2x faster than a batched matvec (bmm of (K, 2D) @ (2D, 1)) on CPU
+    R = (samples.phi * theta.unsqueeze(1)).sum(-1)                                               # (n, K)
+    margin = R.gather(1, samples.win) - R.gather(1, samples.lose)                                # (n, M)
+    keep = samples.keep
+    losses = preference_loss(margin, torch.zeros((), dtype=R.dtype, device=R.device), loss_type=loss_type,
+                             beta=beta, gamma=gamma)
+    return (losses * keep).sum(-1), keep.sum(-1)
+
+
+def reduce_per_user(loss_sum: Tensor, n_kept: Tensor, local_user: Tensor, n_users: int,
+                    weight: Tensor | None = None) -> Tensor:
+    """Each user's latent-DPO loss with its own global normaliser (spec §3.6): sum of its pairs' kept losses
+    over the sum of its kept counts (weighted by the feedback `weight`). (n,) pair terms -> (n_users,)."""
+    w = weight if weight is not None else 1.0
+    zeros = loss_sum.new_zeros(n_users)
+    u_loss = zeros.index_add(0, local_user, loss_sum * w)
+    u_kept = zeros.index_add(0, local_user, n_kept * w).clamp_min(1e-12)
+    return u_loss / u_kept
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fit_users
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -158,24 +300,22 @@ class _Chunk:
     weight: Tensor | None  # (n,)
 
 
-def _user_terms(chunk: _Chunk, W: Tensor, Bb: Tensor, noise: Tensor, cfg: FitConfig,
-                with_metrics: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per-user latent-DPO loss (Uc,) and, if asked, accuracy (Uc,) of one chunk."""
-    mu, logvar = user_latent(W[chunk.start:chunk.stop], Bb[chunk.start:chunk.stop], chunk.feats)  # (Uc, Pm, D)
-    mu, logvar = mu[chunk.valid], logvar[chunk.valid]                                              # (n, D)
+def _metric_terms(chunk: _Chunk, W: Tensor, Bb: Tensor, noise: Tensor, cfg: FitConfig) -> tuple[Tensor, Tensor]:
+    """Per-user final loss and accuracy (Uc,) through `objectives.latent_dpo_pair_terms` itself."""
+    mu, logvar = user_latent(W, Bb, chunk.feats)
+    mu, logvar = mu[chunk.valid], logvar[chunk.valid]
     terms = latent_dpo_pair_terms(mu, logvar, *chunk.post, n_samples=cfg.n_samples,
                                   evidence_ratio=cfg.evidence_ratio, beta=cfg.beta, loss_type=cfg.loss_type,
-                                  gamma=cfg.gamma, noise=noise.index_select(0, chunk.rank),
-                                  with_metrics=with_metrics)
-    w = chunk.weight if chunk.weight is not None else 1.0
-    zeros = terms.loss_sum.new_zeros(chunk.stop - chunk.start)
-    u_loss = zeros.index_add(0, chunk.local_user, terms.loss_sum * w)
-    u_kept = zeros.index_add(0, chunk.local_user, terms.n_kept * w).clamp_min(1e-12)
-    u_acc = None
-    if with_metrics:
-        u_acc = zeros.index_add(0, chunk.local_user, terms.n_correct * w) / u_kept
-    # each user's own global normaliser (spec §3.6) -> its loss equals latent_dpo_loss on its pairs alone
-    return u_loss / u_kept, u_acc
+                                  gamma=cfg.gamma, noise=noise.index_select(0, chunk.rank), with_metrics=True)
+    n_users = chunk.stop - chunk.start
+    u_loss = reduce_per_user(terms.loss_sum, terms.n_kept, chunk.local_user, n_users, chunk.weight)
+    u_acc = reduce_per_user(terms.n_correct, terms.n_kept, chunk.local_user, n_users, chunk.weight)
+    return u_loss, u_acc
+
+
+def _fused_adam(device: torch.device) -> bool | None:
+    """The fused (single-kernel) Adam where torch has one: same update, fewer passes over the parameters."""
+    return True if device.type in ("cpu", "cuda") else None
 
 
 def fit_users(features: Tensor, chosen_mu: Tensor, chosen_logvar: Tensor, rejected_mu: Tensor,
@@ -241,8 +381,13 @@ def fit_users(features: Tensor, chosen_mu: Tensor, chosen_logvar: Tensor, reject
     feats = features.detach().float()[order]
     post_sorted = tuple(t.detach().float()[order] for t in post)
     weight_sorted = None if pair_weight is None else pair_weight.detach().float().to(device)[order]
-    chunks: list[_Chunk] = []
     counts_list = act_counts.tolist()
+
+    weight, bias = w0.clone(), b0.clone()
+    final_loss = torch.full((n_users,), float("nan"), device=device)
+    final_acc = torch.full((n_users,), float("nan"), device=device)
+    curve = torch.zeros(cfg.steps, dtype=torch.float64, device=device)
+    n_draws = cfg.n_draws
     a = 0
     pair_start = 0
     while a < len(counts_list):
@@ -258,40 +403,42 @@ def fit_users(features: Tensor, chosen_mu: Tensor, chosen_logvar: Tensor, reject
         valid[local_user, r] = True
         padded = feats.new_zeros(b - a, pm, Q, d)
         padded[local_user, r] = feats[sl]
-        chunks.append(_Chunk(a, b, padded, valid, local_user, r, tuple(t[sl] for t in post_sorted),
-                             None if weight_sorted is None else weight_sorted[sl]))
+        chunk = _Chunk(a, b, padded, valid, local_user, r, tuple(t[sl] for t in post_sorted),
+                       None if weight_sorted is None else weight_sorted[sl])
+        users = active[a:b]
+        flat = local_user * pm + r             # row of each valid pair in the flattened (Uc * Pm) layout
+        W = w0[users].clone().requires_grad_(True)                                            # (Uc, Q, d, E)
+        Bb = b0[users].clone().requires_grad_(True)                                           # (Uc, Q, E)
+        # Adam is elementwise and each user's loss touches only its own head: one Adam per chunk is the same
+        # as one over everyone
+        opt = torch.optim.Adam([W, Bb], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=_fused_adam(device))
+        pool: dict[int, PairSamples] = {}
+        for step in range(cfg.steps):
+            k = step % n_draws
+            samples = pool.get(k)
+            if samples is None:
+                noise = step_noise(cfg.seed, k, pm, cfg.n_samples, D, device).index_select(0, r)
+                samples = draw_pair_samples(*chunk.post, noise, evidence_ratio=cfg.evidence_ratio)
+                if n_draws < cfg.steps:
+                    pool[k] = samples
+            mu, logvar = user_latent(W, Bb, padded)                                          # (Uc, Pm, D)
+            mu, logvar = mu.reshape(-1, D).index_select(0, flat), logvar.reshape(-1, D).index_select(0, flat)
+            loss_sum, n_kept = pair_loss_terms(mu, logvar, samples, beta=cfg.beta,
+                                               loss_type=cfg.loss_type, gamma=cfg.gamma)
+            u_loss = reduce_per_user(loss_sum, n_kept, local_user, b - a, chunk.weight)
+            opt.zero_grad(set_to_none=False)
+            u_loss.sum().backward()          # users are independent: sum == per-user losses side by side
+            opt.step()
+            curve[step] += u_loss.detach().sum()
+        del pool
+        with torch.no_grad():
+            noise = step_noise(cfg.seed, cfg.steps, pm, cfg.n_samples, D, device)
+            final_loss[users], final_acc[users] = _metric_terms(chunk, W, Bb, noise, cfg)
+            weight[users], bias[users] = W.detach(), Bb.detach()
         pair_start += n_chunk
         a = b
 
-    W = w0[active].clone().requires_grad_(True)                                               # (A, Q, d, E)
-    Bb = b0[active].clone().requires_grad_(True)                                              # (A, Q, E)
-    n_rank = max(counts_list, default=0)
-    loss_curve: list[float] = []
-    if active.numel():
-        opt = torch.optim.Adam([W, Bb], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        for step in range(cfg.steps):
-            noise = _step_noise(cfg.seed, step, n_rank, cfg.n_samples, D, device)
-            opt.zero_grad(set_to_none=False)
-            total = W.new_zeros(())
-            for chunk in chunks:
-                u_loss, _ = _user_terms(chunk, W, Bb, noise, cfg)
-                u_loss.sum().backward()       # users are independent: sum == per-user losses side by side
-                total += u_loss.detach().sum()
-            opt.step()
-            loss_curve.append(float(total) / active.numel())   # one host sync per step
-
-    final_loss = torch.full((n_users,), float("nan"), device=device)
-    final_acc = torch.full((n_users,), float("nan"), device=device)
-    if active.numel():
-        with torch.no_grad():
-            noise = _step_noise(cfg.seed, cfg.steps, n_rank, cfg.n_samples, D, device)
-            for chunk in chunks:
-                u_loss, u_acc = _user_terms(chunk, W, Bb, noise, cfg, with_metrics=True)
-                users = active[chunk.start:chunk.stop]
-                final_loss[users], final_acc[users] = u_loss, u_acc
-
-    weight, bias = w0.clone(), b0.clone()
-    weight[active], bias[active] = W.detach(), Bb.detach()
+    loss_curve = (curve / max(active.numel(), 1)).tolist() if active.numel() else []
     seconds = time.perf_counter() - t0
     logger.info("fit_users: %d users (%d with pairs), %d pairs, %d steps in %.2fs", n_users, active.numel(), N,
                 cfg.steps, seconds)

@@ -3,24 +3,34 @@
 The flow (pipelines/personalize.py) fans `fit_chunk` out as Ray tasks; nothing here imports Ray.
 
 Cache (spec latent-dpo.md §8): per CLaP version, the frozen posterior (mu, logvar) of every
-(prompt, response) text and the frozen encoder's query features of every prompt. A user's pairs are then
-just rows of that cache, and fitting never runs the LM (spec §3.6).
+(prompt, response) text, the frozen encoder's query features of every prompt (head-only mode) and every prompt's
+tokens (the encoder modes run the policy encoder on them). A user's pairs are then just rows of that cache, and
+fitting never runs the LM (spec §3.6).
 
-Per-user artifacts: users/<key[:2]>/<key>/<clap_version>-<data_hash>/{head.safetensors, manifest.json}
-plus users/<key[:2]>/<key>/current.json pointing at the newest fit. The folder name derives from
-(user, CLaP version, data version), and every file is written atomically with the manifest last, so a
-retried task rewrites identical bytes and a reader never sees half an artifact.
+Modes (`ChunkJob.mode`, PersonalizeConfig.mode): `head-only` fits a Gaussian head on cached features
+(`fit_user.fit_users`); `trunk-frozen` and `faithful` fit part of / all of a copy of the CLaP encoder
+(`fit_encoder.fit_encoder_users`), which needs the CLaP itself (`ChunkJob.clap_path`).
+
+Per-user artifacts: users/<key[:2]>/<key>/<version>/{<artifact>, manifest.json} plus users/<key[:2]>/<key>/current.json
+pointing at the newest fit. version = <clap_version>-<data_hash> for head-only (the original layout, so existing
+fits stay valid) and <clap_version>-<mode>-<data_hash> for the encoder modes; the artifact is `head.safetensors`
+(head-only and every cold start: the zero head = the prior) or `policy.safetensors` (the mode's trained tensors,
+named as in `LatentEncoder`). The folder name derives from (user, CLaP version, mode, data version), and every
+file is written atomically with the manifest last, so a retried task rewrites identical bytes and a reader never
+sees half an artifact.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
-import io
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 from safetensors.torch import load as st_load
@@ -31,6 +41,12 @@ from latentpref.tasks.data.store import Store, json_digest
 from latentpref.tasks.data.validate import user_storage_key
 
 log = logging.getLogger(__name__)
+
+MODES = ("head-only", "trunk-frozen", "faithful")
+ENCODER_MODES = ("trunk-frozen", "faithful")
+CACHE_FORMAT = "2"          # 2: + prompt tokens (encoder modes); bump when the cache layout changes
+HEAD_FILE = "head.safetensors"
+POLICY_FILE = "policy.safetensors"
 
 
 def text_key(*texts: str) -> str:
@@ -43,42 +59,52 @@ def text_key(*texts: str) -> str:
 
 @dataclass
 class LatentCache:
-    """prompt_key -> row of `features` (Q, d); response_key -> row of `mu`/`logvar` (D,)."""
+    """prompt_key -> row of `features` (Q, d) and `prompt_ids`; response_key -> row of `mu`/`logvar` (D,)."""
 
     prompt_index: dict[str, int]
     features: torch.Tensor      # (N_prompts, Q, d) float32
     response_index: dict[str, int]
     mu: torch.Tensor            # (N_responses, D) float32
     logvar: torch.Tensor
+    prompt_ids: torch.Tensor | None = None    # (N_prompts, T) int64, left-padded to a common width
+    prompt_mask: torch.Tensor | None = None   # (N_prompts, T) int64, 1 = real token
 
     def to_bytes(self) -> bytes:
-        meta = {"prompt_keys": ",".join(self.prompt_index), "response_keys": ",".join(self.response_index)}
-        return st_save({"features": self.features.contiguous(), "mu": self.mu.contiguous(),
-                        "logvar": self.logvar.contiguous()}, metadata=meta)
+        meta = {"prompt_keys": ",".join(self.prompt_index), "response_keys": ",".join(self.response_index),
+                "format": CACHE_FORMAT}
+        tensors = {"features": self.features.contiguous(), "mu": self.mu.contiguous(),
+                   "logvar": self.logvar.contiguous()}
+        if self.prompt_ids is not None:
+            tensors["prompt_ids"] = self.prompt_ids.contiguous()
+            tensors["prompt_mask"] = self.prompt_mask.contiguous()
+        return st_save(tensors, metadata=meta)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "LatentCache":
-        from safetensors import safe_open  # metadata lives in the header
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
-        import json
-        meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
+        meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})   # metadata lives in the header
         pk = [k for k in meta.get("prompt_keys", "").split(",") if k]
         rk = [k for k in meta.get("response_keys", "").split(",") if k]
         return cls({k: i for i, k in enumerate(pk)}, tensors["features"], {k: i for i, k in enumerate(rk)},
-                   tensors["mu"], tensors["logvar"])
+                   tensors["mu"], tensors["logvar"], tensors.get("prompt_ids"), tensors.get("prompt_mask"))
 
 
 @torch.no_grad()
 def build_latent_cache(clap, tokenizer, prompts: list[str], prompt_response: list[tuple[str, str]], *,
                        prompt_tokens: int, response_tokens: int, batch_size: int = 64) -> LatentCache:
-    """Encode every distinct prompt (features of p(z|x)) and (prompt, response) (posterior q(z|x,y))."""
+    """Encode every distinct prompt (features of p(z|x), tokens) and (prompt, response) (posterior q(z|x,y))."""
     clap.eval()
     uniq_prompts = list(dict.fromkeys(prompts))
-    feats = []
+    feats, ids_rows, mask_rows = [], [], []
+    width = max(prompt_tokens, 1)
     for i in range(0, len(uniq_prompts), batch_size):
         ids, mask = tokenize_prompts(tokenizer, uniq_prompts[i:i + batch_size], prompt_tokens)
         feats.append(clap.encoder.features(ids, mask).float())
+        # left-pad every batch to one width: extra pads are masked keys, so the encoding does not change
+        pad = width - ids.shape[1]
+        ids_rows.append(torch.nn.functional.pad(ids, (pad, 0), value=tokenizer.pad_token_id))
+        mask_rows.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
     uniq_pairs = list(dict.fromkeys(prompt_response))
     mus, logvars = [], []
     for i in range(0, len(uniq_pairs), batch_size):
@@ -96,6 +122,8 @@ def build_latent_cache(clap, tokenizer, prompts: list[str], prompt_response: lis
         {text_key(p, r): i for i, (p, r) in enumerate(uniq_pairs)},
         torch.cat(mus) if mus else torch.zeros((0, D)),
         torch.cat(logvars) if logvars else torch.zeros((0, D)),
+        torch.cat(ids_rows) if ids_rows else torch.zeros((0, width), dtype=torch.long),
+        torch.cat(mask_rows) if mask_rows else torch.zeros((0, width), dtype=torch.long),
     )
 
 
@@ -104,6 +132,11 @@ def user_data_hash(pairs: pa.Table) -> str:
     rows = sorted(zip(pairs["prompt"].to_pylist(), pairs["chosen"].to_pylist(), pairs["rejected"].to_pylist(),
                       [1.0 if w is None else float(w) for w in pairs["weight"].to_pylist()]))
     return json_digest(rows)
+
+
+def fit_version(clap_version: str, mode: str, data_hash: str) -> str:
+    """Artifact folder name: what a fit is a function of (head-only keeps its original, mode-less name)."""
+    return f"{clap_version}-{data_hash}" if mode == "head-only" else f"{clap_version}-{mode}-{data_hash}"
 
 
 def user_folder(user_id: str) -> tuple[str, str, str]:
@@ -121,12 +154,58 @@ def current_fit(store: Store, user_id: str) -> dict[str, Any] | None:
 
 
 def load_user_head(store: Store, user_id: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+    """(weight, bias, manifest) of a head-only (or cold-start) fit, or None when the user has none.
+
+    Raises:
+        ValueError: the user's current fit is a trunk-frozen / faithful policy, which has no head of its own:
+            use `load_user_policy(store, user_id).latent(encoder, ids, mask)`.
+    """
+    manifest = current_fit(store, user_id)
+    if manifest is None:
+        return None
+    if manifest.get("artifact", HEAD_FILE) != HEAD_FILE:
+        raise ValueError(f"user {user_id!r}'s current fit is a {manifest.get('mode')!r} policy, not a Gaussian head; "
+                         "use load_user_policy(store, user_id).latent(clap.encoder, input_ids, attention_mask)")
+    folder = user_folder(user_id)
+    tensors = st_load(store.read_bytes(*folder, manifest["version"], HEAD_FILE))
+    return tensors["weight"], tensors["bias"], manifest
+
+
+@dataclass(frozen=True)
+class UserPolicy:
+    """One user's stored p_theta(z|x), whatever the mode that fitted it."""
+
+    mode: str
+    tensors: dict[str, torch.Tensor]   # head-only / cold start: weight, bias; encoder modes: encoder tensors
+    manifest: dict[str, Any]
+
+    @property
+    def cold_start(self) -> bool:
+        return bool(self.manifest.get("cold_start"))
+
+    @torch.no_grad()
+    def latent(self, encoder, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) (B, latent_dim) float32 of this user's policy on left-padded prompts; the serving z is mu
+        (spec §9.12). `encoder` is the CLaP's (`clap.encoder`) of the same version."""
+        if self.cold_start:
+            zeros = torch.zeros(input_ids.shape[0], encoder.cfg.latent_dim)
+            return zeros, zeros.clone()          # the population prior N(0, I)
+        if self.mode == "head-only":
+            from latentpref.tasks.train.fit_user import user_latent
+            features = encoder.features(input_ids, attention_mask)
+            return user_latent(self.tensors["weight"], self.tensors["bias"], features)
+        from latentpref.tasks.train.fit_encoder import policy_latent
+        return policy_latent(encoder, self.tensors, input_ids, attention_mask)
+
+
+def load_user_policy(store: Store, user_id: str) -> UserPolicy | None:
     manifest = current_fit(store, user_id)
     if manifest is None:
         return None
     folder = user_folder(user_id)
-    tensors = st_load(store.read_bytes(*folder, manifest["version"], "head.safetensors"))
-    return tensors["weight"], tensors["bias"], manifest
+    tensors = st_load(store.read_bytes(*folder, manifest["version"], manifest.get("artifact", HEAD_FILE)))
+    return UserPolicy(manifest.get("mode", "head-only"), tensors, manifest)
 
 
 @dataclass(frozen=True)
@@ -142,6 +221,7 @@ class ChunkJob:
     mode: str
     min_pairs: int
     warm_start: bool = True
+    clap_path: tuple[str, ...] = ()   # the CLaP folder in the store; needed by the encoder modes
 
 
 def _table_from_ipc(blob: bytes) -> pa.Table:
@@ -155,13 +235,41 @@ def table_to_ipc(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
-    """Fit (batched) every user of the chunk that needs it and store their artifacts. Idempotent."""
-    from latentpref.tasks.train.fit_user import FitConfig, fit_users, init_params
+@functools.lru_cache(maxsize=1)
+def _load_encoder(store_root: str, clap_path: tuple[str, ...]):
+    """The CLaP's latent encoder, loaded once per worker process (Ray reuses workers across chunks)."""
+    from latentpref.tasks.models.clap import load_clap
+    clap = load_clap(Store(store_root).local_copy(*clap_path))
+    encoder = clap.encoder.eval()
+    encoder.requires_grad_(False)
+    return encoder
 
+
+def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
+    """Fit (batched) every user of the chunk that needs it and store their artifacts. Idempotent.
+
+    Users whose (CLaP version, mode, feedback) match their current fit are skipped ("unchanged"); users with
+    fewer than `min_pairs` pairs get the population prior N(0, I) as a zero head ("cold_start"); the rest are
+    fitted together, warm-started from their previous fit of the same CLaP version and mode. `job.fit` holds
+    FitConfig fields; without an explicit `noise_draws` the faithful mode draws fresh latent samples every step
+    (the reference estimator), the others reuse FitConfig's few draws (spec §8 caching; see fit_user).
+
+    Raises:
+        ValueError: unknown mode, or an encoder mode without `clap_path` / with a cache lacking prompt tokens.
+    """
+    from latentpref.tasks.train.fit_user import FitConfig, init_params
+
+    if job.mode not in MODES:
+        raise ValueError(f"mode={job.mode!r}; expected one of {MODES}")
+    if job.mode in ENCODER_MODES and not job.clap_path:
+        raise ValueError(f"mode={job.mode!r} trains a copy of the CLaP encoder: ChunkJob.clap_path must name the "
+                         "CLaP folder in the store")
     torch.set_num_threads(1)
     store = Store(job.store_root)
     cache = LatentCache.from_bytes(store.read_bytes(*job.cache_path))
+    if job.mode in ENCODER_MODES and cache.prompt_ids is None:
+        raise ValueError(f"latent cache {'/'.join(job.cache_path)} has no prompt tokens (format < {CACHE_FORMAT}); "
+                         f"mode={job.mode!r} needs them: delete it so the flow rebuilds it")
     pairs = _table_from_ipc(job.pairs_ipc)
     Q, d = cache.features.shape[1:]
     D = cache.mu.shape[1]
@@ -170,76 +278,127 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
         by_user.setdefault(u, []).append(i)
 
     records: list[dict[str, Any]] = []
-    to_fit: list[str] = []
+    to_fit: list[tuple[str, str]] = []          # (user_id, data_hash)
     for user_id in job.user_ids:
-        rows = pairs.take(by_user.get(user_id, []))
+        rows = pairs.take(pa.array(by_user.get(user_id, []), type=pa.int64()))   # [] alone is a null-typed array
         n = rows.num_rows
         data_hash = user_data_hash(rows)
-        version = f"{job.clap_version}-{data_hash}"
+        version = fit_version(job.clap_version, job.mode, data_hash)
         existing = current_fit(store, user_id)
         if existing is not None and existing["version"] == version:
             records.append({**existing, "status": "unchanged"})
             continue
         if n < job.min_pairs:
-            # cold start: too little evidence for a fit -> the population prior N(0, I) (zero head)
+            # cold start: too little evidence for a fit -> the population prior N(0, I) (zero head), any mode
             weight, bias = init_params(1, Q, d, D)
-            records.append(_store_user(store, user_id, version, weight[0], bias[0], {
+            records.append(_store_user(store, user_id, version, HEAD_FILE,
+                                       {"weight": weight[0], "bias": bias[0]}, {
                 "cold_start": True, "n_pairs": n, "data_hash": data_hash, "clap_version": job.clap_version,
                 "mode": job.mode, "fit_seconds": 0.0, "train_accuracy": None, "final_loss": None}))
             continue
-        to_fit.append(user_id)
+        to_fit.append((user_id, data_hash))
+    if not to_fit:
+        return records
 
-    if to_fit:
-        sel_rows, user_index = [], []
-        for u_i, user_id in enumerate(to_fit):
-            sel_rows.extend(by_user[user_id])
-            user_index.extend([u_i] * len(by_user[user_id]))
-        sub = pairs.take(sel_rows)
-        prompts = sub["prompt"].to_pylist()
-        feats = cache.features[[cache.prompt_index[text_key(p)] for p in prompts]]
-        c_idx = [cache.response_index[text_key(p, c)] for p, c in zip(prompts, sub["chosen"].to_pylist())]
-        r_idx = [cache.response_index[text_key(p, r)] for p, r in zip(prompts, sub["rejected"].to_pylist())]
-        weights = torch.tensor([1.0 if w is None else float(w) for w in sub["weight"].to_pylist()])
-        init = None
-        if job.warm_start:
-            init = _warm_start(store, to_fit, job.clap_version, Q, d, D)
-        cfg = FitConfig(**job.fit)
-        t0 = time.perf_counter()
-        result = fit_users(feats, cache.mu[c_idx], cache.logvar[c_idx], cache.mu[r_idx], cache.logvar[r_idx],
-                           torch.tensor(user_index), len(to_fit), cfg, init=init, pair_weight=weights)
-        per_user_s = (time.perf_counter() - t0) / len(to_fit)
-        for u_i, user_id in enumerate(to_fit):
-            rows = pairs.take(by_user[user_id])
-            data_hash = user_data_hash(rows)
-            records.append(_store_user(store, user_id, f"{job.clap_version}-{data_hash}",
-                                       result.weight[u_i], result.bias[u_i], {
-                "cold_start": False, "n_pairs": rows.num_rows, "data_hash": data_hash,
-                "clap_version": job.clap_version, "mode": job.mode, "fit_seconds": per_user_s,
-                "train_accuracy": float(result.final_accuracy[u_i]), "final_loss": float(result.final_loss[u_i]),
-                "warm_start": init is not None}))
+    sel_rows, user_index = [], []
+    for u_i, (user_id, _) in enumerate(to_fit):
+        sel_rows.extend(by_user[user_id])
+        user_index.extend([u_i] * len(by_user[user_id]))
+    sub = pairs.take(sel_rows)
+    prompts = sub["prompt"].to_pylist()
+    p_idx = torch.tensor([cache.prompt_index[text_key(p)] for p in prompts], dtype=torch.long)
+    c_idx = [cache.response_index[text_key(p, c)] for p, c in zip(prompts, sub["chosen"].to_pylist())]
+    r_idx = [cache.response_index[text_key(p, r)] for p, r in zip(prompts, sub["rejected"].to_pylist())]
+    post = (cache.mu[c_idx], cache.logvar[c_idx], cache.mu[r_idx], cache.logvar[r_idx])
+    weights = torch.tensor([1.0 if w is None else float(w) for w in sub["weight"].to_pylist()])
+    user_index_t = torch.tensor(user_index, dtype=torch.long)
+    cfg = FitConfig(**job.fit)
+    if job.mode == "faithful" and "noise_draws" not in job.fit:
+        cfg = dataclasses.replace(cfg, noise_draws=None)   # faithful = the reference estimator: fresh samples
+    ids = [u for u, _ in to_fit]
+    t0 = time.perf_counter()
+    if job.mode == "head-only":
+        from latentpref.tasks.train.fit_user import fit_users
+        init = _warm_start_heads(store, ids, job.clap_version, Q, d, D) if job.warm_start else None
+        result = fit_users(cache.features[p_idx], *post, user_index_t, len(to_fit), cfg, init=init,
+                           pair_weight=weights)
+        artifacts = [(HEAD_FILE, {"weight": result.weight[i], "bias": result.bias[i]}) for i in range(len(to_fit))]
+        n_params = int(result.weight[0].numel() + result.bias[0].numel())
+    else:
+        from latentpref.tasks.train.fit_encoder import fit_encoder_users
+        encoder = _load_encoder(job.store_root, tuple(job.clap_path))
+        init = _warm_start_policies(store, ids, job.clap_version, job.mode) if job.warm_start else None
+        used, pair_prompt = torch.unique(p_idx, return_inverse=True)     # only the chunk's prompts
+        result = fit_encoder_users(encoder, job.mode, cache.prompt_ids[used], cache.prompt_mask[used], pair_prompt,
+                                   *post, user_index_t, len(to_fit), cfg, init=init, pair_weight=weights)
+        artifacts = [(POLICY_FILE, state) for state in result.states]
+        n_params = result.trainable_params
+    per_user_s = (time.perf_counter() - t0) / len(to_fit)
+    for u_i, (user_id, data_hash) in enumerate(to_fit):
+        if u_i == 1:
+            _fault_point()   # test-only: die with one user of the chunk stored and the rest not
+        name, tensors = artifacts[u_i]
+        records.append(_store_user(store, user_id, fit_version(job.clap_version, job.mode, data_hash), name,
+                                   tensors, {
+            "cold_start": False, "n_pairs": len(by_user[user_id]), "data_hash": data_hash,
+            "clap_version": job.clap_version, "mode": job.mode, "fit_seconds": per_user_s,
+            "trainable_params": n_params, "loss_type": cfg.loss_type,
+            "train_accuracy": float(result.final_accuracy[u_i]), "final_loss": float(result.final_loss[u_i]),
+            "warm_start": bool(init is not None and (job.mode == "head-only" or init[u_i] is not None))}))
     return records
 
 
-def _warm_start(store: Store, user_ids: list[str], clap_version: str, Q: int, d: int, D: int):
+def _fault_point() -> None:
+    """Test-only fault injection (tests/faults/test_worker_kill.py); a no-op unless armed.
+
+    When the worker's environment has LATENTPREF_FAULT_KILL_CHUNK=<file> and that file exists, the first worker
+    to remove it exits at once (os._exit: no cleanup, like a killed process), so exactly one task dies once.
+    """
+    marker = os.environ.get("LATENTPREF_FAULT_KILL_CHUNK")
+    if not marker:
+        return
+    try:
+        os.unlink(marker)   # atomic: of two racing workers only one succeeds
+    except FileNotFoundError:
+        return
+    log.warning("fault injection: worker %d exits in the middle of a chunk", os.getpid())
+    os._exit(1)
+
+
+def _previous(store: Store, user_id: str, clap_version: str, mode: str) -> UserPolicy | None:
+    """The user's current fit if it can seed tonight's: same CLaP version and mode, and not a cold start."""
+    prev = load_user_policy(store, user_id)
+    if prev is None or prev.cold_start or prev.mode != mode or prev.manifest.get("clap_version") != clap_version:
+        return None
+    return prev
+
+
+def _warm_start_heads(store: Store, user_ids: list[str], clap_version: str, Q: int, d: int, D: int):
     """Previous night's heads (same CLaP version) as the starting point; zeros (prior) where none."""
     from latentpref.tasks.train.fit_user import init_params
     weight, bias = init_params(len(user_ids), Q, d, D)
     found = False
     for i, user_id in enumerate(user_ids):
-        prev = load_user_head(store, user_id)
-        if prev is not None and prev[2].get("clap_version") == clap_version and not prev[2].get("cold_start"):
-            weight[i], bias[i] = prev[0], prev[1]
+        prev = _previous(store, user_id, clap_version, "head-only")
+        if prev is not None:
+            weight[i], bias[i] = prev.tensors["weight"], prev.tensors["bias"]
             found = True
     return (weight, bias) if found else None
 
 
-def _store_user(store: Store, user_id: str, version: str, weight: torch.Tensor, bias: torch.Tensor,
+def _warm_start_policies(store: Store, user_ids: list[str], clap_version: str, mode: str):
+    """Previous night's policy tensors per user (None -> standardized CLaP encoder copy), or None if nobody has one."""
+    init = [_previous(store, u, clap_version, mode) for u in user_ids]
+    return [p.tensors if p is not None else None for p in init] if any(p is not None for p in init) else None
+
+
+def _store_user(store: Store, user_id: str, version: str, artifact: str, tensors: dict[str, torch.Tensor],
                 info: dict[str, Any]) -> dict[str, Any]:
     folder = user_folder(user_id)
-    blob = st_save({"weight": weight.detach().float().contiguous(), "bias": bias.detach().float().contiguous()},
+    blob = st_save({k: v.detach().float().contiguous() for k, v in tensors.items()},
                    metadata={"user_id": user_id, "version": version})
-    store.write_bytes(blob, *folder, version, "head.safetensors")
-    manifest = {"user_id": user_id, "version": version, "artifact_bytes": len(blob),
+    store.write_bytes(blob, *folder, version, artifact)
+    manifest = {"user_id": user_id, "version": version, "artifact": artifact, "artifact_bytes": len(blob),
                 "written_at": time.time(), **info}
     store.write_json(manifest, *folder, version, "manifest.json")
     store.write_json({"version": version}, *folder, "current.json")   # pointer flips last
