@@ -70,7 +70,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
     from latentpref.tasks.evaluate.evaluate import EvalSettings, evaluate_users, summarise
     from latentpref.tasks.models.clap import load_clap
     from latentpref.tasks.models.registry import load_base_model
-    from latentpref.tasks.train.personalize import load_user_head
+    from latentpref.tasks.train.personalize import load_user_policy
     from tqdm.auto import tqdm
     logger = get_run_logger()
     with mlflow.start_run(run_name="evaluate", parent_run_id=parent_run_id, nested=True) as stage_run:
@@ -89,7 +89,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
 
         clap_model = load_clap(store.local_copy(*clap.path))
         base_model, tokenizer = load_base_model(store.local_copy(*data.base_model_path), seed=data_cfg.seed)
-        heads = {u: load_user_head(store, u) for u in user_ids}
+        heads = {u: load_user_policy(store, u) for u in user_ids}
         settings = EvalSettings(
             prompts_per_user=cfg.prompts_per_user, max_new_tokens=cfg.max_new_tokens,
             prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
@@ -108,7 +108,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
             per_user = evaluate_users(
                 clap=clap_model, base_model=base_model, tokenizer=tokenizer, users_table=users_table,
                 user_ids=user_ids, test_prompts=test["prompt"].to_pylist(), references=test["reference"].to_pylist(),
-                train_pairs=train, heldout_pairs=heldout, user_heads=heads, settings=settings, progress=progress)
+                train_pairs=train, heldout_pairs=heldout, user_policies=heads, settings=settings, progress=progress)
         comparison = summarise(per_user, seed=cfg.seed)
         per_user_path = ("runs", parent_run_id, "evaluation_per_user.parquet")
         comparison_path = ("runs", parent_run_id, "comparison.parquet")
@@ -120,7 +120,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
                    "pairs_digest": data.pairs.digest, "candidates_digest": data.candidates.digest,
                    "prompts_digest": data.prompts.digest}
         for r in per_user.to_pylist():
-            head_manifest = heads[r["user_id"]][2] if heads.get(r["user_id"]) else {}
+            head_manifest = heads[r["user_id"]].manifest if heads.get(r["user_id"]) else {}
             with mlflow.start_run(run_name=f"{r['user_id']}/{r['method']}", nested=True,
                                   parent_run_id=stage_run.info.run_id):
                 mlflow.set_tags({**lineage, "user_id": r["user_id"], "method": r["method"], "cohort": r["cohort"],

@@ -63,11 +63,11 @@ def _latent_implicit_reward(mu_p, logvar_p, mu_y) -> torch.Tensor:
 
 def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_ids: list[str],
                    test_prompts: list[str], references: list[str], train_pairs: pa.Table, heldout_pairs: pa.Table,
-                   user_heads: dict[str, tuple[torch.Tensor, torch.Tensor, dict]], settings: EvalSettings,
+                   user_policies: dict[str, Any], settings: EvalSettings,
                    progress: Callable[[int, int], None] | None = None) -> pa.Table:
     """One row per (user, method) with mean_reward, win_rate, heldout_accuracy, perplexity, fit_seconds,
     trainable_params, artifact_bytes, n_train_pairs."""
-    from latentpref.tasks.train.fit_user import FitConfig, fit_users, user_latent
+    from latentpref.tasks.train.fit_user import FitConfig, fit_users
 
     torch.manual_seed(settings.seed)
     clap.eval()
@@ -77,8 +77,6 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
     prompts = test_prompts[: settings.prompts_per_user]
     refs = references[: settings.prompts_per_user]
     p_ids, p_mask = tokenize_prompts(tokenizer, prompts, settings.prompt_tokens)
-    with torch.no_grad():
-        prompt_feats = clap.encoder.features(p_ids, p_mask).float()            # (N, Q, d)
 
     # user-independent generations, shared by every user (same prompts, same seed)
     shared = {"base_lm": baselines.generate_texts(base_model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
@@ -124,16 +122,16 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
             rows.append(row(method, texts, heldout_accuracy=None, fit_seconds=0.0, trainable_params=0,
                             artifact_bytes=0))
 
-        # latent DPO: the stored head of the nightly fit
-        weight, bias, manifest = user_heads[user_id]
-        mu_p, _ = user_latent(weight, bias, prompt_feats)
+        # latent DPO: the user's stored policy from the nightly fit (any mode: head-only, trunk-frozen, faithful)
+        policy = user_policies[user_id]
+        manifest = policy.manifest
+        mu_p, _ = policy.latent(clap.encoder, p_ids, p_mask)
         texts = _clap_generate(clap, tokenizer, prompts, mu_p, settings)
         held_acc = None
         if held:
             hp_ids, hp_mask = tokenize_prompts(tokenizer, [h[0] for h in held], settings.prompt_tokens)
             with torch.no_grad():
-                feats_h = clap.encoder.features(hp_ids, hp_mask).float()
-                mu_h, logvar_h = user_latent(weight, bias, feats_h)
+                mu_h, logvar_h = policy.latent(clap.encoder, hp_ids, hp_mask)
                 c_ids, c_mask = tokenize_responses(tokenizer, [h[1] for h in held], settings.response_tokens)
                 r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], settings.response_tokens)
                 mu_c, _ = clap.encode(hp_ids, hp_mask, c_ids, c_mask)
@@ -142,7 +140,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                                                    _latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
         # like-for-like timing: one user fitted alone from the cache (the nightly batched cost is lower)
         fit_s = manifest.get("fit_seconds", 0.0)
-        if triples:
+        if triples and policy.mode == "head-only":
             tp_ids, tp_mask = tokenize_prompts(tokenizer, [t[0] for t in triples], settings.prompt_tokens)
             c_ids, c_mask = tokenize_responses(tokenizer, [t[1] for t in triples], settings.response_tokens)
             r_ids, r_mask = tokenize_responses(tokenizer, [t[2] for t in triples], settings.response_tokens)
@@ -155,7 +153,8 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                       1, FitConfig(**settings.latent_fit))
             fit_s = time.perf_counter() - t0
         rows.append(row("latent_dpo", texts, heldout_accuracy=held_acc, fit_seconds=fit_s,
-                        trainable_params=int(weight.numel() + bias.numel()),
+                        trainable_params=int(manifest.get("trainable_params")
+                                             or sum(t.numel() for t in policy.tensors.values())),
                         artifact_bytes=int(manifest.get("artifact_bytes", 0)),
                         cold_start=bool(manifest.get("cold_start", False))))
 
