@@ -1,6 +1,6 @@
 """CLaP: latent encoder q(z|x,y), latent adapter p(y|x,z) (per-layer K/V prefix) and the shared base LM.
 
-Spec: /work/shared/spec/latent-dpo.md §2 (architecture), §3.4 (gradient-only skip), §9 (reference-code bugs we
+Spec: shared/spec/latent-dpo.md §2 (architecture), §3.4 (gradient-only skip), §9 (reference-code bugs we
 avoid). Paper: Zhang et al., COLING 2025, https://arxiv.org/abs/2412.20834. Works for GPT-2 and Llama-family
 bases (detected from `config.model_type`). All padding is explicit: callers pass attention masks; positions are
 computed from the masks, never from token ids (spec §9.3, §9.4).
