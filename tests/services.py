@@ -568,3 +568,33 @@ def base_night(svc: Services) -> Night:
         night = Night(store, run, run.field("MLflow run id") or "")
         _shared["night"] = night
         return night
+
+
+# ---- pytest fixtures shared by tests/faults and tests/integration (each conftest imports them) ------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def live_services():
+    """moto S3 + MLflow server + 2-node Ray cluster, started once per session (by the first test needing
+    them, here or in the other directory), stopped by PID right after the last such test."""
+    svc = shared()
+    yield svc
+    release()
+
+
+@pytest.fixture(scope="session")
+def night(live_services):
+    """The full nightly flow (tiny preset, smaller still) on s3:// + Ray cluster + MLflow server."""
+    return base_night(live_services)
+
+
+@pytest.hookimpl(trylast=True)   # after -k / -m deselection: only tests that will run are counted
+def pytest_collection_modifyitems(items):
+    expect_users([i.nodeid for i in items if "live_services" in getattr(i, "fixturenames", ())])
+
+
+@pytest.fixture(autouse=True)
+def _stop_services_after_their_last_test(request):
+    yield
+    test_finished(request.node.nodeid)
