@@ -53,9 +53,12 @@ import torch
 log = logging.getLogger("personalize_bench")
 MODES = ("head-only", "trunk-frozen", "faithful")
 PAIRS_PER_USER = 64
-# learning rate per mode: head-only = PersonalizeConfig default; faithful = the spec's train_lpo lr (§4.1.8);
-# trunk-frozen in between (no reference value)
-MODE_LR = {"head-only": 1e-2, "trunk-frozen": 1e-3, "faithful": 1e-4}
+
+
+def mode_lr(mode: str) -> float:
+    """The product's learning rate of a mode (PersonalizeConfig: MODE_LR unless set; faithful = spec §4.1.8)."""
+    from latentpref.pipelines.config import PersonalizeConfig
+    return PersonalizeConfig(mode=mode).lr
 
 
 @dataclass
@@ -112,8 +115,8 @@ def fit_config(mode: str, steps: int, noise_draws: dict[str, int | None], **kw):
     """The product's fit settings (PersonalizeConfig defaults) with this benchmark's lr and noise draws per mode."""
     from latentpref.pipelines.config import PersonalizeConfig
     from latentpref.tasks.train.fit_user import FitConfig
-    pc_ = PersonalizeConfig()
-    return FitConfig(steps=steps, lr=MODE_LR[mode], beta=pc_.beta, n_samples=pc_.n_samples,
+    pc_ = PersonalizeConfig(mode=mode)
+    return FitConfig(steps=steps, lr=pc_.lr, beta=pc_.beta, n_samples=pc_.n_samples,
                      evidence_ratio=pc_.evidence_ratio, loss_type=pc_.loss_type, seed=pc_.seed,
                      noise_draws=noise_draws[mode], **kw)
 
@@ -301,7 +304,7 @@ def _scale_jobs(root: str, n_users: int, users_per_task: int, steps: int, noise_
     rng = np.random.default_rng(seed)
     schema = pa.schema([("user_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
                         ("rejected", pa.string()), ("weight", pa.float32())])
-    fit = {"steps": steps, "lr": MODE_LR["head-only"], "seed": 0, "noise_draws": noise_draws}
+    fit = {"steps": steps, "lr": mode_lr("head-only"), "seed": 0, "noise_draws": noise_draws}
     jobs = []
     for s in range(0, n_users, users_per_task):
         ids = [f"{prefix}{u:06d}" for u in range(s, min(s + users_per_task, n_users))]
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoder-users", type=int, default=4)
     ap.add_argument("--steps", type=int, default=None, help="default: PersonalizeConfig.steps (100)")
     ap.add_argument("--noise-draws", default="default",
-                    help="FitConfig.noise_draws: 'default' (as fit_chunk: FitConfig's, fresh for faithful), "
+                    help="FitConfig.noise_draws: 'default' (PersonalizeConfig's per mode: fresh for faithful), "
                          "'none' (fresh every step) or an int")
     ap.add_argument("--epochs", type=int, default=8, help="passes over the 64 pairs for the LoRA comparison")
     ap.add_argument("--lora-users", type=int, default=2)
@@ -425,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     from latentpref.tasks.models.clap import load_clap, load_clap_tokenizer
     from latentpref.tasks.train.fit_user import FitConfig
     steps = args.steps or PersonalizeConfig().steps
-    if args.noise_draws == "default":    # as fit_chunk: FitConfig's pool, fresh samples for faithful
-        noise_draws = {m: None if m == "faithful" else FitConfig().noise_draws for m in MODES}
+    if args.noise_draws == "default":    # as the product: PersonalizeConfig's per-mode default (faithful: fresh)
+        noise_draws = {m: PersonalizeConfig(mode=m).fit_noise_draws() for m in MODES}
     else:
         noise_draws = dict.fromkeys(MODES, None if args.noise_draws == "none" else int(args.noise_draws))
     skip = set(filter(None, args.skip.split(",")))
@@ -446,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         "world": {**asdict(world), "latent_dim": D, "n_query": Q, "d": d,
                   "trainable_params": {}, "artifact_bytes": {}},
         "settings": {"pairs_per_user": PAIRS_PER_USER, "steps": steps, "noise_draws": noise_draws,
-                     "lr": MODE_LR, "beta": PersonalizeConfig().beta, "n_samples": PersonalizeConfig().n_samples,
+                     "lr": {m: mode_lr(m) for m in MODES}, "beta": PersonalizeConfig().beta, "n_samples": PersonalizeConfig().n_samples,
                      "evidence_ratio": PersonalizeConfig().evidence_ratio, "loss_type": PersonalizeConfig().loss_type},
         "notes": [],
     }

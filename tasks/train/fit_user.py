@@ -16,12 +16,15 @@ only correlates MC errors between users, never couples their fits.)
 
 Speed (spec §8: "the latent-reward math depends only on cached posteriors + RNG"): per pair and noise draw,
 everything except the policy's density is parameter-free: the 3S samples z, the latent reward r(z), the
-evidence mask and which sample of each kept sample pair wins. `draw_pair_samples` computes that part once;
-`pair_loss_terms` then only needs R(z_k) = log pi_theta(z_k) - log N(z_k; 0, I), which for a diagonal
-Gaussian is linear in [z^2, z] (one small matmul), and the preference link on the kept sample pairs (a gather,
-not the dense 3S x 3S matrix). `FitConfig.noise_draws` reuses a few draws cyclically instead of drawing fresh
-samples every step, so the mask (an exact quantile per pair, the costliest part) is computed a few times per
-fit instead of every step. See benchmarks/README.md for measured costs.
+evidence mask, which sample of each kept sample pair wins, and each user's normaliser (its kept count).
+`draw_pair_samples` computes that part once per draw; `FitConfig.noise_draws` reuses a few draws cyclically, so
+the mask (an exact quantile per pair, the costliest part) is computed a few times per fit, not every step. Per
+step only R(z_k) = log pi_theta(z_k) - log N(z_k; 0, I) is needed, which for a diagonal Gaussian is linear in
+[z^2, z] (a batched matvec), then the preference link on the kept sample pairs (a gather, not the dense
+3S x 3S matrix). The head-only step computes that loss and its gradient by hand (`_head_loss_grad`, checked
+against autograd in the tests): no graph, no autograd bookkeeping, one fused Adam kernel on a flat buffer;
+1.75-2x faster per pair-step than autograd through `pair_loss_terms` (benchmarks/README.md), which the encoder modes
+(fit_encoder.py) still use. Final metrics use the same compacted terms on a fresh draw.
 
 Plain torch; no ray / prefect / mlflow here (the flow wraps this in a task).
 """
@@ -35,15 +38,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # the evidence-mask helpers are shared with `latent_dpo_loss` so the mask is the same definition, bit for bit
+from latentpref.tasks.models.latent import LOG_2PI
 from latentpref.tasks.objectives import (
     LossType,
     _antisymmetric_quantile,
     _pairwise_differences,
-    _sample_log_prob,
-    latent_dpo_pair_terms,
     preference_loss,
 )
 
@@ -217,29 +220,29 @@ def draw_pair_samples(chosen_mu: Tensor, chosen_logvar: Tensor, rejected_mu: Ten
                        w_mu[:, None] + torch.exp(0.5 * w_lv)[:, None] * noise[:, 1],
                        l_mu[:, None] + torch.exp(0.5 * l_lv)[:, None] * noise[:, 2]], dim=1)      # (n, K, D)
         K = z.shape[1]
-        r = torch.sigmoid(_sample_log_prob(z, w_mu, w_lv) - _sample_log_prob(z, l_mu, l_lv))      # (n, K)
+        # r = sigmoid(log q_w - log q_l): `_sample_log_prob`'s exact ops for both posteriors in one pass (same
+        # bits, half the kernel launches)
+        mus, lvs = torch.stack([w_mu, l_mu], 1), torch.stack([w_lv, l_lv], 1)                      # (n, 2, D)
+        quad = (z.unsqueeze(1) - mus.unsqueeze(2)).square_().mul_(torch.exp(-lvs).unsqueeze(2)).sum(-1)
+        log_q = -0.5 * (quad + lvs.sum(-1, keepdim=True) + D * LOG_2PI)                           # (n, 2, K)
+        r = torch.sigmoid(log_q[:, 0] - log_q[:, 1])                                             # (n, K)
         c = _pairwise_differences(r)                                                             # (n, M0)
         gap = c.abs()
         tau = _antisymmetric_quantile(gap, 1.0 - evidence_ratio / 2.0).unsqueeze(-1)
         keep = (gap >= tau) & (gap > 0)                                                          # (n, M0)
-        # compact the kept entries of each row to its front (index_select: far cheaper than advanced indexing)
-        M0 = c.shape[1]
+        # compact the kept entries of each row to its front, in row order: a kept entry's place is the running
+        # count of kept entries before it; the others are scattered into a spare last column and cut off
         iu, ju = torch.triu_indices(K, K, offset=1, device=z.device)
         counts = keep.sum(-1)
         m = int(counts.max()) if n else 0
-        flat = keep.flatten().nonzero().squeeze(1)                                               # row-major
-        rows, cols = flat // M0, flat % M0
-        slot = torch.arange(flat.numel(), device=z.device) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
-        target = rows * m + slot
-        pos = c.flatten().index_select(0, flat) > 0              # i wins when C_ij > 0, else j wins
-        i_c, j_c = iu.index_select(0, cols), ju.index_select(0, cols)
-        win = torch.zeros(n * m, dtype=torch.long, device=z.device)   # padding points at sample 0, weight 0
-        lose = torch.zeros(n * m, dtype=torch.long, device=z.device)
-        compact = torch.zeros(n * m, device=z.device)
-        win.index_copy_(0, target, torch.where(pos, i_c, j_c))
-        lose.index_copy_(0, target, torch.where(pos, j_c, i_c))
-        compact.index_fill_(0, target, 1.0)
-        win, lose, compact = win.view(n, m), lose.view(n, m), compact.view(n, m)
+        slot = torch.cumsum(keep, -1).sub_(1).masked_fill_(~keep, m)                             # (n, M0)
+        # i wins when C_ij > 0, else j wins: one scatter of code = win * K + lose (arithmetic select: torch.where
+        # on int64 is 2x slower on CPU)
+        code_i, code_j = iu * K + ju, ju * K + iu
+        code = code_j + (code_i - code_j) * (c > 0)
+        code = torch.zeros(n, m + 1, dtype=torch.long, device=z.device).scatter_(1, slot, code)[:, :m]
+        win, lose = code.div(K, rounding_mode="floor"), code.remainder(K)
+        compact = (torch.arange(m, device=z.device) < counts.unsqueeze(-1)).float()   # padding: sample 0, weight 0
         phi = torch.cat([z.square(), z], dim=-1)                                                 # (n, K, 2D)
     return PairSamples(phi, win, lose, compact)
 
@@ -284,6 +287,138 @@ def reduce_per_user(loss_sum: Tensor, n_kept: Tensor, local_user: Tensor, n_user
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Head-only fast path: the same loss with a hand-written gradient (no autograd graph)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Draw(NamedTuple):
+    """One noise draw of a chunk with every parameter-free term folded in (constant while the draw is reused)."""
+
+    phi: Tensor     # (n, K, 2D) [z^2, z], as PairSamples
+    phi_t: Tensor   # (n, 2D, K) the same, transposed: both batched matvecs then read memory contiguously (-30%)
+    index: Tensor   # (n, 2M) [lose | win] sample indices (one gather instead of two)
+    win: Tensor     # (n, M) as PairSamples
+    lose: Tensor    # (n, M)
+    keepw: Tensor   # (n, M) keep * pair weight / the user's weighted kept total: the per-user normaliser of
+    #                 `reduce_per_user` depends only on the mask, so it is a constant of the draw
+
+
+def _fold_draw(samples: PairSamples, local_user: Tensor, n_users: int, weight: Tensor | None) -> _Draw:
+    w = samples.keep.new_ones(samples.keep.shape[0]) if weight is None else weight
+    u_kept = samples.keep.new_zeros(n_users).index_add_(0, local_user, samples.keep.sum(-1) * w).clamp_min(1e-12)
+    return _Draw(samples.phi, samples.phi.transpose(1, 2).contiguous(), torch.cat([samples.lose, samples.win], 1),
+                 samples.win, samples.lose, samples.keep * (w / u_kept.index_select(0, local_user)).unsqueeze(-1))
+
+
+def _link_scale(loss_type: LossType, beta: float) -> float:
+    """The factor folded into theta: the DPO / SimPO links see beta * margin, IPO the raw margin."""
+    return 1.0 if loss_type == "ipo" else beta
+
+
+def _policy_theta(mu: Tensor, logvar: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """scale * theta (n, 2D) with R(z) = [z^2, z] . theta + const (see `pair_loss_terms`), and prec = e^-lv."""
+    prec = torch.exp(-logvar)
+    return torch.cat([(0.5 * scale) * (1.0 - prec), (scale * mu) * prec], dim=-1), prec
+
+
+def _policy_theta_backward(g_theta: Tensor, theta: Tensor, prec: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(d/d mu, d/d logvar) (n, D) from d/d(scale * theta): d theta_A/d lv = prec / 2, d theta_B/d mu = prec,
+    d theta_B/d lv = -theta_B."""
+    D = prec.shape[-1]
+    g_a, g_b = g_theta[:, :D], g_theta[:, D:]
+    g_mu = (scale * g_b) * prec
+    g_lv = (0.5 * scale) * g_a * prec - g_b * theta[:, D:]
+    return g_mu, g_lv
+
+
+def _kept_pair_loss_grad(theta: Tensor, draw: _Draw, *, beta: float, loss_type: LossType,
+                         gamma: float) -> tuple[Tensor, Tensor]:
+    """Weighted per-pair latent-DPO loss sums and their gradient, by hand (spec §3.6; same value as
+    `pair_loss_terms` + `reduce_per_user`, per pair).
+
+    Args:
+        theta: (n, 2D) `_policy_theta` (scaled by `_link_scale`), so R = phi . theta is the link's input scale.
+        draw: `_fold_draw` of the same n pairs.
+    Returns:
+        (loss (n,): sum_m keepw * loss_m, g_theta (n, 2D): d sum(loss) / d theta).
+    """
+    # R (n, K): row-vector bmms against a transposed view are the fastest CPU form (a (K, 2D) x (2D, 1) matvec
+    # bmm is 4x slower, broadcast-multiply + sum 1.5x)
+    R = torch.bmm(theta.unsqueeze(1), draw.phi.transpose(1, 2)).squeeze(1)
+    M = draw.win.shape[1]
+    r_lw = R.gather(1, draw.index)                                                             # (n, 2M)
+    if loss_type == "ipo":                      # (m - 1/(2 beta))^2, IPO (arXiv 2310.12036) Eq. 17
+        y = r_lw[:, M:] - r_lw[:, :M] - 1.0 / (2.0 * beta)
+        loss = torch.linalg.vecdot(y * y, draw.keepw)
+        g = y.mul_(draw.keepw).mul_(2.0)
+        pos, neg = draw.win, draw.lose          # dL/dR_win = +g, dL/dR_lose = -g
+    else:
+        # -logsigmoid(beta m - gamma) = softplus(x), x = beta (R_lose - R_win) + gamma: d/dx = sigmoid(x)
+        x = r_lw[:, :M] - r_lw[:, M:]
+        if loss_type == "simpo":
+            x.add_(gamma)
+        loss = torch.linalg.vecdot(F.softplus(x), draw.keepw)
+        g = torch.sigmoid(x).mul_(draw.keepw)
+        pos, neg = draw.lose, draw.win
+    g_R = torch.zeros_like(R).scatter_add_(1, pos, g)
+    g_R.sub_(torch.zeros_like(R).scatter_add_(1, neg, g))
+    return loss, torch.bmm(g_R.unsqueeze(1), draw.phi_t.transpose(1, 2)).squeeze(1)
+
+
+def _kept_pair_metrics(theta: Tensor, draw: _Draw, *, beta: float, loss_type: LossType,
+                       gamma: float) -> tuple[Tensor, Tensor]:
+    """Weighted per-pair loss and share of kept sample pairs ranked correctly (margin > 0), as
+    `objectives.latent_dpo_pair_terms`' loss_sum / n_correct reduced by `reduce_per_user`. (n,) each."""
+    R = torch.bmm(theta.unsqueeze(1), draw.phi.transpose(1, 2)).squeeze(1)
+    margin = R.gather(1, draw.win) - R.gather(1, draw.lose)    # scale > 0: the sign of the raw margin
+    if loss_type == "ipo":
+        losses = (margin - 1.0 / (2.0 * beta)).square()
+    else:
+        losses = F.softplus(gamma - margin if loss_type == "simpo" else -margin)
+    return torch.linalg.vecdot(losses, draw.keepw), torch.linalg.vecdot((margin > 0).float(), draw.keepw)
+
+
+def _head_latent(W: Tensor, Bb: Tensor, feats_q: Tensor, flat: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`user_latent` of a chunk's heads (Uc, Q, d, E) / (Uc, Q, E) on its features laid out per (user, query),
+    feats_q (Uc*Q, Pm, d): one bmm. Returns (mu, logvar) (n, D) of the valid pairs (rows `flat` of the padded
+    (Uc*Pm) layout; None = no padding)."""
+    uc, Q, d, E = W.shape
+    pm = feats_q.shape[1]
+    out = torch.baddbmm(Bb.view(uc * Q, 1, E), feats_q, W.view(uc * Q, d, E))               # (Uc*Q, Pm, E)
+    out = out.view(uc, Q, pm, E).transpose(1, 2)                                            # (Uc, Pm, Q, E)
+    mu, logvar = out[..., :E // 2].reshape(uc * pm, -1), out[..., E // 2:].reshape(uc * pm, -1)
+    if flat is not None:
+        mu, logvar = mu.index_select(0, flat), logvar.index_select(0, flat)
+    return mu, logvar
+
+
+def _head_loss_grad(W: Tensor, Bb: Tensor, feats_q: Tensor, rows: Tensor | None, draw: _Draw, *, scale: float,
+                    beta: float, loss_type: LossType, gamma: float,
+                    out: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """One head-only step's loss and gradient, by hand: the value and gradient of `pair_loss_terms` +
+    `reduce_per_user` summed over users, w.r.t. the chunk's heads (tests/unit/test_fit_user.py checks both
+    against autograd). Writes d/dW, d/dBb into `out` (else W.grad / Bb.grad, allocated). Returns loss (n,)."""
+    uc, Q, d, E = W.shape
+    pm = feats_q.shape[1]
+    mu, logvar = _head_latent(W, Bb, feats_q, rows)                                         # (n, D)
+    theta, prec = _policy_theta(mu, logvar, scale)
+    loss, g_theta = _kept_pair_loss_grad(theta, draw, beta=beta, loss_type=loss_type, gamma=gamma)
+    # backward: theta -> (mu, logvar) -> head, undoing the forward's layout changes
+    g_mu, g_lv = _policy_theta_backward(g_theta, theta, prec, scale)
+    if rows is not None:                  # padding rows get zero gradient
+        g_mu = g_mu.new_zeros(uc * pm, g_mu.shape[1]).index_copy_(0, rows, g_mu)
+        g_lv = g_lv.new_zeros(uc * pm, g_lv.shape[1]).index_copy_(0, rows, g_lv)
+    g_out = torch.cat([g_mu.view(uc, pm, Q, E // 2), g_lv.view(uc, pm, Q, E // 2)], dim=-1)  # (Uc, Pm, Q, E)
+    g_out = g_out.transpose(1, 2).reshape(uc * Q, pm, E)
+    g_w, g_b = out if out is not None else (torch.empty_like(W), torch.empty_like(Bb))
+    torch.bmm(feats_q.transpose(1, 2), g_out, out=g_w.view(uc * Q, d, E))
+    torch.sum(g_out, dim=1, out=g_b.view(uc * Q, E))
+    if out is None:
+        W.grad, Bb.grad = g_w, g_b
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # fit_users
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -293,29 +428,39 @@ class _Chunk:
     start: int             # slice of the (count-sorted) active-user stack
     stop: int
     feats: Tensor          # (Uc, Pm, Q, d) padded features
-    valid: Tensor          # (Uc, Pm) bool
     local_user: Tensor     # (n,) user within chunk of each valid pair, (user, rank) order
     rank: Tensor           # (n,)
     post: tuple[Tensor, Tensor, Tensor, Tensor]  # chosen_mu, chosen_logvar, rejected_mu, rejected_logvar (n, D)
     weight: Tensor | None  # (n,)
 
 
-def _metric_terms(chunk: _Chunk, W: Tensor, Bb: Tensor, noise: Tensor, cfg: FitConfig) -> tuple[Tensor, Tensor]:
-    """Per-user final loss and accuracy (Uc,) through `objectives.latent_dpo_pair_terms` itself."""
-    mu, logvar = user_latent(W, Bb, chunk.feats)
-    mu, logvar = mu[chunk.valid], logvar[chunk.valid]
-    terms = latent_dpo_pair_terms(mu, logvar, *chunk.post, n_samples=cfg.n_samples,
-                                  evidence_ratio=cfg.evidence_ratio, beta=cfg.beta, loss_type=cfg.loss_type,
-                                  gamma=cfg.gamma, noise=noise.index_select(0, chunk.rank), with_metrics=True)
-    n_users = chunk.stop - chunk.start
-    u_loss = reduce_per_user(terms.loss_sum, terms.n_kept, chunk.local_user, n_users, chunk.weight)
-    u_acc = reduce_per_user(terms.n_correct, terms.n_kept, chunk.local_user, n_users, chunk.weight)
-    return u_loss, u_acc
+class _Adam:
+    """Adam (torch.optim.Adam's update, L2 weight decay, no amsgrad) on one flat fp32 parameter buffer.
 
+    One fused kernel per step where torch has it (CPU, CUDA), else the same update in plain ops. Not
+    torch.optim.Adam: its first construction in a process imports torch._dynamo (~1.2 s CPU, ~2 s wall: a
+    Ray worker's whole first chunk of head-only users), and its per-step Python costs ~3x the kernel."""
 
-def _fused_adam(device: torch.device) -> bool | None:
-    """The fused (single-kernel) Adam where torch has one: same update, fewer passes over the parameters."""
-    return True if device.type in ("cpu", "cuda") else None
+    def __init__(self, params: Tensor, grad: Tensor, *, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.p, self.g, self.lr, self.wd, self.betas, self.eps = params, grad, lr, weight_decay, betas, eps
+        self.m, self.v = torch.zeros_like(params), torch.zeros_like(params)
+        self.t = torch.zeros((), dtype=torch.float32, device=params.device)
+        self.fused = params.device.type in ("cpu", "cuda") and hasattr(torch, "_fused_adam_")
+
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        if self.fused:
+            torch._fused_adam_([self.p], [self.g], [self.m], [self.v], [], [self.t], lr=self.lr, beta1=b1, beta2=b2,
+                               weight_decay=self.wd, eps=self.eps, amsgrad=False, maximize=False)
+            return
+        t = float(self.t)
+        g = self.g + self.wd * self.p if self.wd else self.g
+        self.m.lerp_(g, 1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2 ** t)).add_(self.eps)
+        self.p.addcdiv_(self.m, denom, value=-self.lr / (1 - b1 ** t))
 
 
 def fit_users(features: Tensor, chosen_mu: Tensor, chosen_logvar: Tensor, rejected_mu: Tensor,
@@ -399,42 +544,50 @@ def fit_users(features: Tensor, chosen_mu: Tensor, chosen_logvar: Tensor, reject
         sl = slice(pair_start, pair_start + n_chunk)
         local_user = pos_sorted[sl] - a
         r = rank[sl]
-        valid = torch.zeros(b - a, pm, dtype=torch.bool, device=device)
-        valid[local_user, r] = True
         padded = feats.new_zeros(b - a, pm, Q, d)
         padded[local_user, r] = feats[sl]
-        chunk = _Chunk(a, b, padded, valid, local_user, r, tuple(t[sl] for t in post_sorted),
+        chunk = _Chunk(a, b, padded, local_user, r, tuple(t[sl] for t in post_sorted),
                        None if weight_sorted is None else weight_sorted[sl])
         users = active[a:b]
+        uc = b - a
         flat = local_user * pm + r             # row of each valid pair in the flattened (Uc * Pm) layout
-        W = w0[users].clone().requires_grad_(True)                                            # (Uc, Q, d, E)
-        Bb = b0[users].clone().requires_grad_(True)                                           # (Uc, Q, E)
+        rows = None if n_chunk == uc * pm else flat    # None: no padding, no gathers / scatters of head rows
+        # head as one bmm per (user, query): features (Uc*Q, Pm, d) @ weight (Uc*Q, d, E)
+        feats_q = padded.transpose(1, 2).reshape(uc * Q, pm, d)
+        # the chunk's heads (Uc, Q, d, E) + (Uc, Q, E) as views of one flat buffer, and their gradients likewise
+        n_w = uc * Q * d * E
+        flat_p, flat_g = feats.new_empty(n_w + uc * Q * E), feats.new_zeros(n_w + uc * Q * E)
+        W, Bb = flat_p[:n_w].view(uc, Q, d, E), flat_p[n_w:].view(uc, Q, E)
+        W.copy_(w0[users]), Bb.copy_(b0[users])
+        grads = flat_g[:n_w].view(uc, Q, d, E), flat_g[n_w:].view(uc, Q, E)
         # Adam is elementwise and each user's loss touches only its own head: one Adam per chunk is the same
         # as one over everyone
-        opt = torch.optim.Adam([W, Bb], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=_fused_adam(device))
-        pool: dict[int, PairSamples] = {}
+        opt = _Adam(flat_p, flat_g, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scale = _link_scale(cfg.loss_type, cfg.beta)
+        pool: dict[int, _Draw] = {}
         for step in range(cfg.steps):
             k = step % n_draws
-            samples = pool.get(k)
-            if samples is None:
+            draw = pool.get(k)
+            if draw is None:
                 noise = step_noise(cfg.seed, k, pm, cfg.n_samples, D, device).index_select(0, r)
-                samples = draw_pair_samples(*chunk.post, noise, evidence_ratio=cfg.evidence_ratio)
+                draw = _fold_draw(draw_pair_samples(*chunk.post, noise, evidence_ratio=cfg.evidence_ratio),
+                                  local_user, uc, chunk.weight)
                 if n_draws < cfg.steps:
-                    pool[k] = samples
-            mu, logvar = user_latent(W, Bb, padded)                                          # (Uc, Pm, D)
-            mu, logvar = mu.reshape(-1, D).index_select(0, flat), logvar.reshape(-1, D).index_select(0, flat)
-            loss_sum, n_kept = pair_loss_terms(mu, logvar, samples, beta=cfg.beta,
-                                               loss_type=cfg.loss_type, gamma=cfg.gamma)
-            u_loss = reduce_per_user(loss_sum, n_kept, local_user, b - a, chunk.weight)
-            opt.zero_grad(set_to_none=False)
-            u_loss.sum().backward()          # users are independent: sum == per-user losses side by side
+                    pool[k] = draw
+            loss = _head_loss_grad(W, Bb, feats_q, rows, draw, scale=scale, beta=cfg.beta,
+                                   loss_type=cfg.loss_type, gamma=cfg.gamma, out=grads)
             opt.step()
-            curve[step] += u_loss.detach().sum()
+            curve[step] += loss.sum()       # = the sum over the chunk's users of their latent-DPO losses
         del pool
-        with torch.no_grad():
-            noise = step_noise(cfg.seed, cfg.steps, pm, cfg.n_samples, D, device)
-            final_loss[users], final_acc[users] = _metric_terms(chunk, W, Bb, noise, cfg)
-            weight[users], bias[users] = W.detach(), Bb.detach()
+        # final metrics on a fresh draw (index cfg.steps: never one of the training draws)
+        noise = step_noise(cfg.seed, cfg.steps, pm, cfg.n_samples, D, device).index_select(0, r)
+        draw = _fold_draw(draw_pair_samples(*chunk.post, noise, evidence_ratio=cfg.evidence_ratio), local_user,
+                          uc, chunk.weight)
+        theta, _ = _policy_theta(*_head_latent(W, Bb, feats_q, rows), scale)
+        loss, correct = _kept_pair_metrics(theta, draw, beta=cfg.beta, loss_type=cfg.loss_type, gamma=cfg.gamma)
+        final_loss[users] = loss.new_zeros(uc).index_add_(0, local_user, loss)
+        final_acc[users] = loss.new_zeros(uc).index_add_(0, local_user, correct)
+        weight[users], bias[users] = W, Bb
         pair_start += n_chunk
         a = b
 

@@ -160,3 +160,24 @@ def test_bad_jobs(world):
         fit_chunk(ChunkJob(**{**job.__dict__, "clap_path": ()}))
     with pytest.raises(ValueError, match="mode='lora'"):
         fit_chunk(ChunkJob(**{**job.__dict__, "mode": "lora"}))
+
+
+def test_personalize_config_mode_defaults():
+    """lr / noise_draws left unset take the mode's defaults (faithful: spec lr 1e-4, fresh samples); set values
+    win; bad values fail naming the key."""
+    from pydantic import ValidationError
+
+    from latentpref.pipelines.config import MODE_LR, PersonalizeConfig, load_config
+
+    assert MODE_LR == {"head-only": 1e-2, "trunk-frozen": 1e-3, "faithful": 1e-4}
+    head, faithful = PersonalizeConfig(), PersonalizeConfig(mode="faithful")
+    assert (head.lr, head.noise_draws, head.fit_noise_draws()) == (1e-2, 4, 4)
+    assert (faithful.lr, faithful.noise_draws, faithful.fit_noise_draws()) == (1e-4, "fresh", None)
+    tiny = load_config("tiny", overrides=["personalize.mode=faithful"]).personalize
+    assert tiny.lr == 1e-4 and tiny.fit_noise_draws() is None          # the preset does not pin lr
+    own = PersonalizeConfig(mode="faithful", lr=3e-4, noise_draws=2)
+    assert (own.lr, own.fit_noise_draws()) == (3e-4, 2)
+    assert PersonalizeConfig.model_validate(own.model_dump()) == own
+    for bad, key in (({"lr": 0}, "lr"), ({"noise_draws": 0}, "noise_draws"), ({"noise_draws": "never"}, "noise_draws")):
+        with pytest.raises(ValidationError, match=key):
+            PersonalizeConfig(**bad)
