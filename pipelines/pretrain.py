@@ -35,11 +35,27 @@ class ClapArtifact:
     model_version: int | None = None
 
 
+# PretrainConfig fields that only a discrete CLaP reads: left out of a Gaussian CLaP's digest, so adding them did
+# not change the version (and invalidate the stored models, caches and user fits) of any Gaussian run
+DISCRETE_FIELDS = frozenset({"latent_type", "n_codes", "tau_start", "tau_end", "straight_through", "lpc_kl_weight",
+                             "lpc_pair_weight", "lpc_loss_type", "lpc_beta", "lpc_gamma"})
+
+
+def _uses_pairs(cfg: PretrainConfig) -> bool:
+    """A discrete CLaP with the LPC pair objective trains on the pooled preference pairs too."""
+    return cfg.latent_type == "discrete" and cfg.lpc_pair_weight > 0
+
+
 def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts) -> str:
-    settings = cfg.model_dump(exclude={"num_workers", "use_gpu", "checkpoint_every", "max_failures"})
-    return json_digest({"pretrain": settings, "base": data.base_model_version, "prompts": data.prompts.digest,
-                        "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
-                        "rt": data_cfg.response_tokens})
+    exclude = {"num_workers", "use_gpu", "checkpoint_every", "max_failures"}
+    if cfg.latent_type == "gaussian":
+        exclude |= DISCRETE_FIELDS
+    inputs = {"pretrain": cfg.model_dump(exclude=exclude), "base": data.base_model_version,
+              "prompts": data.prompts.digest, "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
+              "rt": data_cfg.response_tokens}
+    if _uses_pairs(cfg):
+        inputs["pairs"] = data.pairs.digest
+    return json_digest(inputs)
 
 
 def _register_clap(local_dir: str, *, version: str, run_id: str, base_model_version: str) -> int:
@@ -81,6 +97,14 @@ def _tag_model_version(model_version: int, parent_run_id: str) -> None:
     mlflow.MlflowClient().set_tag(parent_run_id, "clap_model_version", str(model_version))
 
 
+def _perplexity(counts: list[float]) -> float:
+    """exp(entropy) of code counts: the effective number of codes in use (lpc.md §6.3 collapse detector)."""
+    import torch
+
+    from latentpref.tasks.models.lpc import code_usage_perplexity
+    return float(code_usage_perplexity(torch.tensor(counts, dtype=torch.float64))) if sum(counts) else 0.0
+
+
 def _use_gpu(setting: str) -> bool:
     if setting in ("true", "false"):
         return setting == "true"
@@ -93,7 +117,7 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                    parent_run_id: str, fault: dict | None = None) -> ClapArtifact:
     import mlflow
 
-    from latentpref.tasks.train.pretrain import PretrainJob, run_pretrain
+    from latentpref.tasks.train.pretrain import CODE_USAGE_FILE, PretrainJob, run_pretrain
     logger = get_run_logger()
     version = clap_version(cfg, data_cfg, data)
     folder = ("models", "clap", version)
@@ -122,10 +146,12 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
         job = PretrainJob(store_root=store.root, base_model_path="/".join(data.base_model_path),
                           prompts_path=list(data.prompts.path), candidates_path=list(data.candidates.path),
                           prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
+                          pairs_path=list(data.pairs.path) if _uses_pairs(cfg) else None,
                           **cfg.model_dump(include={"latent_dim", "n_query", "n_prefix", "encoder_layers",
                                                     "stage1_steps", "stage2_steps", "prompts_per_batch",
                                                     "responses_per_prompt", "lr", "kl_samples", "kl_weight",
-                                                    "contrastive_weight", "checkpoint_every", "seed"}),
+                                                    "contrastive_weight", "checkpoint_every", "seed",
+                                                    *DISCRETE_FIELDS}),
                           **(fault or {}))
         logger.info("pretrain: CLaP %s on Ray Train, %d workers, gpu=%s, %d+%d steps", version, cfg.num_workers,
                     use_gpu, cfg.stage1_steps, cfg.stage2_steps)
@@ -136,6 +162,8 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
         with result.checkpoint.as_directory() as d:
             # rank 0's history: every worker computes the same metrics on its shard; only rank 0 checkpoints
             history = json.loads(open(os.path.join(d, "history.json")).read())
+            usage_file = os.path.join(d, CODE_USAGE_FILE)
+            code_usage = json.loads(open(usage_file).read()) if os.path.exists(usage_file) else None
             with tempfile.TemporaryDirectory() as out:
                 import shutil
                 shutil.copytree(os.path.join(d, "clap"), out, dirs_exist_ok=True)
@@ -144,8 +172,16 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                                                base_model_version=data.base_model_version)
         tracking.log_history(history, prefix="")
         final = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        extra = {}
+        if code_usage is not None:
+            # discrete: argmax-code counts over the training candidates (report: code-usage section) and the
+            # soft (expected) usage; their perplexities are the collapse detectors of the final CLaP
+            extra = {"latent_type": "discrete", "code_usage": code_usage["argmax"],
+                     "code_usage_expected": code_usage["expected"]}
+            mlflow.log_metrics({"candidate_code_usage_perplexity": _perplexity(code_usage["argmax"]),
+                                "candidate_expected_code_perplexity": _perplexity(code_usage["expected"])})
         # the manifest is written last: it marks the stage done (stage_done)
-        store.write_json({"version": version, "final_metrics": final, "history": history,
+        store.write_json({**extra, "version": version, "final_metrics": final, "history": history,
                           "ray_train_path": result.path, "base_model_path": list(data.base_model_path),
                           "base_model_version": data.base_model_version, "prompt_tokens": data_cfg.prompt_tokens,
                           "response_tokens": data_cfg.response_tokens, "clap_model_name": CLAP_MODEL_NAME,

@@ -259,7 +259,9 @@ def user_map(store: Store, clap_version: str, records: pa.Table, users: pa.Table
         for j, i in enumerate(heads):
             z[i] = stacked[j]
     for i, (_, policy) in enumerate(found):
-        if z[i] is None and not policy.cold_start:   # trunk-frozen / faithful: the user's own encoder pass
+        # trunk-frozen / faithful: the user's own encoder pass; discrete codes too (a cold start's delta = 0 is the
+        # population prior p(k|x), whose expected code is not 0)
+        if z[i] is None and (not policy.cold_start or policy.mode == "codes"):
             clap, ids, mask = model.get()
             z[i] = policy.latent(clap.encoder, ids, mask)[0].float().mean(0)
     D = next((t.numel() for t in z if t is not None), 1)
@@ -272,8 +274,9 @@ def user_map(store: Store, clap_version: str, records: pa.Table, users: pa.Table
 
 
 def code_usage(store: Store, clap_version: str | None, latent_type: str) -> tuple[list[int] | None, str]:
-    """Codebook usage of a discrete-latent CLaP, as recorded in its model manifest (`code_usage`: one count per
-    code). Discrete latents are not implemented yet (issue 9): Gaussian runs get no section at all."""
+    """Codebook usage of a discrete-latent CLaP, as recorded in its model manifest (`code_usage`: how often each
+    code is the argmax posterior over the training candidates, written by the pretrain stage). Gaussian runs get
+    no section at all."""
     if latent_type != "discrete" or not clap_version:
         return None, ""
     manifest = store.read_json("models", "clap", clap_version, MANIFEST) \

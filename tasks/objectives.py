@@ -456,6 +456,26 @@ def categorical_latent_dpo_loss(policy_logits: Tensor, chosen_logits: Tensor, re
     Returns:
         (loss scalar, metrics dict) as `latent_dpo_loss`.
     """
+    terms = categorical_latent_dpo_pair_terms(policy_logits, chosen_logits, rejected_logits, ref_logits=ref_logits,
+                                              evidence_ratio=evidence_ratio, beta=beta, loss_type=loss_type,
+                                              gamma=gamma)
+    return _reduce_terms(terms, pair_weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LPC: discrete latent codes (spec lpc.md; math primitives in tasks.models.lpc)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def categorical_latent_dpo_pair_terms(policy_logits: Tensor, chosen_logits: Tensor, rejected_logits: Tensor, *,
+                                      ref_logits: Tensor | None = None, evidence_ratio: float = 1.0,
+                                      beta: float = 0.1, loss_type: LossType = "dpo", gamma: float = 0.0,
+                                      with_metrics: bool = True) -> PairTerms:
+    """Per-pair sums of `categorical_latent_dpo_loss` (same definitions), un-reduced so a caller can normalise
+    per user (tasks/train/fit_codes.py): `_reduce_terms(terms, w)` of this equals `categorical_latent_dpo_loss`.
+
+    Args: see `categorical_latent_dpo_loss`. Returns: PairTerms over the K (K - 1) ordered code pairs per pair.
+    """
     _check_loss_args(loss_type, beta)
     if policy_logits.ndim != 2 or chosen_logits.shape != policy_logits.shape \
             or rejected_logits.shape != policy_logits.shape:
@@ -468,9 +488,84 @@ def categorical_latent_dpo_loss(policy_logits: Tensor, chosen_logits: Tensor, re
         if ref_logits.shape != policy_logits.shape:
             raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} != {tuple(policy_logits.shape)}")
         log_ref = F.log_softmax(to_latent_dtype(ref_logits).detach(), dim=-1)
-    with torch.no_grad():
+    with torch.no_grad():   # r(k) = q_w(k) / (q_w(k) + q_l(k)), lpc.md §6.3 option 3
         r = torch.sigmoid(F.log_softmax(to_latent_dtype(chosen_logits), dim=-1)
                           - F.log_softmax(to_latent_dtype(rejected_logits), dim=-1))
-    terms = _evidence_pair_terms(log_p - log_ref, r, evidence_ratio=evidence_ratio, beta=beta,
-                                 loss_type=loss_type, gamma=gamma)
-    return _reduce_terms(terms, pair_weight)
+    return _evidence_pair_terms(log_p - log_ref, r, evidence_ratio=evidence_ratio, beta=beta,
+                                loss_type=loss_type, gamma=gamma, with_metrics=with_metrics)
+
+
+def code_collapse_kl(posterior_logits: Tensor) -> Tensor:
+    """KL(mean_b q(.|x_b, y_b) || Uniform_K) of a batch of code posteriors (lpc.md §6.3, shared stage).
+
+    The discrete counterpart of `dg_kld`: it pulls the *aggregated* posterior to uniform (every code used),
+    leaving individual posteriors free to be sharp. Exact, no sampling.
+
+    Args:
+        posterior_logits: (N, K) or (..., K) code logits of the batch's responses.
+    Returns:
+        Scalar float32 in [0, log K].
+    """
+    from latentpref.tasks.models.lpc import aggregated_kl_to_uniform
+    return aggregated_kl_to_uniform(torch.softmax(to_latent_dtype(posterior_logits), dim=-1))
+
+
+def lpc_kl(posterior_logits: Tensor, prior_logits: Tensor) -> Tensor:
+    """Mean exact categorical KL(q(.|x, .) || p(.|x)) over the batch: the lambda term of the LPC ELBO (lpc.md §3.2).
+
+    Args:
+        posterior_logits, prior_logits: (N, K); the prior is p(k|x) of each row's prompt (carries gradient too:
+            the ELBO trains both networks).
+    Returns:
+        Scalar float32.
+    """
+    from latentpref.tasks.models.lpc import categorical_kl
+    return categorical_kl(posterior_logits, prior_logits).mean()
+
+
+def lpc_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor | None,
+                  ref_rejected_logps: Tensor | None, pair_logits: Tensor, prior_logits: Tensor, *,
+                  loss_type: LossType, beta: float, gamma: float = 0.0, kl_weight: float = 0.05,
+                  chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    """LPC objective on preference pairs in its DPO / IPO / SimPO forms (lpc.md §3.2-3.4), one switch.
+
+    L = mean_n [ l(s_w - s_l) ] + lambda * mean_n KL( q(.|x_n, y_w > y_l) || p(.|x_n) ), where the policy
+    log-probs are conditioned on a code latent z ~ q(.|x, y_w > y_l) (one Gumbel-softmax sample per pair, the
+    inner expectation of Eq. 7 estimated by a single draw) and l is `preference_loss`:
+        dpo:   s = log pi(y|x,z) - log pi_ref(y|x)          -log sigma(beta (s_w - s_l))          (Eq. 7)
+        ipo:   s as dpo                                       (s_w - s_l - 1/(2 beta))^2            (Eq. 13 [est])
+        simpo: s = log pi(y|x,z) / |y|  (no reference)      -log sigma(beta (s_w - s_l) - gamma)  (Eq. 12 [est])
+    The reference is not z-conditioned (Eq. 7; lpc.md §2.6 notes the Eq. 6 / Eq. 7 mismatch).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (N,) summed log pi_theta(y|x,z).
+        ref_chosen_logps, ref_rejected_logps: (N,) summed log pi_ref(y|x); required for dpo / ipo.
+        pair_logits: (N, K) pair posterior q(k|x, y_w > y_l) logits (the z of the policy terms came from these).
+        prior_logits: (N, K) prior p(k|x) logits of each pair's prompt.
+        loss_type, beta, gamma: see `preference_loss`.
+        kl_weight: lambda >= 0 (lpc.md §3.2: 0.05 "across all methods").
+        chosen_lengths, rejected_lengths: (N,) token counts; required for simpo.
+    Returns:
+        (loss scalar float32, {"preference", "kl", "accuracy", "margin"} detached 0-d tensors).
+    Raises:
+        ValueError: as `sequence_dpo_loss`, shape mismatch, or kl_weight < 0.
+    """
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight={kl_weight!r}; must be >= 0")
+    if pair_logits.shape != prior_logits.shape or pair_logits.ndim != 2 \
+            or pair_logits.shape[0] != policy_chosen_logps.shape[0]:
+        raise ValueError(f"pair_logits {tuple(pair_logits.shape)} and prior_logits {tuple(prior_logits.shape)} "
+                         f"must both be (N, K) with N = {policy_chosen_logps.shape[0]} pairs")
+    out = sequence_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                            loss_type=loss_type, beta=beta, gamma=gamma, chosen_lengths=chosen_lengths,
+                            rejected_lengths=rejected_lengths)
+    preference = out.losses.mean()
+    kl = lpc_kl(pair_logits, prior_logits)
+    margin = (out.chosen_rewards - out.rejected_rewards).detach()
+    metrics = {"preference": preference.detach(), "kl": kl.detach(), "accuracy": (margin > 0).float().mean(),
+               "margin": margin.mean()}
+    return preference + kl_weight * kl, metrics
+
+
+__all__ += ["categorical_latent_dpo_pair_terms", "code_collapse_kl", "lpc_kl", "lpc_pair_loss"]

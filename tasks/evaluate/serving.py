@@ -6,6 +6,10 @@ without a usable stored fit get the population prior's mean (z = 0) and a notice
 heads are applied together (one encoder pass over the batch, one einsum); users fitted in an encoder mode
 (trunk-frozen / faithful) get their own encoder pass, then join the same batched decode.
 
+Discrete-code CLaPs (lpc.md §6.3): a user's z is the expected code vector p_u(.|x) @ codebook with
+p_u(k|x) = softmax(log p(k|x) + delta_u); users without a usable fit get the population prior's expected code
+(delta = 0), which depends on the prompt. All code users share one encoder pass.
+
 Greedy decoding is batch-independent (`CLaP.generate`: left padding is inert, each row has its own prefix and
 positions), so a request's greedy text is the same whoever it is batched with. Sampling draws from one
 generator per batch, so sampled texts depend on the batch's composition and order.
@@ -115,6 +119,8 @@ class PersonalizedGenerator:
         policies = [self._policy(u) for u in user_ids]
         notices = [f"user {u!r} {p}: using the population prior" if isinstance(p, str) else None
                    for u, p in zip(user_ids, policies)]
+        if self.clap.discrete:
+            return self._code_latents(policies, ids, mask), notices
         heads = [i for i, p in enumerate(policies) if not isinstance(p, str) and p.mode == "head-only"]
         if heads:
             feats = self.clap.encoder.features(ids[heads], mask[heads]).float()                      # (n, Q, d)
@@ -129,6 +135,20 @@ class PersonalizedGenerator:
             mu, _ = policies[rows[0]].latent(self.clap.encoder, ids[rows], mask[rows])
             z[rows] = mu.float().to(z.device)
         return z, notices
+
+    def _code_latents(self, policies: list, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_dim) of a discrete CLaP: one encoder pass, each row's delta (0 = population prior)."""
+        from latentpref.tasks.train.fit_codes import user_code_probs
+        from latentpref.tasks.train.personalize import CODES_MODE
+        K = self.clap.cfg.n_codes
+        for p in policies:
+            if not isinstance(p, str) and p.mode != CODES_MODE:
+                raise ValueError(f"the served CLaP is discrete but a user policy has mode {p.mode!r} (a Gaussian "
+                                 "fit of another CLaP version)")
+        delta = torch.stack([torch.zeros(K) if isinstance(p, str) else p.tensors["delta"].float() for p in policies])
+        encoder = self.clap.encoder
+        prior = encoder.code_logits(encoder.features(ids, mask))                                    # (B, K)
+        return encoder.code_latent(user_code_probs(delta.to(prior.device), prior)).float().cpu()
 
     # ------------------------------------------------------------------------------------------ generation
     @torch.no_grad()

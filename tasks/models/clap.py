@@ -3,7 +3,9 @@
 Spec: shared/spec/latent-dpo.md §2 (architecture), §3.4 (gradient-only skip), §9 (reference-code bugs we
 avoid). Paper: Zhang et al., COLING 2025, https://arxiv.org/abs/2412.20834. Works for GPT-2 and Llama-family
 bases (detected from `config.model_type`). All padding is explicit: callers pass attention masks; positions are
-computed from the masks, never from token ids (spec §9.3, §9.4).
+computed from the masks, never from token ids (spec §9.3, §9.4). `CLaPConfig.latent_type="discrete"` swaps the
+Gaussian head for K code logits plus a codebook (LPC, spec lpc.md §6.3): z = expected code vector, fed to the same
+adapter, so everything downstream of z is shared by both latent types.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
+from latentpref.tasks.models.lpc import PairPosterior
+
 log = logging.getLogger(__name__)
 
 _GPT2_TYPES = ("gpt2",)
@@ -28,6 +32,7 @@ WEIGHTS_FILE = "clap.safetensors"
 CONFIG_FILE = "clap_config.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
+LATENT_TYPES = ("gaussian", "discrete")
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,20 @@ class CLaPConfig:
     encoder_layers: int = 2  # reference `latent_aggregator_layers`: copies of base blocks 0..L-1
     posterior_reads_prompt: bool = True  # reference `post_with_x` (train_vae default 1): q(z|x,y) reads [x; y]
     skip_connection: bool = True  # build the gradient-only skip MLP (spec §2.4, §3.4)
+    # "gaussian": q(z|x,y) is a diagonal Gaussian (latent-dpo.md). "discrete": K code logits, z = expected code
+    # vector of a shared codebook (LPC, lpc.md §6.3); same adapter, same prefix injection either way
+    latent_type: str = "gaussian"
+    n_codes: int = 32  # K, discrete only: lpc.md §2.2 finds 32-64 best (one configuration)
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "n_query", "n_prefix", "encoder_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CLaPConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.latent_type not in LATENT_TYPES:
+            raise ValueError(f"CLaPConfig.latent_type={self.latent_type!r}; expected one of {LATENT_TYPES}")
+        if self.n_codes < 2:
+            raise ValueError(f"CLaPConfig.n_codes={self.n_codes} must be >= 2 (a codebook of one code carries no "
+                             "information)")
         if self.latent_dim % self.n_query:
             raise ValueError(
                 f"CLaPConfig.latent_dim={self.latent_dim} must be divisible by n_query={self.n_query} "
@@ -126,7 +140,14 @@ class LatentEncoder(nn.Module):
         self.queries = nn.Parameter(torch.randn(cfg.n_query, d) * 0.02)  # (Q, C), spec §2.2 N(0, 0.02)
         self.ln_in = nn.LayerNorm(d)
         self.ln_out = nn.LayerNorm(d)
-        self.h2z = nn.Linear(d, 2 * cfg.latent_dim // cfg.n_query)
+        if cfg.latent_type == "gaussian":
+            self.h2z = nn.Linear(d, 2 * cfg.latent_dim // cfg.n_query)
+        else:
+            # discrete (lpc.md §6.3): pooled query features -> K code logits; the codebook lives here too, so the
+            # encoder alone maps a prompt to its latent z (UserPolicy.latent(encoder, ...) for both types).
+            # Codes start as N(0, I) draws: the adapter sees latents on the scale of the Gaussian prior
+            self.h2k = nn.Linear(d, cfg.n_codes)
+            self.codebook = nn.Parameter(torch.randn(cfg.n_codes, cfg.latent_dim))   # (K, D)
         self.to(self.wte.weight.dtype)  # new parts follow the base dtype; the head still computes in fp32
 
     def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -164,22 +185,44 @@ class LatentEncoder(nn.Module):
                 h = block(h, attention_mask=bias, position_ids=pos, position_embeddings=rope)
         return self.ln_out(h[:, -Q:]).float()
 
+    @property
+    def discrete(self) -> bool:
+        return self.cfg.latent_type == "discrete"
+
     def head(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Gaussian head in fp32 (spec §9.5): features (B, Q, C) -> (mu, logvar), each (B, latent_dim)."""
+        if self.discrete:
+            raise ValueError("latent_type='discrete' encoders have no Gaussian head: use code_logits(features) "
+                             "and code_latent(probs)")
         B = features.shape[0]
         k = self.cfg.latent_dim // self.cfg.n_query
         out = F.linear(features.float(), self.h2z.weight.float(), self.h2z.bias.float())  # (B, Q, 2k)
         return out[..., :k].reshape(B, -1), out[..., k:].reshape(B, -1)
 
+    def code_logits(self, features: Tensor) -> Tensor:
+        """Discrete head in fp32: features (B, Q, C) -> mean over queries -> (B, n_codes) code logits."""
+        if not self.discrete:
+            raise ValueError("code_logits needs latent_type='discrete'; this encoder is Gaussian (use head)")
+        pooled = features.float().mean(1)                                                   # (B, C)
+        return F.linear(pooled, self.h2k.weight.float(), self.h2k.bias.float())
+
+    def code_latent(self, probs: Tensor) -> Tensor:
+        """z = probs @ codebook in fp32: (..., n_codes) code weights -> (..., latent_dim) (lpc.md §2.3)."""
+        if not self.discrete:
+            raise ValueError("code_latent needs latent_type='discrete'; this encoder is Gaussian")
+        return probs.float() @ self.codebook.float()
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(mu, logvar), each (B, latent_dim) float32."""
+        """(mu, logvar), each (B, latent_dim) float32 (Gaussian encoders; discrete ones: `code_logits`)."""
         return self.head(self.features(input_ids, attention_mask))
 
     @torch.no_grad()
     def standardize(self) -> None:
-        """Zero the head so the encoder outputs exactly N(0, I) (spec §2.2; CLaP init and Latent-DPO init)."""
-        self.h2z.weight.zero_()
-        self.h2z.bias.zero_()
+        """Zero the head so the encoder outputs exactly N(0, I) (spec §2.2; CLaP init and Latent-DPO init); for a
+        discrete encoder, uniform code probabilities (the codebook is kept)."""
+        head = self.h2k if self.discrete else self.h2z
+        head.weight.zero_()
+        head.bias.zero_()
 
 
 # ------------------------------------------------------------------------------------------------ adapter
@@ -283,8 +326,14 @@ class CLaP(nn.Module):
         self.adapter = LatentAdapter(base_lm, self.cfg)
         d = base_lm.config.hidden_size
         self.skip = SkipMLP(self.cfg.latent_dim, d) if self.cfg.skip_connection else None
+        # LPC pair posterior q(k|x, y_w > y_l) (lpc.md §2.4), trained by the LPC pair objective in pretraining
+        self.pair_posterior = PairPosterior(d, self.cfg.n_codes) if self.discrete else None
         p = next(base_lm.parameters())
         self.to(device=p.device, dtype=p.dtype)
+
+    @property
+    def discrete(self) -> bool:
+        return self.cfg.latent_type == "discrete"
 
     @property
     def max_positions(self) -> int | None:
@@ -299,12 +348,52 @@ class CLaP(nn.Module):
 
         Reads [prompt; response] when `posterior_reads_prompt` (interior pads are fine: positions come from the
         concatenated mask, spec §9.3b), else the response only.
+
+        Raises:
+            ValueError: a discrete CLaP (use `encode_logits`).
         """
+        if self.discrete:
+            raise ValueError("CLaP.encode returns a Gaussian posterior; this CLaP has latent_type='discrete': use "
+                             "encode_logits (code posterior) and encoder.code_latent")
+        return self.encoder.head(self.posterior_features(prompt_ids, prompt_mask, response_ids, response_mask))
+
+    def posterior_features(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                           response_mask: Tensor) -> Tensor:
+        """Encoder query features (B, n_query, d) fp32 of [prompt; response] (or the response alone)."""
         if not self.cfg.posterior_reads_prompt:
-            return self.encoder(response_ids, response_mask)
+            return self.encoder.features(response_ids, response_mask)
         ids = torch.cat([prompt_ids, response_ids], dim=1)
         mask = torch.cat([prompt_mask, response_mask], dim=1)
-        return self.encoder(ids, mask)
+        return self.encoder.features(ids, mask)
+
+    def encode_logits(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                      response_mask: Tensor) -> Tensor:
+        """Discrete posterior q(k|x,y): (B, n_codes) float32 logits (lpc.md §6.3: `h2k(Enc(x, y))`)."""
+        return self.encoder.code_logits(self.posterior_features(prompt_ids, prompt_mask, response_ids,
+                                                                response_mask))
+
+    def prior_logits(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """Discrete population prior p(k|x): the same encoder on the prompt alone, (B, n_codes) float32 logits
+        (as the Gaussian path encodes prompts for p(z|x), latent-dpo.md §3.6; lpc.md §2.4 prior network)."""
+        return self.encoder.code_logits(self.encoder.features(prompt_ids, prompt_mask))
+
+    def prior_latent(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """Population-prior latent for serving: Gaussian z = 0 (the mean of N(0, I)); discrete
+        z = softmax(p(k|x)) @ codebook (the expected code, lpc.md §3.6 leaves sample / mean / argmax open).
+        Returns (B, latent_dim) float32."""
+        if not self.discrete:
+            return torch.zeros(prompt_ids.shape[0], self.cfg.latent_dim, device=prompt_ids.device)
+        return self.encoder.code_latent(torch.softmax(self.prior_logits(prompt_ids, prompt_mask), dim=-1))
+
+    def pair_logits(self, prompt_ids: Tensor, prompt_mask: Tensor, chosen_ids: Tensor, chosen_mask: Tensor,
+                    rejected_ids: Tensor, rejected_mask: Tensor) -> Tensor:
+        """LPC pair posterior q(k|x, y_w > y_l): (B, n_codes) float32 logits from the pooled encoder features of
+        [x; y_w] and [x; y_l] (lpc.md §2.4). Raises ValueError for a Gaussian CLaP."""
+        if self.pair_posterior is None:
+            raise ValueError("pair_logits needs latent_type='discrete' (Gaussian CLaPs have no pair posterior)")
+        f_w = self.posterior_features(prompt_ids, prompt_mask, chosen_ids, chosen_mask).mean(1)    # (B, d)
+        f_l = self.posterior_features(prompt_ids, prompt_mask, rejected_ids, rejected_mask).mean(1)
+        return self.pair_posterior(f_w, f_l)
 
     # -------------------------------------------------------------------------------------------- LM side
     def prefix_cache(self, z: Tensor | None) -> DynamicCache:

@@ -18,6 +18,12 @@ fits stay valid) and <clap_version>-<mode>-<data_hash> for the encoder modes; th
 named as in `LatentEncoder`). The folder name derives from (user, CLaP version, mode, data version), and every
 file is written atomically with the manifest last, so a retried task rewrites identical bytes and a reader never
 sees half an artifact.
+
+Discrete CLaPs (`latent_type="discrete"`, spec lpc.md §6.3): the cache also holds every response's code posterior
+logits, every prompt's prior logits and every train pair's pair-posterior logits; a user is K numbers (`delta`,
+`codes.safetensors`, fitted by `fit_codes.fit_code_users`), stored under mode `codes` with the estimator in the
+version (<clap_version>-codes-<estimator>-<data_hash>) and the user's mean code mixture in the manifest
+(`code_mixture`, K floats). Only the head-only style fit exists for codes: other modes raise.
 """
 from __future__ import annotations
 
@@ -47,6 +53,8 @@ ENCODER_MODES = ("trunk-frozen", "faithful")
 CACHE_FORMAT = "2"          # 2: + prompt tokens (encoder modes); bump when the cache layout changes
 HEAD_FILE = "head.safetensors"
 POLICY_FILE = "policy.safetensors"
+CODES_FILE = "codes.safetensors"      # discrete CLaPs: {"delta": (K,)}
+CODES_MODE = "codes"                  # the stored `mode` of a discrete user policy (fit or cold start)
 
 
 def text_key(*texts: str) -> str:
@@ -68,6 +76,15 @@ class LatentCache:
     logvar: torch.Tensor
     prompt_ids: torch.Tensor | None = None    # (N_prompts, T) int64, left-padded to a common width
     prompt_mask: torch.Tensor | None = None   # (N_prompts, T) int64, 1 = real token
+    # discrete CLaPs only (None for Gaussian ones); mu then holds the expected code vector and logvar zeros
+    code_logits: torch.Tensor | None = None   # (N_responses, K) float32 posterior q(k|x,y) logits
+    prior_logits: torch.Tensor | None = None  # (N_prompts, K) float32 prior p(k|x) logits
+    pair_index: dict[str, int] | None = None  # text_key(prompt, chosen, rejected) -> row of pair_logits
+    pair_logits: torch.Tensor | None = None   # (N_pairs, K) float32 pair posterior q(k|x, y_w > y_l) logits
+
+    @property
+    def discrete(self) -> bool:
+        return self.code_logits is not None
 
     def to_bytes(self) -> bytes:
         meta = {"prompt_keys": ",".join(self.prompt_index), "response_keys": ",".join(self.response_index),
@@ -77,6 +94,11 @@ class LatentCache:
         if self.prompt_ids is not None:
             tensors["prompt_ids"] = self.prompt_ids.contiguous()
             tensors["prompt_mask"] = self.prompt_mask.contiguous()
+        if self.discrete:
+            tensors["code_logits"] = self.code_logits.contiguous()
+            tensors["prior_logits"] = self.prior_logits.contiguous()
+            tensors["pair_logits"] = self.pair_logits.contiguous()
+            meta["pair_keys"] = ",".join(self.pair_index or {})
         return st_save(tensors, metadata=meta)
 
     @classmethod
@@ -86,14 +108,25 @@ class LatentCache:
         meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})   # metadata lives in the header
         pk = [k for k in meta.get("prompt_keys", "").split(",") if k]
         rk = [k for k in meta.get("response_keys", "").split(",") if k]
+        qk = [k for k in meta.get("pair_keys", "").split(",") if k]
+        discrete = "code_logits" in tensors
         return cls({k: i for i, k in enumerate(pk)}, tensors["features"], {k: i for i, k in enumerate(rk)},
-                   tensors["mu"], tensors["logvar"], tensors.get("prompt_ids"), tensors.get("prompt_mask"))
+                   tensors["mu"], tensors["logvar"], tensors.get("prompt_ids"), tensors.get("prompt_mask"),
+                   tensors.get("code_logits"), tensors.get("prior_logits"),
+                   {k: i for i, k in enumerate(qk)} if discrete else None, tensors.get("pair_logits"))
 
 
 @torch.no_grad()
 def build_latent_cache(clap, tokenizer, prompts: list[str], prompt_response: list[tuple[str, str]], *,
-                       prompt_tokens: int, response_tokens: int, batch_size: int = 64) -> LatentCache:
-    """Encode every distinct prompt (features of p(z|x), tokens) and (prompt, response) (posterior q(z|x,y))."""
+                       prompt_tokens: int, response_tokens: int, batch_size: int = 64,
+                       pairs: list[tuple[str, str, str]] = ()) -> LatentCache:
+    """Encode every distinct prompt (features of p(z|x), tokens) and (prompt, response) (posterior q(z|x,y)).
+
+    A discrete CLaP also gets code posterior logits per response, prior logits per prompt and pair-posterior
+    logits per distinct (prompt, chosen, rejected) of `pairs` (ignored for Gaussian CLaPs)."""
+    if getattr(clap, "discrete", False):
+        return _build_code_cache(clap, tokenizer, prompts, prompt_response, pairs, prompt_tokens=prompt_tokens,
+                                 response_tokens=response_tokens, batch_size=batch_size)
     clap.eval()
     uniq_prompts = list(dict.fromkeys(prompts))
     feats, ids_rows, mask_rows = [], [], []
@@ -124,6 +157,54 @@ def build_latent_cache(clap, tokenizer, prompts: list[str], prompt_response: lis
         torch.cat(logvars) if logvars else torch.zeros((0, D)),
         torch.cat(ids_rows) if ids_rows else torch.zeros((0, width), dtype=torch.long),
         torch.cat(mask_rows) if mask_rows else torch.zeros((0, width), dtype=torch.long),
+    )
+
+
+def _build_code_cache(clap, tokenizer, prompts: list[str], prompt_response: list[tuple[str, str]],
+                      pairs: list[tuple[str, str, str]] | tuple, *, prompt_tokens: int, response_tokens: int,
+                      batch_size: int) -> LatentCache:
+    clap.eval()
+    uniq_prompts = list(dict.fromkeys(prompts))
+    feats, priors, ids_rows, mask_rows = [], [], [], []
+    width = max(prompt_tokens, 1)
+    for i in range(0, len(uniq_prompts), batch_size):
+        ids, mask = tokenize_prompts(tokenizer, uniq_prompts[i:i + batch_size], prompt_tokens)
+        f = clap.encoder.features(ids, mask).float()
+        feats.append(f)
+        priors.append(clap.encoder.code_logits(f))
+        pad = width - ids.shape[1]
+        ids_rows.append(torch.nn.functional.pad(ids, (pad, 0), value=tokenizer.pad_token_id))
+        mask_rows.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
+    uniq_pairs = list(dict.fromkeys(prompt_response))
+    logits = []
+    for i in range(0, len(uniq_pairs), batch_size):
+        chunk = uniq_pairs[i:i + batch_size]
+        p_ids, p_mask = tokenize_prompts(tokenizer, [p for p, _ in chunk], prompt_tokens)
+        r_ids, r_mask = tokenize_responses(tokenizer, [r for _, r in chunk], response_tokens)
+        logits.append(clap.encode_logits(p_ids, p_mask, r_ids, r_mask).float())
+    uniq_triples = list(dict.fromkeys(pairs))
+    pair_logits = []
+    for i in range(0, len(uniq_triples), batch_size):
+        chunk = uniq_triples[i:i + batch_size]
+        p_ids, p_mask = tokenize_prompts(tokenizer, [p for p, _, _ in chunk], prompt_tokens)
+        c_ids, c_mask = tokenize_responses(tokenizer, [c for _, c, _ in chunk], response_tokens)
+        r_ids, r_mask = tokenize_responses(tokenizer, [r for _, _, r in chunk], response_tokens)
+        pair_logits.append(clap.pair_logits(p_ids, p_mask, c_ids, c_mask, r_ids, r_mask).float())
+    d = clap.encoder.features(*tokenize_prompts(tokenizer, ["x"], prompt_tokens)).shape[1:]
+    K = clap.cfg.n_codes
+    code_logits = torch.cat(logits) if logits else torch.zeros((0, K))
+    mu = clap.encoder.code_latent(torch.softmax(code_logits, -1)).float()   # expected code vector per response
+    return LatentCache(
+        {text_key(p): i for i, p in enumerate(uniq_prompts)},
+        torch.cat(feats) if feats else torch.zeros((0, *d)),
+        {text_key(p, r): i for i, (p, r) in enumerate(uniq_pairs)},
+        mu, torch.zeros_like(mu),
+        torch.cat(ids_rows) if ids_rows else torch.zeros((0, width), dtype=torch.long),
+        torch.cat(mask_rows) if mask_rows else torch.zeros((0, width), dtype=torch.long),
+        code_logits,
+        torch.cat(priors) if priors else torch.zeros((0, K)),
+        {text_key(p, c, r): i for i, (p, c, r) in enumerate(uniq_triples)},
+        torch.cat(pair_logits) if pair_logits else torch.zeros((0, K)),
     )
 
 
@@ -187,7 +268,13 @@ class UserPolicy:
     def latent(self, encoder, input_ids: torch.Tensor,
                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) (B, latent_dim) float32 of this user's policy on left-padded prompts; the serving z is mu
-        (spec §9.12). `encoder` is the CLaP's (`clap.encoder`) of the same version."""
+        (spec §9.12). `encoder` is the CLaP's (`clap.encoder`) of the same version.
+
+        Discrete (mode `codes`): mu = z = p_u(.|x) @ codebook, the expected code vector (lpc.md §6.3), and logvar
+        zeros (a placeholder: the latent is not Gaussian; use `code_probs` for the distribution)."""
+        if self.mode == CODES_MODE:
+            z = encoder.code_latent(self.code_probs(encoder, input_ids, attention_mask))
+            return z, torch.zeros_like(z)
         if self.cold_start:
             zeros = torch.zeros(input_ids.shape[0], encoder.cfg.latent_dim)
             return zeros, zeros.clone()          # the population prior N(0, I)
@@ -197,6 +284,20 @@ class UserPolicy:
             return user_latent(self.tensors["weight"], self.tensors["bias"], features)
         from latentpref.tasks.train.fit_encoder import policy_latent
         return policy_latent(encoder, self.tensors, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def code_probs(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """p_u(k|x) (B, K) float32 of a discrete (mode `codes`) policy; cold start (delta = 0) = the CLaP prior.
+
+        Raises:
+            ValueError: a Gaussian policy.
+        """
+        if self.mode != CODES_MODE:
+            raise ValueError(f"code_probs needs a discrete-code policy (mode {CODES_MODE!r}); this one is "
+                             f"{self.mode!r}")
+        from latentpref.tasks.train.fit_codes import user_code_probs
+        prior = encoder.code_logits(encoder.features(input_ids, attention_mask))
+        return user_code_probs(self.tensors["delta"], prior)
 
 
 def load_user_policy(store: Store, user_id: str) -> UserPolicy | None:
@@ -222,6 +323,7 @@ class ChunkJob:
     min_pairs: int
     warm_start: bool = True
     clap_path: tuple[str, ...] = ()   # the CLaP folder in the store; needed by the encoder modes
+    discrete_estimator: str = "dpo"   # discrete CLaPs: "dpo" | "mean_posterior" (fit_codes.CodeFitConfig)
 
 
 def _table_from_ipc(blob: bytes) -> pa.Table:
@@ -276,6 +378,8 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
     by_user: dict[str, list[int]] = {}
     for i, u in enumerate(pairs["user_id"].to_pylist()):
         by_user.setdefault(u, []).append(i)
+    if cache.discrete:
+        return _fit_code_chunk(job, store, cache, pairs, by_user)
 
     records: list[dict[str, Any]] = []
     to_fit: list[tuple[str, str]] = []          # (user_id, data_hash)
@@ -345,6 +449,99 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
             "trainable_params": n_params, "loss_type": cfg.loss_type,
             "train_accuracy": float(result.final_accuracy[u_i]), "final_loss": float(result.final_loss[u_i]),
             "warm_start": bool(init is not None and (job.mode == "head-only" or init[u_i] is not None))}))
+    return records
+
+
+def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.Table,
+                    by_user: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """`fit_chunk` for a discrete CLaP: per-user code offsets delta (K numbers), batched (fit_codes)."""
+    from latentpref.tasks.train.fit_codes import CodeFitConfig, fit_code_users, user_code_probs
+
+    if job.mode != "head-only":
+        raise ValueError(f"personalize.mode={job.mode!r} is not supported with a discrete-code CLaP "
+                         "(pretrain.latent_type='discrete'): a user is K code offsets fitted on cached posteriors, "
+                         "the head-only style; use personalize.mode=head-only")
+    fit = {k: job.fit[k] for k in ("steps", "lr", "beta", "evidence_ratio", "loss_type", "gamma", "weight_decay")
+           if k in job.fit}
+    cfg = CodeFitConfig(estimator=job.discrete_estimator, **fit)
+    mode_tag = f"{CODES_MODE}-{cfg.estimator}"       # the estimator changes the result: part of the version
+    K = cache.prior_logits.shape[1]
+    prompts_all = pairs["prompt"].to_pylist()
+
+    def mixture(rows: list[int], delta: torch.Tensor) -> list[float]:
+        """Mean p_u(k|x) over the user's pair prompts (over every cached prompt if the user has none)."""
+        if rows:
+            prior = cache.prior_logits[[cache.prompt_index[text_key(prompts_all[i])] for i in rows]]
+        else:
+            prior = cache.prior_logits
+        if prior.shape[0] == 0:
+            return [1.0 / K] * K
+        return user_code_probs(delta, prior).mean(0).tolist()
+
+    records: list[dict[str, Any]] = []
+    to_fit: list[tuple[str, str]] = []
+    for user_id in job.user_ids:
+        rows = pairs.take(pa.array(by_user.get(user_id, []), type=pa.int64()))
+        n = rows.num_rows
+        data_hash = user_data_hash(rows)
+        version = fit_version(job.clap_version, mode_tag, data_hash)
+        existing = current_fit(store, user_id)
+        if existing is not None and existing["version"] == version:
+            records.append({**existing, "status": "unchanged"})
+            continue
+        if n < job.min_pairs:
+            # cold start: delta = 0 is exactly the population prior p(k|x) (lpc.md §6.3 "cold start = prior")
+            zero = torch.zeros(K)
+            records.append(_store_user(store, user_id, version, CODES_FILE, {"delta": zero}, {
+                "cold_start": True, "n_pairs": n, "data_hash": data_hash, "clap_version": job.clap_version,
+                "mode": CODES_MODE, "latent_type": "discrete", "estimator": cfg.estimator, "fit_seconds": 0.0,
+                "train_accuracy": None, "final_loss": None,
+                "code_mixture": mixture(by_user.get(user_id, []), zero)}))
+            continue
+        to_fit.append((user_id, data_hash))
+    if not to_fit:
+        return records
+
+    sel_rows, user_index = [], []
+    for u_i, (user_id, _) in enumerate(to_fit):
+        sel_rows.extend(by_user[user_id])
+        user_index.extend([u_i] * len(by_user[user_id]))
+    sub = pairs.take(sel_rows)
+    prompts, chosen, rejected = (sub[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
+    p_idx = [cache.prompt_index[text_key(p)] for p in prompts]
+    c_idx = [cache.response_index[text_key(p, c)] for p, c in zip(prompts, chosen)]
+    r_idx = [cache.response_index[text_key(p, r)] for p, r in zip(prompts, rejected)]
+    pair_logits = None
+    if cfg.estimator == "mean_posterior":
+        keys = [text_key(p, c, r) for p, c, r in zip(prompts, chosen, rejected)]
+        missing = sum(k not in cache.pair_index for k in keys)
+        if missing:
+            raise ValueError(f"latent cache {'/'.join(job.cache_path)} lacks the pair posterior of {missing} pairs; "
+                             "estimator='mean_posterior' needs every pair encoded (build the cache with pairs=)")
+        pair_logits = cache.pair_logits[[cache.pair_index[k] for k in keys]]
+    weights = torch.tensor([1.0 if w is None else float(w) for w in sub["weight"].to_pylist()])
+    ids = [u for u, _ in to_fit]
+    init = None
+    if job.warm_start and cfg.estimator == "dpo":
+        prev = [_previous(store, u, job.clap_version, CODES_MODE) for u in ids]
+        prev = [p if p is not None and p.manifest.get("estimator") == cfg.estimator else None for p in prev]
+        if any(p is not None for p in prev):
+            init = torch.stack([p.tensors["delta"].float() if p is not None else torch.zeros(K) for p in prev])
+    result = fit_code_users(cache.prior_logits[p_idx], cache.code_logits[c_idx], cache.code_logits[r_idx],
+                            torch.tensor(user_index, dtype=torch.long), len(to_fit), cfg, pair_logits=pair_logits,
+                            init=init, pair_weight=weights)
+    per_user_s = result.seconds / len(to_fit)
+    for u_i, (user_id, data_hash) in enumerate(to_fit):
+        if u_i == 1:
+            _fault_point()
+        records.append(_store_user(store, user_id, fit_version(job.clap_version, mode_tag, data_hash), CODES_FILE,
+                                   {"delta": result.delta[u_i]}, {
+            "cold_start": False, "n_pairs": len(by_user[user_id]), "data_hash": data_hash,
+            "clap_version": job.clap_version, "mode": CODES_MODE, "latent_type": "discrete",
+            "estimator": cfg.estimator, "fit_seconds": per_user_s, "trainable_params": K,
+            "loss_type": cfg.loss_type, "train_accuracy": float(result.final_accuracy[u_i]),
+            "final_loss": float(result.final_loss[u_i]), "code_mixture": result.mixture[u_i].tolist(),
+            "warm_start": bool(init is not None and bool(init[u_i].abs().sum() > 0))}))
     return records
 
 

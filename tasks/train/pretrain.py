@@ -4,6 +4,10 @@ The only module under tasks/ that imports `ray.train` (STYLE.md §1). One `fit()
 (spec §2.6): steps [0, stage1_steps) = stage 1 (base frozen, G-skip on), then stage 2 (everything trains,
 contrastive on). The stage is derived from the step counter stored in every checkpoint, so a restarted
 worker group resumes mid-stage-2 with stage-2 settings (spec §9.7: nothing is silently reset).
+
+`latent_type="discrete"` (LPC, spec lpc.md §6.3) trains the code posterior, prior, codebook and pair posterior
+with `DiscreteClapObjective` (plain torch, below): same stages, same adapter, discrete losses from
+tasks/objectives.py, plus the LPC objective on the pooled train pairs of every user when `pairs_path` is given.
 """
 from __future__ import annotations
 
@@ -12,12 +16,17 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 log = logging.getLogger(__name__)
+
+CODE_USAGE_FILE = "code_usage.json"   # in the final checkpoint of a discrete CLaP: argmax-code counts (K ints)
 
 
 class PretrainJob(BaseModel):
@@ -47,6 +56,18 @@ class PretrainJob(BaseModel):
     seed: int = 0
     fail_at_step: int | None = None     # fault injection for tests: this worker process dies once at that step
     fail_marker: str | None = None      # a file; the failure fires only while it does not exist yet
+    # discrete latent codes (PretrainConfig documents each); ignored for "gaussian"
+    latent_type: Literal["gaussian", "discrete"] = "gaussian"
+    n_codes: int = 32
+    tau_start: float = 1.0
+    tau_end: float = 0.5
+    straight_through: bool = False
+    lpc_kl_weight: float = 0.05
+    lpc_pair_weight: float = 1.0
+    lpc_loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
+    lpc_beta: float = 0.1
+    lpc_gamma: float = 0.0
+    pairs_path: list[str] | None = None   # path parts of the pairs table (train split used); None = no LPC pairs
 
 
 def _load_training_data(job: PretrainJob):
@@ -64,6 +85,18 @@ def _load_training_data(job: PretrainJob):
     return [text_of[p] for p in train_ids], [by_prompt[p] for p in train_ids]
 
 
+def _load_pairs(job: PretrainJob) -> list[tuple[str, str, str]]:
+    """Every user's train-split (prompt, chosen, rejected) pairs, pooled: LPC learns population-level codes
+    from preference pairs without user ids (lpc.md §6.2)."""
+    if job.pairs_path is None:
+        return []
+    from latentpref.tasks.data.store import Store
+    table = Store(job.store_root).read_table(*job.pairs_path)
+    split = table["split"].to_pylist() if "split" in table.column_names else ["train"] * table.num_rows
+    return [(p, c, r) for p, c, r, s in zip(table["prompt"].to_pylist(), table["chosen"].to_pylist(),
+                                           table["rejected"].to_pylist(), split) if s == "train"]
+
+
 def _build_clap(job: PretrainJob):
     from latentpref.tasks.data.store import Store
     from latentpref.tasks.models import clap as clap_lib
@@ -72,9 +105,208 @@ def _build_clap(job: PretrainJob):
     base_dir = store.local_copy(job.base_model_path)
     base, tokenizer = load_base_model(base_dir, seed=job.seed)
     cfg = clap_lib.CLaPConfig(latent_dim=job.latent_dim, n_query=job.n_query, n_prefix=job.n_prefix,
-                              encoder_layers=job.encoder_layers)
+                              encoder_layers=job.encoder_layers, latent_type=job.latent_type, n_codes=job.n_codes)
     model = clap_lib.CLaP(base, cfg)
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ discrete (LPC)
+@dataclass
+class PairBatch:
+    """Preference pairs for the LPC objective: one prompt row per pair."""
+
+    prompt_ids: torch.Tensor       # (N, Tp) left-padded
+    prompt_mask: torch.Tensor
+    chosen_ids: torch.Tensor       # (N, Tr) right-padded
+    chosen_mask: torch.Tensor
+    rejected_ids: torch.Tensor     # (N, Tr') right-padded
+    rejected_mask: torch.Tensor
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.chosen_ids,
+                                                 self.chosen_mask, self.rejected_ids, self.rejected_mask)))
+
+
+def make_pair_batch(tokenizer, pairs: list[tuple[str, str, str]], *, max_prompt_tokens: int,
+                    max_response_tokens: int) -> PairBatch:
+    from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
+    p_ids, p_mask = tokenize_prompts(tokenizer, [p for p, _, _ in pairs], max_prompt_tokens)
+    c_ids, c_mask = tokenize_responses(tokenizer, [c for _, c, _ in pairs], max_response_tokens)
+    r_ids, r_mask = tokenize_responses(tokenizer, [r for _, _, r in pairs], max_response_tokens)
+    return PairBatch(p_ids, p_mask, c_ids, c_mask, r_ids, r_mask)
+
+
+def sample_pair_batches(tokenizer, pairs: list[tuple[str, str, str]], *, pairs_per_batch: int,
+                        max_prompt_tokens: int, max_response_tokens: int, seed: int):
+    """Endless iterator of PairBatches of `pairs_per_batch` distinct random pairs."""
+    if not pairs:
+        raise ValueError("no preference pairs to sample LPC batches from")
+    rng = np.random.default_rng(seed)
+    while True:
+        idx = rng.choice(len(pairs), size=min(pairs_per_batch, len(pairs)), replace=False)
+        yield make_pair_batch(tokenizer, [pairs[i] for i in idx], max_prompt_tokens=max_prompt_tokens,
+                              max_response_tokens=max_response_tokens)
+
+
+class DiscreteClapObjective(nn.Module):
+    """CLaP loss for discrete latent codes (spec lpc.md §6.3), the counterpart of `loop.ClapObjective`.
+
+    L = L_lm + w_kl * KL(mean q || U_K) + lambda * KL(q(k|x,y) || p(k|x)) (+ w_con * contrastive in stage 2)
+        (+ w_pair * LPC objective on preference pairs, lpc.md §3.2-3.4).
+    The LM latent is z = g * (w_prior @ E) + (1 - g) * (w_post @ E) with Gumbel-softmax weights w at the
+    annealed temperature tau(step) and g rising 0 -> 1 (lpc.md §3.3). Stages as in the Gaussian path (spec
+    latent-dpo.md §2.6): stage 1 has the G-skip (fresh posterior code samples per response position), stage 2
+    the contrastive loss. The contrastive loss uses posterior latents only: as g -> 1 the mixed z is almost the
+    prompt's prior and could no longer tell the responses of one prompt apart.
+    """
+
+    def __init__(self, clap: nn.Module, *, total_steps: int, kl_weight: float = 1.0,
+                 contrastive_weight: float = 1.0, tau_start: float = 1.0, tau_end: float = 0.5,
+                 straight_through: bool = False, lpc_kl_weight: float = 0.05, lpc_pair_weight: float = 1.0,
+                 lpc_loss_type: str = "dpo", lpc_beta: float = 0.1, lpc_gamma: float = 0.0):
+        super().__init__()
+        if not clap.discrete:
+            raise ValueError("DiscreteClapObjective needs a CLaP with latent_type='discrete'")
+        self.clap = clap
+        self.total_steps = total_steps
+        self.kl_weight, self.contrastive_weight = kl_weight, contrastive_weight
+        self.tau_start, self.tau_end, self.straight_through = tau_start, tau_end, straight_through
+        self.lpc_kl_weight, self.lpc_pair_weight = lpc_kl_weight, lpc_pair_weight
+        self.lpc_loss_type, self.lpc_beta, self.lpc_gamma = lpc_loss_type, lpc_beta, lpc_gamma
+
+    def _sample(self, logits: torch.Tensor, tau: float, generator) -> torch.Tensor:
+        from latentpref.tasks.models.lpc import gumbel_softmax
+        return self.clap.encoder.code_latent(gumbel_softmax(logits, tau, hard=self.straight_through,
+                                                            generator=generator))
+
+    def forward(self, batch, stage: int, generator: torch.Generator | None = None, *, step: int,
+                pairs: PairBatch | None = None):
+        """One step's loss (scalar, with grad) and detached metrics; `batch` is a loop.ClapBatch (P x B rows).
+
+        `generator` draws, in this order, the posterior and prior Gumbel noise, the G-skip noise (stage 1) and
+        the pair noise. `pairs` = None (or lpc_pair_weight = 0) skips the LPC pair term.
+        """
+        from latentpref.tasks import objectives
+        from latentpref.tasks.models.lpc import code_usage_perplexity, mixing_weight, temperature
+
+        P, B = batch.n_prompts, batch.n_responses
+        if stage not in (1, 2):
+            raise ValueError(f"stage={stage!r}; expected 1 or 2")
+        if batch.prompt_ids.shape[0] != P * B or batch.response_ids.shape[0] != P * B:
+            raise ValueError(f"batch has {batch.prompt_ids.shape[0]} prompt rows and {batch.response_ids.shape[0]} "
+                             f"response rows; the layout P={P} x B={B} needs {P * B} of each (prompt-major)")
+        clap = self.clap
+        tau = temperature(step, self.total_steps, self.tau_start, self.tau_end)
+        g = mixing_weight(step, self.total_steps)
+        post = clap.encode_logits(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+        # rows are prompt-major, so every B-th row is one prompt: the prior runs once per prompt
+        prior = clap.prior_logits(batch.prompt_ids[::B], batch.prompt_mask[::B]).repeat_interleave(B, 0)  # (PB, K)
+        z_post = self._sample(post, tau, generator)                                    # (P*B, D)
+        z = g * self._sample(prior, tau, generator) + (1.0 - g) * z_post               # lpc.md §3.3
+        skip_z = None
+        if stage == 1 and clap.skip is not None:
+            T = batch.response_ids.shape[1]
+            skip_z = self._sample(post[:, None].expand(-1, T, -1), tau, generator)    # (P*B, T, D), spec §2.4
+        logps = clap.response_logps(z, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                    batch.response_mask, skip_z=skip_z)               # (P*B,)
+        n_tokens = batch.response_mask.sum()
+        nll = -logps.mean()
+        usage_kl = objectives.code_collapse_kl(post)
+        kl_qp = objectives.lpc_kl(post, prior)
+        loss = nll + self.kl_weight * usage_kl + self.lpc_kl_weight * kl_qp
+        zero = torch.zeros((), device=nll.device)
+        contrastive, contrastive_acc = zero, zero
+        if stage == 2 and B > 1 and self.contrastive_weight > 0:
+            own = logps if g == 0.0 else clap.response_logps(z_post, batch.prompt_ids, batch.prompt_mask,
+                                                                batch.response_ids, batch.response_mask)
+            rows = [-own.view(P, B)]
+            zg = z_post.view(P, B, -1)
+            for k in range(1, B):
+                z_k = torch.roll(zg, shifts=k, dims=1).reshape(P * B, -1)
+                rows.append(-clap.response_logps(z_k, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                                 batch.response_mask).view(P, B))
+            nll_matrix = torch.stack(rows, dim=1)                                      # (P, B_shift, B)
+            contrastive = objectives.contrastive_loss(nll_matrix)
+            contrastive_acc = (nll_matrix.argmin(dim=1) == 0).float().mean()
+            loss = loss + self.contrastive_weight * contrastive
+        pair_loss, pair_acc, pair_kl = zero, zero, zero
+        if pairs is not None and self.lpc_pair_weight > 0:
+            pair_loss, pm = self._pair_loss(pairs, tau, g, generator)
+            pair_acc, pair_kl = pm["accuracy"], pm["kl"]
+            loss = loss + self.lpc_pair_weight * pair_loss
+        with torch.no_grad():
+            probs = torch.softmax(post, dim=-1)
+            metrics = {"loss": loss.detach(), "nll_per_token": (-logps.sum() / n_tokens).detach(),
+                       "kl": usage_kl.detach(), "lpc_kl": kl_qp.detach(), "contrastive": contrastive.detach(),
+                       "contrastive_acc": contrastive_acc,
+                       # collapse detector: effective number of codes the batch's posteriors use (K = all)
+                       "code_usage_perplexity": code_usage_perplexity(probs),
+                       "prior_code_perplexity": code_usage_perplexity(torch.softmax(prior, dim=-1)),
+                       "lpc_pair_loss": pair_loss.detach(), "lpc_pair_accuracy": pair_acc, "lpc_pair_kl": pair_kl,
+                       "tau": torch.tensor(tau), "mixing_g": torch.tensor(g), "tokens": n_tokens.detach().float()}
+        return loss, metrics
+
+    def _pair_loss(self, pairs: PairBatch, tau: float, g: float, generator):
+        """LPC objective (lpc.md §3.5 steps 2-6): z from the pair posterior mixed with the prior by g; the
+        reference is the same LM without a prefix, so the margin measures what the code adds (lpc.md §2.6: the
+        reference is not z-conditioned). In stage 2 the base trains, so this reference moves with it."""
+        from latentpref.tasks import objectives
+
+        clap = self.clap
+        pair_logits = clap.pair_logits(pairs.prompt_ids, pairs.prompt_mask, pairs.chosen_ids, pairs.chosen_mask,
+                                       pairs.rejected_ids, pairs.rejected_mask)       # (N, K)
+        prior = clap.prior_logits(pairs.prompt_ids, pairs.prompt_mask)
+        z = g * self._sample(prior, tau, generator) + (1.0 - g) * self._sample(pair_logits, tau, generator)
+        pol_c = clap.response_logps(z, pairs.prompt_ids, pairs.prompt_mask, pairs.chosen_ids, pairs.chosen_mask)
+        pol_r = clap.response_logps(z, pairs.prompt_ids, pairs.prompt_mask, pairs.rejected_ids,
+                                    pairs.rejected_mask)
+        ref_c = ref_r = None
+        if self.lpc_loss_type != "simpo":   # SimPO is reference-free
+            with torch.no_grad():
+                ref_c = clap.response_logps(None, pairs.prompt_ids, pairs.prompt_mask, pairs.chosen_ids,
+                                            pairs.chosen_mask)
+                ref_r = clap.response_logps(None, pairs.prompt_ids, pairs.prompt_mask, pairs.rejected_ids,
+                                            pairs.rejected_mask)
+        return objectives.lpc_pair_loss(pol_c, pol_r, ref_c, ref_r, pair_logits, prior,
+                                        loss_type=self.lpc_loss_type, beta=self.lpc_beta, gamma=self.lpc_gamma,
+                                        kl_weight=self.lpc_kl_weight,
+                                        chosen_lengths=pairs.chosen_mask.sum(-1).float(),
+                                        rejected_lengths=pairs.rejected_mask.sum(-1).float())
+
+
+class CodeUsage(NamedTuple):
+    argmax: list[int]      # how often each code is the argmax of q(k|x,y): the manifest's `code_usage`
+    expected: list[float]  # sum of q(k|x,y) over the texts: the soft usage the serving latent (expected code) sees
+
+
+@torch.no_grad()
+def code_usage_counts(clap, tokenizer, prompts: list[str], candidates: list[list[str]], *, max_prompt_tokens: int,
+                      max_response_tokens: int, batch_size: int = 64, max_texts: int = 4096) -> CodeUsage:
+    """Code usage of q(k|x,y) over the training candidates (at most `max_texts`, taken in order), for the CLaP
+    manifest (`code_usage`, read by the report's code-usage section, and `code_usage_expected`).
+
+    Both are reported because they disagree while posteriors are flat: near-uniform posteriors spread the
+    expected usage over every code, yet their argmax can all land on one code (a bias-dominated tie).
+
+    Returns:
+        CodeUsage: K argmax counts summing to the number of texts encoded, and K expected counts (same sum).
+    """
+    from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
+    was_training = clap.training
+    clap.eval()
+    device = next(clap.parameters()).device
+    texts = [(p, c) for p, cands in zip(prompts, candidates) for c in cands][:max_texts]
+    counts = torch.zeros(clap.cfg.n_codes, dtype=torch.long)
+    expected = torch.zeros(clap.cfg.n_codes, dtype=torch.float64)
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        p_ids, p_mask = tokenize_prompts(tokenizer, [p for p, _ in chunk], max_prompt_tokens)
+        r_ids, r_mask = tokenize_responses(tokenizer, [r for _, r in chunk], max_response_tokens)
+        logits = clap.encode_logits(p_ids.to(device), p_mask.to(device), r_ids.to(device), r_mask.to(device))
+        counts += torch.bincount(logits.argmax(-1).cpu(), minlength=clap.cfg.n_codes)
+        expected += torch.softmax(logits, -1).sum(0).cpu().double()
+    clap.train(was_training)
+    return CodeUsage(counts.tolist(), expected.tolist())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -102,9 +334,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_step, history, opt_state = state["step"], state["history"], state["optimizer"]
         log.info("rank %d resumed from step %d", rank, start_step)
 
-    prompts, candidates = _load_training_data(job)
+    all_prompts, all_candidates = _load_training_data(job)
     # shard prompts across workers (each rank sees a disjoint subset)
-    prompts, candidates = prompts[rank::world], candidates[rank::world]
+    prompts, candidates = all_prompts[rank::world], all_candidates[rank::world]
+    discrete = job.latent_type == "discrete"
+    pair_batches = None
+    if discrete and job.lpc_pair_weight > 0:
+        pairs = _load_pairs(job)
+        # every rank must run the pair term (DDP expects the same trainable parameters to get gradients on all
+        # ranks), so it is on only if each rank's shard holds a pair
+        if len(pairs) >= world:
+            pair_batches = sample_pair_batches(tokenizer, pairs[rank::world], pairs_per_batch=job.prompts_per_batch,
+                                               max_prompt_tokens=job.prompt_tokens,
+                                               max_response_tokens=job.response_tokens,
+                                               seed=job.seed * 1000 + rank + 7919 * start_step + 1)
+        else:
+            log.warning("LPC pair term off: %d train pairs for %d workers", len(pairs), world)
     batches = sample_clap_batches(tokenizer, prompts, candidates, prompts_per_batch=job.prompts_per_batch,
                                   responses_per_prompt=job.responses_per_prompt,
                                   max_prompt_tokens=job.prompt_tokens, max_response_tokens=job.response_tokens,
@@ -120,8 +365,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if want != stage:
             stage = want
             set_stage(model, stage)
-            objective = ClapObjective(model, kl_samples=job.kl_samples, kl_weight=job.kl_weight,
-                                      contrastive_weight=job.contrastive_weight)
+            if discrete:
+                # without pair batches the pair posterior gets no gradient: freeze it, or DDP waits for one
+                model.pair_posterior.requires_grad_(pair_batches is not None)
+                objective = DiscreteClapObjective(
+                    model, total_steps=total, kl_weight=job.kl_weight, contrastive_weight=job.contrastive_weight,
+                    tau_start=job.tau_start, tau_end=job.tau_end, straight_through=job.straight_through,
+                    lpc_kl_weight=job.lpc_kl_weight, lpc_pair_weight=job.lpc_pair_weight,
+                    lpc_loss_type=job.lpc_loss_type, lpc_beta=job.lpc_beta, lpc_gamma=job.lpc_gamma)
+            else:
+                objective = ClapObjective(model, kl_samples=job.kl_samples, kl_weight=job.kl_weight,
+                                          contrastive_weight=job.contrastive_weight)
             # re-wrap on a stage switch: DDP registers hooks only for parameters trainable at wrap time
             wrapped = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": False})
             params = [p for p in model.parameters() if p.requires_grad]
@@ -130,7 +384,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 opt.load_state_dict(opt_state["state"])
             opt_state = None
         batch = next(batches).to(device)
-        loss, metrics = wrapped(batch, stage, generator)
+        if discrete:
+            pair_batch = next(pair_batches).to(device) if pair_batches is not None else None
+            loss, metrics = wrapped(batch, stage, generator, step=step, pairs=pair_batch)
+        else:
+            loss, metrics = wrapped(batch, stage, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -160,6 +418,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                os.path.join(d, "trainer_state.pt"))
                     with open(os.path.join(d, "history.json"), "w") as fh:
                         json.dump(history, fh)
+                    if discrete and last:
+                        # code usage of the final CLaP over every training candidate (all shards), for the
+                        # CLaP manifest (`code_usage`, read by the report)
+                        usage = code_usage_counts(model, tokenizer, all_prompts, all_candidates,
+                                                  max_prompt_tokens=job.prompt_tokens,
+                                                  max_response_tokens=job.response_tokens)
+                        with open(os.path.join(d, CODE_USAGE_FILE), "w") as fh:
+                            json.dump(usage._asdict(), fh)
                     ckpt = Checkpoint.from_directory(d)
                 # every rank reports equally often: report is a barrier (STYLE.md §4)
                 ray.train.report(row, checkpoint=ckpt)

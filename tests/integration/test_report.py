@@ -124,7 +124,8 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
 
 
 def test_discrete_runs_get_a_code_usage_section(tmp_path):
-    """Code usage renders only for discrete latents (not implemented yet, so built by hand here)."""
+    """Code usage renders only for discrete latents (report data built by hand; the real discrete night is
+    tests/integration/test_nightly_discrete.py)."""
     base = dict(run_id="r", title="t", comparison=pa.table({"method": ["latent_dpo"], "users": [1]}))
     gaussian = render_report(str(tmp_path / "g"), ReportData(**base))
     assert "id='code-usage'" not in open(gaussian).read()
