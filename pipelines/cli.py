@@ -125,6 +125,22 @@ def _report(args) -> int:
     return 0
 
 
+def _evaluation_runs(cfg, store, user_id: str) -> list[dict]:
+    """MLflow per-(user, method) runs of this user, newest first, with the data/model versions they were tagged
+    with, so the chain reaches from a stored artifact to every night that evaluated it."""
+    import mlflow
+
+    from latentpref.pipelines.runtime import setup_mlflow
+    if "'" in user_id or "\\" in user_id:   # cannot be quoted in an MLflow filter string; no such ids are ingested
+        return []
+    exp_id = setup_mlflow(cfg.runtime, store)
+    runs = mlflow.MlflowClient().search_runs([exp_id], filter_string=f"tags.user_id = '{user_id}'",
+                                             order_by=["attributes.start_time DESC"], max_results=50)
+    keys = ("method", "clap_version", "user_artifact_version", "pairs_digest", "candidates_digest", "prompts_digest")
+    return [{"run_id": r.info.run_id, "parent_run_id": r.data.tags.get("mlflow.parentRunId"),
+             **{k: r.data.tags.get(k) for k in keys}} for r in runs]
+
+
 def _lineage(args) -> int:
     from latentpref.pipelines.runtime import open_store
     from latentpref.tasks.train.personalize import current_fit
@@ -137,8 +153,10 @@ def _lineage(args) -> int:
     clap = store.read_json("models", "clap", fit["clap_version"], "_manifest.json")
     chain = {"user_id": args.user_id, "artifact_version": fit["version"], "data_hash": fit["data_hash"],
              "n_pairs": fit["n_pairs"], "cold_start": fit["cold_start"], "mode": fit["mode"],
-             "clap_version": fit["clap_version"], "base_model_version": clap.get("base_model_version"),
-             "base_model_path": "/".join(clap.get("base_model_path", []))}
+             "clap_version": fit["clap_version"], "clap_registered_version": clap.get("clap_model_version"),
+             "base_model_version": clap.get("base_model_version"),
+             "base_model_path": "/".join(clap.get("base_model_path", [])),
+             "evaluation_runs": _evaluation_runs(cfg, store, args.user_id)}
     print(json.dumps(chain, indent=2))
     return 0
 

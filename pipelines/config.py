@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -80,6 +80,25 @@ class PretrainConfig(_Section):
     checkpoint_every: int = 20
     max_failures: int = 2
     seed: int = 0
+    # discrete latent codes (LPC, shared/spec/lpc.md §6.3); every field below is ignored for "gaussian"
+    latent_type: Literal["gaussian", "discrete"] = "gaussian"
+    n_codes: int = Field(32, ge=2)            # K; lpc.md §2.2: 32-64 best on population data
+    tau_start: float = Field(1.0, gt=0)       # Gumbel-softmax temperature, annealed exponentially to tau_end
+    tau_end: float = Field(0.5, gt=0)         # low = near one-hot samples; serving uses the expected code, so
+                                              # soft mixtures must stay in-distribution (lpc.md §6.3 trade-offs)
+    straight_through: bool = False            # hard one-hot samples, soft gradients
+    lpc_kl_weight: float = Field(0.05, ge=0)  # lambda of KL(q || p(k|x)), lpc.md §3.2 (0.05 in the paper)
+    lpc_pair_weight: float = Field(1.0, ge=0)  # LPC objective on pooled train pairs; 0 = off (no pair data read)
+    lpc_loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"   # lpc.md §3.2-3.4
+    lpc_beta: float = Field(0.1, gt=0)        # lpc.md §3.2: beta 0.1 for the baselines
+    lpc_gamma: float = 0.0                    # SimPO target margin
+
+
+# personalize defaults per mode, used where `lr` / `noise_draws` are not set: head-only heads start at zero and move
+# fast at 1e-2; faithful = the spec's train_lpo lr 1e-4 (latent-dpo.md §4.1.8) and fresh latent samples every step
+# (the reference estimator); trunk-frozen in between (no reference value). benchmarks/README.md: held-out accuracy.
+MODE_LR = {"head-only": 1e-2, "trunk-frozen": 1e-3, "faithful": 1e-4}
+MODE_NOISE_DRAWS: dict[str, int | Literal["fresh"]] = {"head-only": 4, "trunk-frozen": 4, "faithful": "fresh"}
 
 
 class PersonalizeConfig(_Section):
@@ -90,7 +109,10 @@ class PersonalizeConfig(_Section):
     mode: Literal["head-only", "trunk-frozen", "faithful"] = "head-only"
     loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
     steps: int = 100
-    lr: float = 1e-2
+    lr: Annotated[float, Field(gt=0)] | None = None   # None = MODE_LR[mode] (filled in when the config loads)
+    # k = reuse k latent-sample draws cyclically (the samples + evidence mask are computed k times per fit, not
+    # `steps` times: ~5x cheaper head-only); "fresh" = new samples every step; None = MODE_NOISE_DRAWS[mode]
+    noise_draws: Annotated[int, Field(ge=1)] | Literal["fresh"] | None = None
     beta: float = 0.1                         # spec §3.6
     n_samples: int = 16                       # per source: prior, q(z|x,y_w), q(z|x,y_l)
     evidence_ratio: float = 0.5               # spec §3.6 quantile mask
@@ -98,20 +120,72 @@ class PersonalizeConfig(_Section):
     min_pairs: int = 4                        # fewer -> cold start: population prior, flagged
     max_retries: int = 3
     seed: int = 0
+    # discrete CLaPs only (pretrain.latent_type): "dpo" = categorical latent DPO by exact enumeration over the
+    # K codes (trained, steps/lr/beta/loss_type apply); "mean_posterior" = smoothed mean pair posterior, no
+    # training (lpc.md §6.3 options 3 and 1)
+    discrete_estimator: Literal["dpo", "mean_posterior"] = "dpo"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_defaults(cls, data: Any) -> Any:
+        """Unset lr / noise_draws take the mode's default, so `cfg.lr` is always the rate the fits use."""
+        if isinstance(data, dict) and data.get("mode", "head-only") in MODE_LR:
+            mode = data.get("mode", "head-only")
+            data = {**data}
+            if data.get("lr") is None:
+                data["lr"] = MODE_LR[mode]
+            if data.get("noise_draws") is None:
+                data["noise_draws"] = MODE_NOISE_DRAWS[mode]
+        return data
+
+    def fit_noise_draws(self) -> int | None:
+        """`FitConfig.noise_draws`: None = fresh samples every step."""
+        return None if self.noise_draws == "fresh" else self.noise_draws
 
 
 class EvaluateConfig(_Section):
     """evaluate: personalised generation scored by each user's hidden reward, against baselines."""
 
     n_users: int = 6                          # users sampled for the (costly) baseline comparison
+    user_ids: tuple[str, ...] = ()            # evaluate exactly these users instead of a sample (must be fitted)
     prompts_per_user: int = 8
     max_new_tokens: int = 24
     baselines: tuple[Literal["lora_dpo", "full_dpo", "ptuning_dpo"], ...] = ("lora_dpo",)
     baseline_steps: int = 30
-    baseline_lr: float = 1e-3
-    baseline_beta: float = 0.1
+    # None = spec §5 per method (LoRA 1e-5, full 1e-6, P-Tuning 1e-4); one number = every method; or a mapping
+    # {method: lr} over the spec values. Tiny random models need far larger rates than the spec's GPT-2 ones.
+    baseline_lr: float | dict[Literal["lora_dpo", "full_dpo", "ptuning_dpo"], float] | None = None
+    baseline_beta: float | dict[Literal["lora_dpo", "full_dpo", "ptuning_dpo"], float] | None = None  # spec: 0.1; P-Tuning 0.5
     baseline_batch_size: int = 8
+    ptuning_sft_steps: int = 50               # P-Tuning-SFT of the shared prefix before per-user P-Tuning-DPO (0 = none)
+    ptuning_sft_lr: float = 1e-3              # spec §5
+    users_per_task: int = 2                   # users evaluated in one Ray task (each task loads the models once)
+    max_retries: int = 2
     seed: int = 0
+
+    def _per_method(self, value: float | dict | None, key: str) -> dict[str, float]:
+        from latentpref.tasks.evaluate.baselines import _SPEC_DEFAULTS
+        out = {m: float(_SPEC_DEFAULTS[m][key]) for m in _SPEC_DEFAULTS}
+        if isinstance(value, dict):
+            out.update({m: float(v) for m, v in value.items()})
+        elif value is not None:
+            out = {m: float(value) for m in out}
+        bad = {m: v for m, v in out.items() if not v > 0}
+        if bad:
+            raise ValueError(f"evaluate.baseline_{key} must be > 0; got {bad}")
+        return out
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> "EvaluateConfig":
+        self.lr_by_method(), self.beta_by_method()   # a bad value fails at load time, naming the key
+        return self
+
+    def lr_by_method(self) -> dict[str, float]:
+        """Learning rate of each baseline: spec §5 defaults, overridden by `baseline_lr`."""
+        return self._per_method(self.baseline_lr, "lr")
+
+    def beta_by_method(self) -> dict[str, float]:
+        return self._per_method(self.baseline_beta, "beta")
 
 
 class NightlyConfig(_Section):

@@ -45,9 +45,32 @@ def pick_users(records: pa.Table, users_table: pa.Table, n: int, seed: int) -> l
     return picked
 
 
+def _ptuning_prefix(cfg: EvaluateConfig, data_cfg: DataConfig, data: DataArtifacts, store: Store,
+                   prompts: pa.Table) -> dict | None:
+    """P-Tuning-SFT (spec §5): the shared prefix every user's P-Tuning-DPO starts from, fitted once per night on
+    the train prompts and their true continuations (population text, no user data)."""
+    import mlflow
+
+    from latentpref.tasks.evaluate.baselines import fit_prefix_sft
+    from latentpref.tasks.models.registry import load_base_model
+
+    if cfg.ptuning_sft_steps == 0:
+        return None
+    train = prompts.filter(pc.equal(prompts["split"], "train"))
+    texts = list(zip(train["prompt"].to_pylist(), train["reference"].to_pylist()))
+    base_model, tokenizer = load_base_model(store.local_copy(*data.base_model_path), seed=data_cfg.seed)
+    result = fit_prefix_sft(base_model, tokenizer, texts, steps=cfg.ptuning_sft_steps, lr=cfg.ptuning_sft_lr,
+                            batch_size=cfg.baseline_batch_size, max_prompt_tokens=data_cfg.prompt_tokens,
+                            max_response_tokens=data_cfg.response_tokens, seed=cfg.seed)
+    for step, loss in enumerate(result.loss_curve):
+        mlflow.log_metric("ptuning_sft.nll", loss, step=step)
+    mlflow.log_metric("ptuning_sft.seconds", result.seconds)
+    return result.state
+
+
 def _markdown(table: pa.Table) -> str:
     cols = ["method", "users", "mean_reward", "win_rate", "heldout_accuracy", "perplexity", "fit_seconds",
-            "trainable_params", "artifact_bytes"]
+            "trainable_params", "artifact_bytes", "fit_flops", "peak_rss_bytes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table.to_pylist():
         cells = []
@@ -55,7 +78,7 @@ def _markdown(table: pa.Table) -> str:
             v = r.get(c)
             if isinstance(v, float):
                 lo, hi = r.get(f"{c}_lo"), r.get(f"{c}_hi")
-                cells.append(f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{v:.3f}")
+                cells.append(f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{v:.4g}")
             else:
                 cells.append("–" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
@@ -66,10 +89,10 @@ def _markdown(table: pa.Table) -> str:
 def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeConfig, data: DataArtifacts,
                    clap: ClapArtifact, fits: PersonalizeSummary, store: Store, parent_run_id: str) -> EvaluationResult:
     import mlflow
+    import ray
 
-    from latentpref.tasks.evaluate.evaluate import EvalSettings, evaluate_users, summarise
-    from latentpref.tasks.models.clap import load_clap
-    from latentpref.tasks.models.registry import load_base_model
+    from latentpref.tasks.evaluate.chunk import EvalChunkJob, evaluate_chunk, table_from_ipc, table_to_ipc
+    from latentpref.tasks.evaluate.evaluate import EvalSettings, summarise
     from latentpref.tasks.train.personalize import load_user_policy
     from tqdm.auto import tqdm
     logger = get_run_logger()
@@ -78,7 +101,14 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
         tracking.log_params(tracking.flatten("evaluate", cfg))
         records = store.read_table(*fits.records_path)
         users_table = store.read_table(*data.users.path)
-        user_ids = pick_users(records, users_table, cfg.n_users, cfg.seed)
+        if cfg.user_ids:
+            known = set(records["user_id"].to_pylist())
+            unknown = [u for u in cfg.user_ids if u not in known]
+            if unknown:
+                raise ValueError(f"evaluate.user_ids {unknown[:5]} have no personalize record in this store")
+            user_ids = list(cfg.user_ids)
+        else:
+            user_ids = pick_users(records, users_table, cfg.n_users, cfg.seed)
         prompts = store.read_table(*data.prompts.path)
         test = prompts.filter(pc.equal(prompts["split"], "test"))
         all_pairs = store.read_table(*data.pairs.path)
@@ -87,28 +117,46 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
         for name, ref in (("prompts", data.prompts), ("pairs", data.pairs), ("users_hidden", data.users)):
             tracking.log_table_input(ref.url(store), name=name, digest=ref.digest, context="evaluation", rows=ref.rows)
 
-        clap_model = load_clap(store.local_copy(*clap.path))
-        base_model, tokenizer = load_base_model(store.local_copy(*data.base_model_path), seed=data_cfg.seed)
         heads = {u: load_user_policy(store, u) for u in user_ids}
+        prefix = _ptuning_prefix(cfg, data_cfg, data, store, prompts) if "ptuning_dpo" in cfg.baselines else None
         settings = EvalSettings(
             prompts_per_user=cfg.prompts_per_user, max_new_tokens=cfg.max_new_tokens,
             prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
-            baselines=tuple(cfg.baselines), baseline_steps=cfg.baseline_steps, baseline_lr=cfg.baseline_lr,
-            baseline_beta=cfg.baseline_beta, baseline_batch_size=cfg.baseline_batch_size,
+            baselines=tuple(cfg.baselines), baseline_steps=cfg.baseline_steps, baseline_lr=cfg.lr_by_method(),
+            baseline_beta=cfg.beta_by_method(), baseline_batch_size=cfg.baseline_batch_size,
             latent_fit={"steps": pcfg.steps, "lr": pcfg.lr, "beta": pcfg.beta, "n_samples": pcfg.n_samples,
                         "evidence_ratio": pcfg.evidence_ratio, "loss_type": pcfg.loss_type, "seed": pcfg.seed},
-            seed=cfg.seed)
-        with tqdm(total=len(user_ids), desc="evaluate users", unit="user") as bar:
-            def progress(done: int, total: int) -> None:
-                bar.update(done - bar.n)
-                rate = bar.format_dict.get("rate")
-                eta = f"{(total - done) / rate:.0f}s" if rate else "?"
-                logger.info("evaluate: %d/%d users done, ETA %s", done, total, eta)
+            seed=cfg.seed, ptuning_prefix=prefix)
 
-            per_user = evaluate_users(
-                clap=clap_model, base_model=base_model, tokenizer=tokenizer, users_table=users_table,
-                user_ids=user_ids, test_prompts=test["prompt"].to_pylist(), references=test["reference"].to_pylist(),
-                train_pairs=train, heldout_pairs=heldout, user_policies=heads, settings=settings, progress=progress)
+        # fan-out: baselines are a full DPO run through the LM per user, by far the costliest part of the night,
+        # so chunks of users go to Ray tasks like the latent fits (with retries); each task loads the models once
+        def subset(table: pa.Table, users: list[str]) -> bytes:
+            return table_to_ipc(table.filter(pc.is_in(table["user_id"], value_set=pa.array(users, pa.string()))))
+
+        remote_eval = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(evaluate_chunk)
+        chunks = [user_ids[i:i + cfg.users_per_task] for i in range(0, len(user_ids), cfg.users_per_task)]
+        pending = {}
+        for chunk in chunks:
+            job = EvalChunkJob(store_root=store.root, clap_path=tuple(clap.path),
+                               base_model_path=tuple(data.base_model_path), base_seed=data_cfg.seed,
+                               user_ids=tuple(chunk), users_ipc=subset(users_table, chunk),
+                               train_ipc=subset(train, chunk), heldout_ipc=subset(heldout, chunk),
+                               test_prompts=tuple(test["prompt"].to_pylist()),
+                               references=tuple(test["reference"].to_pylist()), settings=settings)
+            pending[remote_eval.remote(job)] = len(chunk)
+        parts: list[pa.Table] = []
+        with tqdm(total=len(user_ids), desc="evaluate users", unit="user") as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                parts.append(table_from_ipc(ray.get(done[0])))
+                bar.update(pending.pop(done[0]))
+                rate = bar.format_dict.get("rate")
+                eta = f"{(len(user_ids) - bar.n) / rate:.0f}s" if rate else "?"
+                logger.info("evaluate: %d/%d users done, ETA %s", bar.n, len(user_ids), eta)
+        per_user = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
+        order = {u: i for i, u in enumerate(user_ids)}   # stable row order whatever the completion order
+        per_user = per_user.take(sorted(range(per_user.num_rows),
+                                        key=lambda i: (order[per_user["user_id"][i].as_py()], i)))
         comparison = summarise(per_user, seed=cfg.seed)
         per_user_path = ("runs", parent_run_id, "evaluation_per_user.parquet")
         comparison_path = ("runs", parent_run_id, "comparison.parquet")
@@ -127,7 +175,8 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
                                  "user_artifact_version": head_manifest.get("version", ""),
                                  "user_data_hash": head_manifest.get("data_hash", "")})
                 mlflow.log_metrics({k: float(r[k]) for k in ("mean_reward", "win_rate", "perplexity", "fit_seconds",
-                                                             "trainable_params", "artifact_bytes", "n_train_pairs")
+                                                             "trainable_params", "artifact_bytes", "n_train_pairs",
+                                                             "fit_flops", "peak_rss_bytes")
                                     if r.get(k) is not None}
                                    | ({"heldout_accuracy": float(r["heldout_accuracy"])}
                                       if r.get("heldout_accuracy") is not None else {}))

@@ -43,6 +43,14 @@ def training_pairs(store: Store, data: DataArtifacts) -> pa.Table:
     return pairs
 
 
+def _perplexity(usage) -> float:
+    """exp(entropy) of a code-usage vector: the effective number of codes (K = all used equally)."""
+    import torch
+
+    from latentpref.tasks.models.lpc import code_usage_perplexity
+    return float(code_usage_perplexity(torch.as_tensor(usage, dtype=torch.float64)))
+
+
 def _ensure_cache(store: Store, clap: ClapArtifact, data: DataArtifacts, pairs: pa.Table,
                   extra_prompts: list[str], data_cfg: DataConfig, logger) -> tuple[str, ...]:
     from latentpref.tasks.models.clap import load_clap
@@ -60,8 +68,11 @@ def _ensure_cache(store: Store, clap: ClapArtifact, data: DataArtifacts, pairs: 
     tokenizer = load_tokenizer(store.local_copy(*data.base_model_path))
     prompts = pairs["prompt"].to_pylist()
     pr = list(zip(prompts, pairs["chosen"].to_pylist())) + list(zip(prompts, pairs["rejected"].to_pylist()))
+    # discrete CLaPs also encode each train pair with the pair posterior (the mean_posterior estimator reads it)
+    triples = list(zip(prompts, pairs["chosen"].to_pylist(), pairs["rejected"].to_pylist()))
     cache = build_latent_cache(model, tokenizer, prompts + extra_prompts, pr,
-                               prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens)
+                               prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
+                               pairs=triples)
     store.write_bytes(cache.to_bytes(), *path)
     logger.info("personalize: latent cache of %d prompts / %d responses built in %.1fs",
                 len(cache.prompt_index), len(cache.response_index), time.perf_counter() - t0)
@@ -101,7 +112,8 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
 
         # loss_type reaches every mode through FitConfig (head-only: fit_users; encoder modes: fit_encoder_users)
         fit = {"steps": cfg.steps, "lr": cfg.lr, "beta": cfg.beta, "n_samples": cfg.n_samples,
-               "evidence_ratio": cfg.evidence_ratio, "loss_type": cfg.loss_type, "seed": cfg.seed}
+               "evidence_ratio": cfg.evidence_ratio, "loss_type": cfg.loss_type, "seed": cfg.seed,
+               "noise_draws": cfg.fit_noise_draws()}   # lr / noise_draws: the mode's defaults unless set
         remote_fit = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(fit_chunk)
 
         def jobs():
@@ -112,7 +124,8 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
                 # the encoder modes (trunk-frozen, faithful) load the CLaP in the worker, from the store
                 yield ChunkJob(store_root=store.root, clap_version=clap.version, cache_path=cache_path,
                                user_ids=chunk, pairs_ipc=table_to_ipc(pairs.slice(lo, hi - lo)), fit=fit,
-                               mode=cfg.mode, min_pairs=cfg.min_pairs, clap_path=tuple(clap.path))
+                               mode=cfg.mode, min_pairs=cfg.min_pairs, clap_path=tuple(clap.path),
+                               discrete_estimator=cfg.discrete_estimator)
 
         # a bounded window of tasks in flight: each job carries its pairs, and submitting every chunk at once
         # would put all of them in the object store together
@@ -146,6 +159,10 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         summary = PersonalizeSummary(records_path, cache_path, len(records), status.count("fitted"),
                                      status.count("unchanged"), status.count("cold_start"), seconds)
         fitted_s = [r["fit_seconds"] for r in records if r.get("status") == "fitted"]
+        mixtures = [r["code_mixture"] for r in records if r.get("code_mixture")]
+        if mixtures:   # discrete CLaP: how many codes the users' profiles spread over (lpc.md §6.3 metrics)
+            mlflow.set_tag("latent_type", "discrete")
+            mlflow.log_metric("user_code_usage_perplexity", _perplexity(np.mean(mixtures, axis=0)))
         mlflow.log_metrics({"users": summary.n_users, "users_fitted": summary.n_fitted,
                             "users_unchanged": summary.n_unchanged, "users_cold_start": summary.n_cold_start,
                             "stage_seconds": seconds,

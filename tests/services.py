@@ -456,6 +456,7 @@ NIGHT_OVERRIDES = (
     "pretrain.stage1_steps=4", "pretrain.stage2_steps=2", "pretrain.checkpoint_every=3",
     "personalize.steps=30", "personalize.users_per_task=3",
     "evaluate.n_users=2", "evaluate.prompts_per_user=2", "evaluate.max_new_tokens=8", "evaluate.baseline_steps=2",
+    "evaluate.baselines=[lora_dpo]",
 )
 
 

@@ -683,28 +683,34 @@ def fit_baseline(
     cfg: BaselineConfig,
     *,
     ref_logps: Mapping[tuple[str, str], float] | None = None,
+    init_adapter: Mapping[str, Tensor] | None = None,
 ) -> BaselineResult:
     """Fit one user's DPO baseline (spec §5) on ``pairs`` and return the policy and its costs.
 
     DPO (Rafailov et al. 2023, arXiv 2305.18290) on summed response log-probs (spec §3.9); the reference is
     the frozen ``base_model`` in eval mode, its log-probs read from ``ref_logps`` (see
-    `reference_logps_cache`) and computed here only for missing (prompt, response) keys. For P-Tuning-DPO the
-    paper's reference is its PT-SFT model; we have no PT-SFT stage, so the reference is the base LM and the
-    randomly initialised prefix makes the initial margin non-zero.
+    `reference_logps_cache`) and computed here only for missing (prompt, response) keys. For P-Tuning-DPO pass the
+    population prefix of `fit_prefix_sft` as ``init_adapter``: the policy starts from it and, as in the paper
+    (spec §5: "PT-SFT model; ref = deepcopy"), the reference is that PT-SFT model, so ``ref_logps`` must then
+    hold log-probs under it (`prefix_reference_model`). Without ``init_adapter`` the prefix starts random and
+    the reference is the base LM.
 
     Raises:
-        ValueError: empty or malformed ``pairs``.
+        ValueError: empty or malformed ``pairs``; ``init_adapter`` for a method other than P-Tuning-DPO.
     """
     _check_pairs(pairs)
+    if init_adapter is not None and cfg.method != "ptuning_dpo":
+        raise ValueError(f"init_adapter (a PT-SFT prefix) only applies to ptuning_dpo, not {cfg.method!r}")
     t0 = time.perf_counter()
     device = _device_of(base_model)
+    reference = prefix_reference_model(base_model, init_adapter, cfg) if init_adapter is not None else base_model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     with _PeakRSS() as rss:
         t_ref = time.perf_counter()
-        ref_chosen, ref_rejected, missing = _reference_logps(base_model, tokenizer, pairs, cfg, ref_logps)
+        ref_chosen, ref_rejected, missing = _reference_logps(reference, tokenizer, pairs, cfg, ref_logps)
         reference_seconds = time.perf_counter() - t_ref
 
         # peft initialises LoRA-A / prefix weights from the global RNG: seed it without leaking state.
@@ -712,6 +718,8 @@ def fit_baseline(
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(cfg.seed)
             policy = build_policy(base_model, cfg)
+        if init_adapter is not None:
+            _load_adapter(policy, init_adapter)
         policy.to(device)
         # disable_dropout: eval mode only switches dropout off; gradients flow the same (TRL default; and a
         # noisy policy log-prob biases the sigmoid like the noisy reference of spec §9.9).
@@ -770,6 +778,85 @@ def fit_baseline(
         artifact_state=state,
         artifact_bytes=artifact_bytes,
     )
+
+
+def _load_adapter(policy: nn.Module, state: Mapping[str, Tensor]) -> None:
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    set_peft_model_state_dict(policy, dict(state))
+    # peft reports prefix embeddings as "unexpected" even when it loads them: check what actually landed
+    loaded = get_peft_model_state_dict(policy)
+    if loaded.keys() != state.keys() or any(not torch.equal(loaded[k].cpu(), state[k].cpu()) for k in state):
+        raise ValueError(f"init_adapter {sorted(state)} does not fit this policy's adapter {sorted(loaded)}")
+
+
+def prefix_reference_model(base_model: nn.Module, adapter: Mapping[str, Tensor], cfg: BaselineConfig) -> nn.Module:
+    """The frozen PT-SFT model (base LM + population prefix) in eval mode: P-Tuning-DPO's reference (spec §5)."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_policy(base_model, BaselineConfig(method="ptuning_dpo", num_virtual_tokens=cfg.num_virtual_tokens))
+    _load_adapter(model, adapter)
+    model.requires_grad_(False)
+    return model.to(_device_of(base_model)).eval()
+
+
+@dataclass(frozen=True)
+class PrefixSFTResult:
+    state: dict[str, Tensor]  # the population prefix (peft state dict): init and reference of every P-Tuning-DPO
+    loss_curve: list[float]
+    seconds: float
+
+
+def fit_prefix_sft(
+    base_model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    num_virtual_tokens: int = 4,
+    max_prompt_tokens: int = 64,
+    max_response_tokens: int = 48,
+    seed: int = 0,
+) -> PrefixSFTResult:
+    """P-Tuning-SFT (spec §5, lr 1e-3): one population prefix trained by token NLL on (prompt, response) texts.
+
+    User-independent, so it is fitted once per night and shared: every user's P-Tuning-DPO starts from it and
+    uses it as the reference, whose log-probs are therefore cacheable like the base LM's.
+
+    Raises:
+        ValueError: no texts, or steps < 1.
+    """
+    if not texts:
+        raise ValueError("fit_prefix_sft needs at least one (prompt, response) text")
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    t0 = time.perf_counter()
+    cfg = BaselineConfig(method="ptuning_dpo", num_virtual_tokens=num_virtual_tokens,
+                         max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        policy = build_policy(base_model, cfg)
+    policy.to(_device_of(base_model)).eval()  # dropout off, as in the DPO fits
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    p_ids = encode_prompts(tokenizer, [t[0] for t in texts], max_prompt_tokens=max_prompt_tokens)
+    r_ids = encode_responses(tokenizer, [t[1] for t in texts], max_response_tokens=max_response_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order_gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for idx in _batches(len(texts), batch_size, steps, order_gen):
+        batch = collate([p_ids[i] for i in idx], [r_ids[i] for i in idx], pad_id=pad_id)
+        logps, lengths = batch_logps(policy, batch)
+        loss = -logps.sum() / lengths.sum().clamp(min=1)  # mean token NLL of the batch's response tokens
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    state = trainable_state(policy, "ptuning_dpo")
+    log.info("P-Tuning-SFT: %d texts, %d steps, NLL %.3f -> %.3f", len(texts), steps, losses[0], losses[-1])
+    return PrefixSFTResult(state, losses, time.perf_counter() - t0)
 
 
 def _count_tokens(tokenizer: Any, texts: Sequence[tuple[str, str]], cfg: BaselineConfig) -> int:

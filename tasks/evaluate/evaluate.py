@@ -4,6 +4,7 @@ the un-personalised models and the baselines fitted on exactly the same pairs (s
 Methods (rows of the result):
     base_lm       the (SFT'd) base LM alone, no latent prefix
     clap_prior    CLaP with z = mean of the population prior N(0, I): the un-personalised latent model
+                  (discrete CLaPs: the expected code under the population prior p(k|x), lpc.md §6.3)
     latent_dpo    CLaP with z = mean of the user's fitted p_θ(z|x) (spec §4.1.9: z = μ_θ(x))
     lora_dpo / full_dpo / ptuning_dpo   baselines (tasks/evaluate/baselines.py)
 Generation uses the same prompts and the same sampling seed for every method, so differences come from
@@ -36,11 +37,13 @@ class EvalSettings:
     response_tokens: int
     baselines: tuple[str, ...]
     baseline_steps: int
-    baseline_lr: float
-    baseline_beta: float
+    baseline_lr: dict[str, float]    # per method (spec §5: LoRA 1e-5, full 1e-6, P-Tuning 1e-4)
+    baseline_beta: dict[str, float]  # per method (spec §5: 0.1; P-Tuning 0.5)
     baseline_batch_size: int
     latent_fit: dict[str, Any]       # FitConfig fields, to time a one-user latent fit like-for-like
     seed: int = 0
+    # the night's P-Tuning-SFT prefix (baselines.fit_prefix_sft): init and reference of every P-Tuning-DPO fit
+    ptuning_prefix: dict[str, torch.Tensor] | None = None
 
 
 def _user_reward(weights_json: str, texts: list[str]) -> np.ndarray:
@@ -59,6 +62,55 @@ def _clap_generate(clap, tokenizer, prompts: list[str], z: torch.Tensor | None, 
 def _latent_implicit_reward(mu_p, logvar_p, mu_y) -> torch.Tensor:
     """R_θ(z) = log p_θ(z|x) − log N(z; 0, I) at the response's posterior mean (spec §3.6)."""
     return latent.gaussian_log_prob(mu_y, mu_p, logvar_p) - latent.standard_normal_log_prob(mu_y)
+
+
+@torch.no_grad()
+def _prior_latent(clap, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population-prior z: 0 for a Gaussian CLaP (mean of N(0, I)), the expected prior code for a discrete one."""
+    if getattr(clap, "discrete", False):
+        return clap.prior_latent(ids, mask)
+    return torch.zeros(ids.shape[0], clap.cfg.latent_dim)
+
+
+def _code_policy_checks(clap, tokenizer, policy, triples: list[tuple[str, str, str]],
+                        held: list[tuple[str, str, str]], s: EvalSettings) -> tuple[float | None, float | None]:
+    """Held-out preference accuracy and a like-for-like one-user fit time of a discrete-code policy.
+
+    Accuracy: a response's score is its expected implicit code reward under its CLaP posterior,
+    sum_k q(k|x,y) (log p_u(k|x) - log p(k|x)) (the categorical analogue of the Gaussian R_theta at the posterior
+    mean); the pair counts as correct when the chosen response scores higher. Timing: `fit_code_users` on the
+    user's train pairs alone, with the estimator the nightly fit used (recorded in the manifest).
+    """
+    from latentpref.tasks.train.fit_codes import CodeFitConfig, fit_code_users
+
+    def encode(rows):
+        p_ids, p_mask = tokenize_prompts(tokenizer, [r[0] for r in rows], s.prompt_tokens)
+        c_ids, c_mask = tokenize_responses(tokenizer, [r[1] for r in rows], s.response_tokens)
+        r_ids, r_mask = tokenize_responses(tokenizer, [r[2] for r in rows], s.response_tokens)
+        with torch.no_grad():
+            prior = clap.prior_logits(p_ids, p_mask)
+            return (p_ids, p_mask, c_ids, c_mask, r_ids, r_mask, prior, clap.encode_logits(p_ids, p_mask, c_ids, c_mask),
+                    clap.encode_logits(p_ids, p_mask, r_ids, r_mask))
+
+    held_acc = fit_s = None
+    if held:
+        p_ids, p_mask, *_, prior, q_c, q_r = encode(held)
+        reward = torch.log(policy.code_probs(clap.encoder, p_ids, p_mask)) - torch.log_softmax(prior, -1)   # (N, K)
+        held_acc = metrics.preference_accuracy((torch.softmax(q_c, -1) * reward).sum(-1).numpy(),
+                                               (torch.softmax(q_r, -1) * reward).sum(-1).numpy())
+    if triples and not policy.cold_start:
+        p_ids, p_mask, c_ids, c_mask, r_ids, r_mask, prior, q_c, q_r = encode(triples)
+        estimator = policy.manifest.get("estimator", "dpo")
+        pair_logits = None
+        if estimator == "mean_posterior":
+            with torch.no_grad():
+                pair_logits = clap.pair_logits(p_ids, p_mask, c_ids, c_mask, r_ids, r_mask)
+        fit = {k: v for k, v in s.latent_fit.items() if k in ("steps", "lr", "beta", "evidence_ratio", "loss_type")}
+        t0 = time.perf_counter()
+        fit_code_users(prior, q_c, q_r, torch.zeros(len(triples), dtype=torch.long), 1,
+                       CodeFitConfig(estimator=estimator, **fit), pair_logits=pair_logits)
+        fit_s = time.perf_counter() - t0
+    return held_acc, fit_s
 
 
 def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_ids: list[str],
@@ -82,8 +134,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
     shared = {"base_lm": baselines.generate_texts(base_model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                                   do_sample=True, top_k=50, seed=settings.seed,
                                                   max_prompt_tokens=settings.prompt_tokens),
-              "clap_prior": _clap_generate(clap, tokenizer, prompts, torch.zeros(len(prompts), clap.cfg.latent_dim),
-                                           settings)}
+              "clap_prior": _clap_generate(clap, tokenizer, prompts, _prior_latent(clap, p_ids, p_mask), settings)}
     ppl_cache: dict[str, float] = {}
 
     def ppl(method_texts: list[str]) -> float:
@@ -102,6 +153,13 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
             texts += [(p, c), (p, r)]
     lengths = dict(max_prompt_tokens=settings.prompt_tokens, max_response_tokens=settings.response_tokens)
     ref_cache = baselines.reference_logps_cache(base_model, tokenizer, texts, **lengths) if settings.baselines else {}
+    ref_caches = {method: ref_cache for method in settings.baselines}
+    if "ptuning_dpo" in settings.baselines and settings.ptuning_prefix is not None:
+        # P-Tuning-DPO's reference is the PT-SFT model (spec §5); still user-independent, so cached once too
+        pt_ref = baselines.prefix_reference_model(base_model, settings.ptuning_prefix,
+                                                  baselines.BaselineConfig(method="ptuning_dpo"))
+        ref_caches["ptuning_dpo"] = baselines.reference_logps_cache(pt_ref, tokenizer, texts, **lengths)
+        del pt_ref
 
     rows: list[dict[str, Any]] = []
     for n_done, user_id in enumerate(user_ids):
@@ -127,8 +185,10 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         manifest = policy.manifest
         mu_p, _ = policy.latent(clap.encoder, p_ids, p_mask)
         texts = _clap_generate(clap, tokenizer, prompts, mu_p, settings)
-        held_acc = None
-        if held:
+        held_acc = fit_s_codes = None
+        if getattr(clap, "discrete", False):   # discrete codes: categorical checks; mode `codes` skips the rest
+            held_acc, fit_s_codes = _code_policy_checks(clap, tokenizer, policy, triples, held, settings)
+        if held and not getattr(clap, "discrete", False):
             hp_ids, hp_mask = tokenize_prompts(tokenizer, [h[0] for h in held], settings.prompt_tokens)
             with torch.no_grad():
                 mu_h, logvar_h = policy.latent(clap.encoder, hp_ids, hp_mask)
@@ -140,6 +200,8 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                                                    _latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
         # like-for-like timing: one user fitted alone from the cache (the nightly batched cost is lower)
         fit_s = manifest.get("fit_seconds", 0.0)
+        if getattr(clap, "discrete", False) and fit_s_codes is not None:
+            fit_s = fit_s_codes
         if triples and policy.mode == "head-only":
             tp_ids, tp_mask = tokenize_prompts(tokenizer, [t[0] for t in triples], settings.prompt_tokens)
             c_ids, c_mask = tokenize_responses(tokenizer, [t[1] for t in triples], settings.response_tokens)
@@ -162,10 +224,12 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         for method in settings.baselines:
             if not triples:
                 continue
-            cfg = baselines.BaselineConfig(method=method, beta=settings.baseline_beta, lr=settings.baseline_lr,
-                                           steps=settings.baseline_steps, batch_size=settings.baseline_batch_size,
-                                           seed=settings.seed, **lengths)
-            result = baselines.fit_baseline(base_model, tokenizer, triples, cfg, ref_logps=ref_cache)
+            cfg = baselines.BaselineConfig(method=method, beta=settings.baseline_beta[method],
+                                           lr=settings.baseline_lr[method], steps=settings.baseline_steps,
+                                           batch_size=settings.baseline_batch_size, seed=settings.seed, **lengths)
+            init = settings.ptuning_prefix if method == "ptuning_dpo" else None
+            result = baselines.fit_baseline(base_model, tokenizer, triples, cfg, ref_logps=ref_caches[method],
+                                            init_adapter=init)
             b_texts = baselines.generate_texts(result.model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                                do_sample=True, top_k=50, seed=settings.seed,
                                                   max_prompt_tokens=settings.prompt_tokens)
@@ -174,15 +238,18 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                 hp = [h[0] for h in held]
                 lc_, _ = baselines.sequence_logps(result.model, tokenizer, hp, [h[1] for h in held], **lengths)
                 lr2, _ = baselines.sequence_logps(result.model, tokenizer, hp, [h[2] for h in held], **lengths)
-                rc = np.array([ref_cache[(h[0], h[1])] for h in held])
-                rr = np.array([ref_cache[(h[0], h[2])] for h in held])
+                rc = np.array([ref_caches[method][(h[0], h[1])] for h in held])
+                rr = np.array([ref_caches[method][(h[0], h[2])] for h in held])
                 b_held = metrics.preference_accuracy(lc_.numpy() - rc, lr2.numpy() - rr)
             rows.append(row(method, b_texts, heldout_accuracy=b_held, fit_seconds=result.seconds,
-                            trainable_params=int(result.trainable_params), artifact_bytes=int(result.artifact_bytes)))
+                            trainable_params=int(result.trainable_params), artifact_bytes=int(result.artifact_bytes),
+                            fit_flops=float(result.flops), peak_rss_bytes=int(result.peak_rss_bytes)))
             del result
         if progress is not None:
             progress(n_done + 1, len(user_ids))
-    return pa.Table.from_pylist(rows)
+    # from_pylist takes its columns from the first row: give every row every key (baseline-only costs are null)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
 
 
 def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
@@ -201,5 +268,8 @@ def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
                 entry.update({col: None, f"{col}_lo": None, f"{col}_hi": None})
         entry["trainable_params"] = int(np.median(sub["trainable_params"].to_numpy()))
         entry["artifact_bytes"] = int(np.median(sub["artifact_bytes"].to_numpy()))
+        for col in ("fit_flops", "peak_rss_bytes"):     # baselines only (per-user cost of a fit through the LM)
+            vals = [v for v in (sub[col].to_pylist() if col in sub.column_names else []) if v is not None]
+            entry[col] = float(np.median(vals)) if vals else None
         out.append(entry)
     return pa.Table.from_pylist(out)

@@ -23,7 +23,7 @@ SMALLER = ["runtime.ray_num_cpus=2", "runtime.mlflow_experiment=it-serving", "da
            "data.sft_steps=0", "data.n_candidates=4", "data.n_users=12", "pretrain.stage1_steps=6",
            "pretrain.stage2_steps=4", "pretrain.checkpoint_every=5", "personalize.steps=30",
            "evaluate.n_users=3", "evaluate.prompts_per_user=4", "evaluate.max_new_tokens=12",
-           "evaluate.baseline_steps=4"]
+           "evaluate.baseline_steps=4", "evaluate.baselines=[lora_dpo]"]
 
 
 def tiny_night(session_dir: str):

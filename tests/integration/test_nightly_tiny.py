@@ -71,6 +71,88 @@ def test_per_user_metrics_for_latent_dpo_and_lora(tiny_run):
         assert 0 < r.data.metrics["artifact_bytes"] < 64 * 1024   # head-only target (issue 5)
 
 
+ALL_METHODS = {"base_lm", "clap_prior", "latent_dpo", "lora_dpo", "full_dpo", "ptuning_dpo"}
+LINEAGE_TAGS = {"clap_version", "base_model_version", "pairs_digest", "candidates_digest", "prompts_digest",
+                "user_id", "method", "cohort"}
+
+
+def test_baselines_side_by_side_with_lineage(tiny_run):
+    """Issue 6: every baseline and latent DPO on the same users, one child run per (user, method) carrying the
+    data and model versions, dataset inputs on the stage run, the comparison table on the parent run."""
+    cfg, report, store = tiny_run
+    assert set(cfg.evaluate.baselines) == {"lora_dpo", "full_dpo", "ptuning_dpo"} and cfg.evaluate.n_users == 3
+    client = mlflow.MlflowClient(report.tracking_uri)
+    stages = {r.info.run_name: r for r in _children(client, report.experiment_id, report.run_id)}
+    evaluate = client.get_run(stages["evaluate"].info.run_id)
+    inputs = {d.dataset.name: d.dataset for d in evaluate.inputs.dataset_inputs}
+    assert {"prompts", "pairs", "users_hidden"} <= set(inputs)
+    assert all(inputs[n].source for n in inputs)
+    per_user = _children(client, report.experiment_id, evaluate.info.run_id)
+    by_method: dict[str, list] = {}
+    for r in per_user:
+        assert LINEAGE_TAGS <= set(r.data.tags), r.data.tags
+        assert r.data.tags["clap_version"] == report.clap_version
+        by_method.setdefault(r.data.tags["method"], []).append(r)
+    assert set(by_method) == ALL_METHODS
+    users = {r.data.tags["user_id"] for r in by_method["latent_dpo"]}
+    assert len(users) == 3 and all({r.data.tags["user_id"] for r in rs} == users for rs in by_method.values())
+    for method in ("lora_dpo", "full_dpo", "ptuning_dpo"):
+        for r in by_method[method]:
+            m = r.data.metrics
+            assert m["fit_flops"] > 0 and m["peak_rss_bytes"] > 0 and m["fit_seconds"] > 0
+            assert 0.0 <= m["heldout_accuracy"] <= 1.0
+    params = {k: by_method[k][0].data.metrics["trainable_params"] for k in ("lora_dpo", "full_dpo", "ptuning_dpo")}
+    assert params["ptuning_dpo"] < params["lora_dpo"] < params["full_dpo"]
+    # the comparison table: parent-run artifact in three formats, one row per method with bootstrap intervals
+    artifacts = {a.path for a in client.list_artifacts(report.run_id, "comparison")}
+    assert {"comparison/comparison.parquet", "comparison/comparison.csv", "comparison/comparison.md"} <= artifacts
+    local = client.download_artifacts(report.run_id, "comparison/comparison.parquet")
+    table = pq.read_table(local).to_pylist()
+    assert {r["method"] for r in table} == ALL_METHODS
+    for r in table:
+        assert r["users"] == 3 and r["win_rate_lo"] <= r["win_rate"] <= r["win_rate_hi"]
+
+
+def test_clear_preference_user_improves_over_unpersonalised(tiny_run):
+    """Issue 6: for the evaluated user with the clearest preference, latent DPO and LoRA-DPO predict that user's
+    held-out choices better than the un-personalised models, which by construction score every pair a tie (0.5):
+    the CLaP prior's implicit reward log N(z)-log N(z) and the base LM's log-ratio vs itself are both 0."""
+    import json
+
+    cfg, report, store = tiny_run
+    per_user = pq.read_table(os.path.join(store, "runs", report.run_id, "evaluation_per_user.parquet")).to_pylist()
+    users_files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(store, "data")) for f in fs
+                   if f == "users.parquet"]
+    hidden = {r["user_id"]: r for r in pq.read_table(users_files[0]).to_pylist()}
+
+    def clarity(user_id: str) -> float:   # preference strength over the BT noise temperature
+        weights = json.loads(hidden[user_id]["weights_json"])
+        return sum(abs(w) for w in weights.values()) / max(hidden[user_id]["bt_temperature"], 1e-6)
+
+    evaluated = sorted({r["user_id"] for r in per_user}, key=clarity, reverse=True)
+    clear = evaluated[0]
+    acc = {r["method"]: r["heldout_accuracy"] for r in per_user if r["user_id"] == clear}
+    assert acc["latent_dpo"] > 0.5, (clear, acc)
+    assert acc["lora_dpo"] > 0.5, (clear, acc)
+
+
+def test_lineage_command_reaches_the_evaluation_runs(tiny_run, capsys):
+    import json
+
+    from latentpref.pipelines.cli import main
+
+    cfg, report, store = tiny_run
+    per_user = pq.read_table(os.path.join(store, "runs", report.run_id, "evaluation_per_user.parquet"))
+    user = per_user["user_id"][0].as_py()
+    assert main(["lineage", user, "--preset", "tiny", "--set", f"runtime.store={store}",
+                 "--set", "runtime.mlflow_experiment=it-nightly"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert chain["clap_version"] == report.clap_version and chain["data_hash"]
+    runs = [r for r in chain["evaluation_runs"] if r["parent_run_id"]]
+    assert {r["method"] for r in runs} == ALL_METHODS
+    assert all(r["clap_version"] == report.clap_version for r in runs)
+
+
 def test_every_user_has_an_artifact_and_data_is_parquet(tiny_run):
     cfg, report, store = tiny_run
     assert report.users["total"] == cfg.data.n_users

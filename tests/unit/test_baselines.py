@@ -279,3 +279,30 @@ def test_config_validation_and_spec_defaults():
         bl.BaselineConfig(steps=0)
     with pytest.raises(ValueError, match=r"pairs\[0\]"):
         bl.fit_baseline(None, None, [("a", "b")], bl.BaselineConfig())
+
+
+def test_prefix_sft_then_ptuning_dpo_starts_at_its_reference(gpt2):
+    """P-Tuning-SFT lowers the NLL of its texts; P-Tuning-DPO initialised from it has the PT-SFT model as its
+    reference (spec §5), so the first DPO step sees a zero margin: loss exactly log 2."""
+    model, tok = gpt2
+    snap = _snapshot(model)
+    texts = [(p, c) for p, c, _ in PAIRS] * 2
+    sft = bl.fit_prefix_sft(model, tok, texts, steps=12, lr=5e-2, batch_size=4)
+    _assert_unchanged(model, snap)
+    assert sft.loss_curve[-1] < sft.loss_curve[0]
+    assert sum(t.numel() for t in sft.state.values()) == 4 * 2 * 2 * 64
+    reference = bl.prefix_reference_model(model, sft.state, bl.BaselineConfig(method="ptuning_dpo"))
+    ref = bl.reference_logps_cache(reference, tok, [(p, x) for p, c, r in PAIRS for x in (c, r)])
+    base_ref = bl.reference_logps_cache(model, tok, [(p, x) for p, c, r in PAIRS for x in (c, r)])
+    assert any(abs(ref[k] - base_ref[k]) > 1e-3 for k in ref)  # the prefix really is in the reference
+    cfg = bl.BaselineConfig(method="ptuning_dpo", lr=1e-2, steps=3, batch_size=4)
+    res = bl.fit_baseline(model, tok, PAIRS, cfg, ref_logps=ref, init_adapter=sft.state)
+    assert res.loss_curve[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert res.loss_curve[-1] < res.loss_curve[0]
+    _assert_unchanged(model, snap)
+
+
+def test_init_adapter_only_for_ptuning(gpt2):
+    model, tok = gpt2
+    with pytest.raises(ValueError, match="only applies to ptuning_dpo"):
+        bl.fit_baseline(model, tok, PAIRS, bl.BaselineConfig(method="lora_dpo", steps=1), init_adapter={})

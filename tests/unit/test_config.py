@@ -39,3 +39,18 @@ def test_config_is_frozen_and_round_trips():
     with pytest.raises(Exception):
         cfg.data.n_users = 3
     assert NightlyConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_baseline_rates_default_to_spec_and_take_overrides():
+    spec = load_config("small", overrides=["evaluate.baseline_lr=null", "evaluate.baseline_beta=null"]).evaluate
+    assert spec.lr_by_method() == {"lora_dpo": 1e-5, "full_dpo": 1e-6, "ptuning_dpo": 1e-4}   # spec §5
+    assert spec.beta_by_method() == {"lora_dpo": 0.1, "full_dpo": 0.1, "ptuning_dpo": 0.5}
+    one = load_config("tiny", overrides=["evaluate.baseline_lr=0.003"]).evaluate
+    assert set(one.lr_by_method().values()) == {0.003}
+    mixed = load_config("tiny", overrides=["evaluate.baseline_lr=null",
+                                           "evaluate.baseline_lr={full_dpo: 0.0002}"]).evaluate
+    assert mixed.lr_by_method()["full_dpo"] == 0.0002 and mixed.lr_by_method()["lora_dpo"] == 1e-5
+    with pytest.raises(ValueError, match="baseline_lr must be > 0"):
+        load_config("tiny", overrides=["evaluate.baseline_lr={lora_dpo: 0}"])
+    with pytest.raises(ValueError, match="baseline_lr"):
+        load_config("tiny", overrides=["evaluate.baseline_lr={lora: 0.1}"])   # unknown method named

@@ -128,7 +128,8 @@ def test_stage2_adds_contrastive_and_trains_the_base(spec):
     model.zero_grad(set_to_none=True)
     objective.contrastive_weight = 0.0
     loss0, metrics0 = objective(batch, 2, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(loss.detach() - loss0.detach(), metrics["contrastive"])
+    # a difference of two losses of O(100) nats: float32 cancellation leaves ~1e-5 absolute error
+    torch.testing.assert_close(loss.detach() - loss0.detach(), metrics["contrastive"], rtol=1e-4, atol=1e-4)
     assert float(metrics0["contrastive"]) == 0.0
 
 

@@ -1,0 +1,116 @@
+"""Side-by-side comparison of every personalisation method on the same users and pairs (issue #6, #7).
+
+    python benchmarks/compare.py --out compare.json [--preset tiny] [--store DIR] [--users 6]
+                                 [--latent-types gaussian,discrete] [--set section.key=value ...]
+
+Runs the real nightly flow (prepare -> pretrain -> personalize -> evaluate, `until=evaluate`) once per latent
+type on one store, so the data stage is shared (digest-skipped on the second run) and every method sees the
+same users, prompts and pairs:
+- the first latent type's run also fits the baselines (LoRA-DPO, full DPO, P-Tuning-DPO, spec §5) per user
+  through their Ray fan-out;
+- the other latent types' runs evaluate only their own CLaP prior and per-user latent fits (methods suffixed
+  with the latent type, e.g. `latent_dpo_discrete`).
+Per method the JSON holds the means over the evaluated users (and 95% bootstrap intervals) of win rate vs the
+true continuation, mean reward under each user's hidden reward, perplexity under the base LM, held-out
+preference accuracy, per-user fit seconds, trainable parameters, artifact bytes and, for the baselines, the
+FLOPs estimate and peak RSS. Everything is measured in this one invocation on this machine; the JSON records
+the load average, since the box may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("win_rate", "mean_reward", "perplexity", "heldout_accuracy")
+BASELINES = ("lora_dpo", "full_dpo", "ptuning_dpo")
+
+
+def _method_summary(rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    from latentpref.tasks.evaluate.metrics import bootstrap_ci
+
+    out: dict[str, Any] = {"users": len(rows)}
+    for key in METRICS + ("fit_seconds",):
+        vals = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
+        name = "seconds_per_user" if key == "fit_seconds" else key
+        if len(vals) == 0:
+            out[name] = None
+            continue
+        mean, lo, hi = bootstrap_ci(vals, seed=seed)
+        out[name] = float(mean)
+        out[f"{name}_ci95"] = [float(lo), float(hi)]
+    for key in ("trainable_params", "artifact_bytes", "fit_flops", "peak_rss_bytes"):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = float(np.median(vals)) if vals else None
+    return out
+
+
+def run(preset: str, store: str, users: int, latent_types: list[str], overrides: list[str], seed: int) -> dict:
+    from latentpref.pipelines.config import load_config
+    from latentpref.pipelines.nightly import nightly
+    from latentpref.tasks.data.store import Store
+
+    methods: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    t_all = time.perf_counter()
+    for i, latent_type in enumerate(latent_types):
+        sets = [f"runtime.store={store}", f"evaluate.n_users={users}",
+                "evaluate.baselines=[" + (", ".join(BASELINES) if i == 0 else "") + "]", *overrides]
+        if latent_type != "gaussian":
+            sets.append(f"pretrain.latent_type={latent_type}")
+        cfg = load_config(preset, overrides=sets)
+        t0 = time.perf_counter()
+        report = nightly(cfg, until="evaluate")
+        seconds = time.perf_counter() - t0
+        per_user = Store(store).read_table("runs", report.run_id, "evaluation_per_user.parquet").to_pylist()
+        suffix = "" if i == 0 else f"_{latent_type}"
+        for method in dict.fromkeys(r["method"] for r in per_user):
+            if i > 0 and method == "base_lm":
+                continue   # the same base LM generations as the first run
+            name = method + (suffix if method in ("latent_dpo", "clap_prior") else "")
+            methods[name] = _method_summary([r for r in per_user if r["method"] == method], seed)
+            methods[name]["latent_type"] = latent_type if method in ("latent_dpo", "clap_prior") else None
+        runs[latent_type] = {"mlflow_run_id": report.run_id, "clap_version": report.clap_version,
+                             "seconds": round(seconds, 1), "users": sorted({r["user_id"] for r in per_user})}
+    return {"methods": methods, "runs": runs, "preset": preset, "overrides": overrides,
+            "seconds": round(time.perf_counter() - t_all, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--store", default=None, help="store to use (reused if it holds a finished run); "
+                                                      "default: a temporary folder, deleted afterwards")
+    parser.add_argument("--users", type=int, default=6, help="users evaluated with every method")
+    parser.add_argument("--latent-types", default="gaussian,discrete")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    latent_types = [t.strip() for t in args.latent_types.split(",") if t.strip()]
+    bad = [t for t in latent_types if t not in ("gaussian", "discrete")]
+    if bad or not latent_types:
+        parser.error(f"--latent-types: expected a comma list of gaussian, discrete; got {args.latent_types!r}")
+    with tempfile.TemporaryDirectory(prefix="latentpref-compare-") as tmp:
+        store = args.store or str(Path(tmp) / "store")
+        result = run(args.preset, store, args.users, latent_types, args.overrides, args.seed)
+    result.update({"load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+                   "machine": platform.machine(), "store": args.store or "temporary (deleted)"})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({m: {k: v.get(k) for k in ("win_rate", "mean_reward", "heldout_accuracy", "seconds_per_user")}
+                      for m, v in result["methods"].items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

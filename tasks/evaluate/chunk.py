@@ -1,0 +1,70 @@
+"""One fan-out unit of the evaluation stage: a few users evaluated against every method in one worker.
+
+Plain data in, Arrow IPC bytes out, so the orchestration layer can run it as a Ray task (with retries) or
+inline; nothing here imports Ray, Prefect or MLflow. Each worker process loads the CLaP and the base LM once
+(`functools.lru_cache`) and reuses them for every chunk it is given.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from latentpref.tasks.data.store import Store
+
+
+@dataclass(frozen=True)
+class EvalChunkJob:
+    store_root: str
+    clap_path: tuple[str, ...]
+    base_model_path: tuple[str, ...]
+    base_seed: int
+    user_ids: tuple[str, ...]
+    users_ipc: bytes            # hidden user table (evaluation only), the chunk's users
+    train_ipc: bytes            # the chunk's train pairs
+    heldout_ipc: bytes          # the chunk's held-out pairs
+    test_prompts: tuple[str, ...]
+    references: tuple[str, ...]
+    settings: object            # tasks.evaluate.evaluate.EvalSettings (kept untyped here to stay import-light)
+
+
+def table_to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def table_from_ipc(blob: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
+
+
+@functools.lru_cache(maxsize=1)
+def _models(store_root: str, clap_path: tuple[str, ...], base_model_path: tuple[str, ...], base_seed: int):
+    from latentpref.tasks.models.clap import load_clap
+    from latentpref.tasks.models.registry import load_base_model
+
+    store = Store(store_root)
+    clap = load_clap(store.local_copy(*clap_path)).eval()
+    base_model, tokenizer = load_base_model(store.local_copy(*base_model_path), seed=base_seed)
+    return clap, base_model.eval(), tokenizer
+
+
+def evaluate_chunk(job: EvalChunkJob) -> bytes:
+    """Evaluate `job.user_ids` (their stored latent policies and the configured baselines); per-user rows as IPC."""
+    from latentpref.tasks.evaluate.evaluate import evaluate_users
+    from latentpref.tasks.train.personalize import load_user_policy
+
+    store = Store(job.store_root)
+    clap, base_model, tokenizer = _models(job.store_root, job.clap_path, job.base_model_path, job.base_seed)
+    policies = {u: load_user_policy(store, u) for u in job.user_ids}
+    missing = [u for u, p in policies.items() if p is None]
+    if missing:
+        raise ValueError(f"users {missing[:5]} have no stored fit; run personalize before evaluate")
+    per_user = evaluate_users(
+        clap=clap, base_model=base_model, tokenizer=tokenizer, users_table=table_from_ipc(job.users_ipc),
+        user_ids=list(job.user_ids), test_prompts=list(job.test_prompts), references=list(job.references),
+        train_pairs=table_from_ipc(job.train_ipc), heldout_pairs=table_from_ipc(job.heldout_ipc),
+        user_policies=policies, settings=job.settings)
+    return table_to_ipc(per_user)
