@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from latentpref.tasks.data.store import Store
+from latentpref.tasks.train.personalize import _table_from_ipc as table_from_ipc, table_to_ipc  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,6 @@ class EvalChunkJob:
     test_prompts: tuple[str, ...]
     references: tuple[str, ...]
     settings: object            # tasks.evaluate.evaluate.EvalSettings (kept untyped here to stay import-light)
-
-
-def table_to_ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def table_from_ipc(blob: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
 
 
 @functools.lru_cache(maxsize=1)

@@ -347,6 +347,15 @@ def _load_encoder(store_root: str, clap_path: tuple[str, ...]):
     return encoder
 
 
+def _stack_users(pairs: pa.Table, by_user: dict[str, list[int]], user_ids: list[str]) -> tuple[pa.Table, list[int]]:
+    """The users' pair rows stacked in `user_ids` order, and each row's user index 0..len(user_ids)-1."""
+    rows, user_index = [], []
+    for u_i, user_id in enumerate(user_ids):
+        rows.extend(by_user[user_id])
+        user_index.extend([u_i] * len(by_user[user_id]))
+    return pairs.take(rows), user_index
+
+
 def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
     """Fit (batched) every user of the chunk that needs it and store their artifacts. Idempotent.
 
@@ -404,11 +413,7 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
     if not to_fit:
         return records
 
-    sel_rows, user_index = [], []
-    for u_i, (user_id, _) in enumerate(to_fit):
-        sel_rows.extend(by_user[user_id])
-        user_index.extend([u_i] * len(by_user[user_id]))
-    sub = pairs.take(sel_rows)
+    sub, user_index = _stack_users(pairs, by_user, [u for u, _ in to_fit])
     prompts = sub["prompt"].to_pylist()
     p_idx = torch.tensor([cache.prompt_index[text_key(p)] for p in prompts], dtype=torch.long)
     c_idx = [cache.response_index[text_key(p, c)] for p, c in zip(prompts, sub["chosen"].to_pylist())]
@@ -502,11 +507,7 @@ def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.T
     if not to_fit:
         return records
 
-    sel_rows, user_index = [], []
-    for u_i, (user_id, _) in enumerate(to_fit):
-        sel_rows.extend(by_user[user_id])
-        user_index.extend([u_i] * len(by_user[user_id]))
-    sub = pairs.take(sel_rows)
+    sub, user_index = _stack_users(pairs, by_user, [u for u, _ in to_fit])
     prompts, chosen, rejected = (sub[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
     p_idx = [cache.prompt_index[text_key(p)] for p in prompts]
     c_idx = [cache.response_index[text_key(p, c)] for p, c in zip(prompts, chosen)]
