@@ -149,22 +149,23 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
     if stage_done(store, *folder):
         cand_ref = _ref(store, (*folder, "candidates.parquet"))
         skipped.append("candidates")
+        timings["candidates"] = time.perf_counter() - t0
     else:
         prompts = store.read_table(*prompts_ref.path)
-        from latentpref.tasks.models.clap import decode
-
-        def generate_fn(ids, mask, *, max_new_tokens, generator):
-            # fixed-length top-k sampling (spec §4.1) with our own decoder: explicit masks and positions
-            return decode(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=True, top_k=cfg.top_k,
-                          generator=generator)
+        # fixed-length top-k sampling (spec §4.1) with our cached decoder: one prefill per prompt for its k
+        # copies, explicit masks and positions
+        generate_fn = candidates_lib.lm_sampling_fn(model, top_k=cfg.top_k)
         cands = candidates_lib.generate_candidates(generate_fn, tokenizer, prompts, k=cfg.n_candidates,
                                                    max_new_tokens=cfg.response_tokens,
                                                    batch_size=cfg.generation_batch_size, seed=cfg.seed,
-                                                   pack_prompts=True)  # batches of prompts: deterministic for a config
+                                                   pack_prompts=True,  # batches of prompts: deterministic for a config
+                                                   progress=lambda done, total: say("generate", done, total))
+        timings["candidates"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         cands = candidates_lib.annotate(cands, classifier=classifier)
         cand_ref = _write_versioned(store, cands, folder, "candidates.parquet",
                                     {"stage": "candidates", "base_model_version": base_version})
-    timings["candidates"] = time.perf_counter() - t0
+        timings["scoring"] = time.perf_counter() - t0
     say("candidates", 3, 5)
 
     # 4. simulated users (hidden) + 5. their preference pairs

@@ -128,3 +128,73 @@ def test_annotate_adds_float32_feature_columns(tokenizer, word_ids, prompts):
         annotated.column("sentiment").to_numpy(), scorers.score_texts(table.column("text").to_pylist())["sentiment"]
     )
     assert cands.annotate(annotated).equals(annotated)  # re-annotating replaces, never duplicates
+
+
+def _full_recompute_greedy(model, ids, mask, n):
+    """Reference decoder: the whole sequence through the model at every step, no cache."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            token = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
+            out.append(token)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+    return torch.stack(out, dim=1)
+
+
+def _padded_batch(pad_id):
+    """5 left-padded rows of 3 prompts; rows 0-1 and 2-3 repeat (the k copies that share one prefill)."""
+    real = [[10, 11, 12], [10, 11, 12], [20, 21, 22, 23, 24], [20, 21, 22, 23, 24], [7, 8]]
+    return cands._left_pad(real, pad_id)
+
+
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-llama"])
+def test_cached_decoder_matches_full_recompute_greedy(spec):
+    from latentpref.tasks.models.registry import load_base_model
+
+    torch.set_num_threads(1)
+    model, tok = load_base_model(spec, seed=0)
+    ids, mask = _padded_batch(tok.pad_token_id)
+    cached = cands.sample_fixed_length(model, ids, mask, max_new_tokens=10, do_sample=False)
+    assert cached.shape == (5, 10) and cached.dtype == torch.long
+    torch.testing.assert_close(cached, _full_recompute_greedy(model, ids, mask, 10), rtol=0, atol=0)
+    # a shared prefill changes nothing: the repeated rows decode like their original
+    assert torch.equal(cached[0], cached[1]) and torch.equal(cached[2], cached[3])
+
+
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-llama"])
+def test_cached_sampling_agrees_with_the_clap_decoder(spec):
+    from latentpref.tasks.models.clap import decode
+    from latentpref.tasks.models.registry import load_base_model
+
+    torch.set_num_threads(1)
+    model, tok = load_base_model(spec, seed=0)
+    ids, mask = _padded_batch(tok.pad_token_id)
+    ours = cands.sample_fixed_length(model, ids, mask, max_new_tokens=8, top_k=50,
+                                     generator=torch.Generator().manual_seed(3))
+    theirs = decode(model, ids, mask, max_new_tokens=8, do_sample=True, top_k=50,
+                    generator=torch.Generator().manual_seed(3))   # one prefill per row, same draws
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours[0], ours[1])   # copies of one prompt still sample independently
+
+
+def test_lm_sampling_fn_reports_progress_and_is_reproducible(tokenizer, prompts):
+    from latentpref.tasks.models.registry import load_base_model
+
+    torch.set_num_threads(1)
+    model, _ = load_base_model("tiny-gpt2", seed=0)
+    fn = cands.lm_sampling_fn(model, top_k=50)
+    seen = []
+    state = torch.random.get_rng_state()
+    a = cands.generate_candidates(fn, tokenizer, prompts, k=3, max_new_tokens=4, batch_size=6, seed=1,
+                                  pack_prompts=True, progress=lambda done, total: seen.append((done, total)))
+    assert torch.equal(torch.random.get_rng_state(), state)   # the global RNG is not used
+    assert seen == [(0, 2), (1, 2), (2, 2)]                  # 2 prompts per call: 2 calls for 3 prompts
+    b = cands.generate_candidates(fn, tokenizer, prompts, k=3, max_new_tokens=4, batch_size=6, seed=1,
+                                  pack_prompts=True)
+    assert a.equals(b) and a.num_rows == 9
+    with pytest.raises(ValueError, match="top_k"):
+        cands.lm_sampling_fn(model, top_k=-1)
+    with pytest.raises(ValueError, match="left-padded"):
+        fn(torch.tensor([[5, 6]]), torch.tensor([[1, 0]]), max_new_tokens=2)
