@@ -13,7 +13,8 @@ Sections (all in one process tree, one run, this machine):
   accuracy = share of its held-out pairs whose chosen response has the larger implicit latent reward
   R(z) = log p_theta(z|x) - log N(z; 0, I) at the response's posterior mean (as `tasks/evaluate`), ties half.
 - `users_per_hour`: users of 64 pairs (2 pairs per prompt, drawn from the world's cached train triples) fitted
-  with the product settings (PersonalizeConfig defaults: 100 full-batch steps) by `--workers` processes of one
+  with the product settings (PersonalizeConfig defaults per mode: head-only 50 full-batch steps, the encoder
+  modes 100) by `--workers` processes of one
   thread each, each process fitting its share in one batched call; users/hour = users / slowest worker's fit
   wall time (process start and data loading excluded: that is fan-out overhead, measured by `scale_run`).
   Head-only runs `--head-users` users; the encoder modes run `--encoder-users` and are extrapolated.
@@ -135,7 +136,7 @@ def fit_mode(mode: str, encoder, cache, p_idx, c_idx, r_idx, user_index, n_users
     return lambda u, rows: policy_latent(encoder, res.states[u], cache.prompt_ids[rows], cache.prompt_mask[rows])
 
 
-def heldout_accuracy(world: World, encoder, cache, pairs: pa.Table, steps: int, noise_draws: dict[str, int | None],
+def heldout_accuracy(world: World, encoder, cache, pairs: pa.Table, steps: dict[str, int], noise_draws: dict[str, int | None],
                      modes=MODES, min_pairs: int = 4) -> dict:
     from latentpref.tasks.evaluate.metrics import preference_accuracy
     from latentpref.tasks.models.latent import gaussian_log_prob, standard_normal_log_prob
@@ -152,7 +153,7 @@ def heldout_accuracy(world: World, encoder, cache, pairs: pa.Table, steps: int, 
     h_user = [uid[u] for u in held["user_id"].to_pylist()]
     out = {"users": len(users), "heldout_pairs": held.num_rows, "steps": steps, "lr": {}, "by_mode": {}}
     for mode in modes:
-        cfg = fit_config(mode, steps, noise_draws)
+        cfg = fit_config(mode, steps[mode], noise_draws)
         t0 = time.perf_counter()
         latent = fit_mode(mode, encoder, cache, p_idx, c_idx, r_idx, user_index, len(users), cfg)
         chosen, rejected = [], []
@@ -410,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="processes (one thread each) = cores used")
     ap.add_argument("--head-users", type=int, default=2000)
     ap.add_argument("--encoder-users", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=None, help="default: PersonalizeConfig.steps (100)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="every mode's steps; default: PersonalizeConfig's per mode (head-only 50, others 100)")
     ap.add_argument("--noise-draws", default="default",
                     help="FitConfig.noise_draws: 'default' (PersonalizeConfig's per mode: fresh for faithful), "
                          "'none' (fresh every step) or an int")
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     from latentpref.pipelines.config import PersonalizeConfig
     from latentpref.tasks.models.clap import load_clap, load_clap_tokenizer
     from latentpref.tasks.train.fit_user import FitConfig
-    steps = args.steps or PersonalizeConfig().steps
+    steps = {m: args.steps or PersonalizeConfig(mode=m).steps for m in MODES}   # the product's, per mode
     if args.noise_draws == "default":    # as the product: PersonalizeConfig's per-mode default (faithful: fresh)
         noise_draws = {m: PersonalizeConfig(mode=m).fit_noise_draws() for m in MODES}
     else:
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         result["users_per_hour"], result["throughput_detail"] = {}, {}
         for mode in MODES:
             n = args.head_users if mode == "head-only" else args.encoder_users
-            detail = users_per_hour(world, cache_file, mode, n, args.workers, steps, noise_draws)
+            detail = users_per_hour(world, cache_file, mode, n, args.workers, steps[mode], noise_draws)
             detail["extrapolated"] = mode != "head-only"
             result["users_per_hour"][mode] = detail["users_per_hour"]
             result["throughput_detail"][mode] = detail
