@@ -28,32 +28,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 METRICS = ("win_rate", "mean_reward", "perplexity", "heldout_accuracy")
 BASELINES = ("lora_dpo", "full_dpo", "ptuning_dpo")
 
 
-def _method_summary(rows: list[dict[str, Any]], seed: int) -> dict[str, Any]:
-    from latentpref.tasks.evaluate.metrics import bootstrap_ci
-
-    out: dict[str, Any] = {"users": len(rows)}
+def _method_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """One method's row of the night's own comparison table (`tasks.evaluate.evaluate.summarise`: means over users
+    with 95% bootstrap intervals, medians of the cost columns) in this benchmark's JSON layout."""
+    out: dict[str, Any] = {"users": row["users"]}
     for key in METRICS + ("fit_seconds",):
-        vals = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
         name = "seconds_per_user" if key == "fit_seconds" else key
-        if len(vals) == 0:
-            out[name] = None
-            continue
-        mean, lo, hi = bootstrap_ci(vals, seed=seed)
-        out[name] = float(mean)
-        out[f"{name}_ci95"] = [float(lo), float(hi)]
+        out[name] = row.get(key)
+        if row.get(key) is not None:
+            out[f"{name}_ci95"] = [row[f"{key}_lo"], row[f"{key}_hi"]]
     for key in ("trainable_params", "artifact_bytes", "fit_flops", "peak_rss_bytes"):
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        out[key] = float(np.median(vals)) if vals else None
+        out[key] = None if row.get(key) is None else float(row[key])
     return out
 
 
-def run(preset: str, store: str, users: int, latent_types: list[str], overrides: list[str], seed: int) -> dict:
+def run(preset: str, store: str, users: int, latent_types: list[str], overrides: list[str]) -> dict:
     from latentpref.pipelines.config import load_config
     from latentpref.pipelines.nightly import nightly
     from latentpref.tasks.data.store import Store
@@ -70,13 +64,15 @@ def run(preset: str, store: str, users: int, latent_types: list[str], overrides:
         t0 = time.perf_counter()
         report = nightly(cfg, until="evaluate")
         seconds = time.perf_counter() - t0
-        per_user = Store(store).read_table("runs", report.run_id, "evaluation_per_user.parquet").to_pylist()
+        night = Store(store)
+        per_user = night.read_table("runs", report.run_id, "evaluation_per_user.parquet").to_pylist()
         suffix = "" if i == 0 else f"_{latent_type}"
-        for method in dict.fromkeys(r["method"] for r in per_user):
+        for row in night.read_table("runs", report.run_id, "comparison.parquet").to_pylist():
+            method = row["method"]
             if i > 0 and method == "base_lm":
                 continue   # the same base LM generations as the first run
             name = method + (suffix if method in ("latent_dpo", "clap_prior") else "")
-            methods[name] = _method_summary([r for r in per_user if r["method"] == method], seed)
+            methods[name] = _method_summary(row)
             methods[name]["latent_type"] = latent_type if method in ("latent_dpo", "clap_prior") else None
         runs[latent_type] = {"mlflow_run_id": report.run_id, "clap_version": report.clap_version,
                              "seconds": round(seconds, 1), "users": sorted({r["user_id"] for r in per_user})}
@@ -93,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=6, help="users evaluated with every method")
     parser.add_argument("--latent-types", default="gaussian,discrete")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     latent_types = [t.strip() for t in args.latent_types.split(",") if t.strip()]
@@ -102,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--latent-types: expected a comma list of gaussian, discrete; got {args.latent_types!r}")
     with tempfile.TemporaryDirectory(prefix="latentpref-compare-") as tmp:
         store = args.store or str(Path(tmp) / "store")
-        result = run(args.preset, store, args.users, latent_types, args.overrides, args.seed)
+        result = run(args.preset, store, args.users, latent_types, args.overrides)
     result.update({"load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
                    "machine": platform.machine(), "store": args.store or "temporary (deleted)"})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

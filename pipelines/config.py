@@ -170,8 +170,8 @@ class EvaluateConfig(_Section):
     seed: int = 0
 
     def _per_method(self, value: float | dict | None, key: str) -> dict[str, float]:
-        from latentpref.tasks.evaluate.baselines import _SPEC_DEFAULTS
-        out = {m: float(_SPEC_DEFAULTS[m][key]) for m in _SPEC_DEFAULTS}
+        from latentpref.tasks.evaluate.baselines import SPEC_DEFAULTS
+        out = {m: float(SPEC_DEFAULTS[m][key]) for m in SPEC_DEFAULTS}
         if isinstance(value, dict):
             out.update({m: float(v) for m, v in value.items()})
         elif value is not None:

@@ -44,7 +44,7 @@ _DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "gptj": ["q_proj", "v_proj"],
 }
 # Spec §5 hyper-parameters, used by `BaselineConfig.for_method`; presets override lr for tiny random models.
-_SPEC_DEFAULTS: dict[str, dict[str, float]] = {
+SPEC_DEFAULTS: dict[str, dict[str, float]] = {
     "lora_dpo": {"lr": 1e-5, "beta": 0.1},
     "full_dpo": {"lr": 1e-6, "beta": 0.1},
     "ptuning_dpo": {"lr": 1e-4, "beta": 0.5},
@@ -431,9 +431,9 @@ class BaselineConfig:
     @classmethod
     def for_method(cls, method: Method, **overrides: Any) -> BaselineConfig:
         """Spec §5 lr / beta for ``method`` (LoRA 1e-5, full 1e-6, P-Tuning 1e-4 with beta 0.5), then overrides."""
-        if method not in _SPEC_DEFAULTS:
+        if method not in SPEC_DEFAULTS:
             raise ValueError(f"method={method!r}; expected one of {get_args(Method)}")
-        return cls(method=method, **{**_SPEC_DEFAULTS[method], **overrides})
+        return cls(method=method, **{**SPEC_DEFAULTS[method], **overrides})
 
     def n_steps(self, n_pairs: int) -> int:
         if self.steps is not None:
@@ -607,9 +607,11 @@ def _reference_logps(
     pairs: Sequence[Pair],
     cfg: BaselineConfig,
     ref_logps: Mapping[tuple[str, str], float] | None,
+    init_adapter: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, list[tuple[str, str]]]:
     """(ref_chosen (N,), ref_rejected (N,), keys scored here): cache hits are free, misses are scored once by
-    the frozen base in eval mode (spec §8.6, §9.9). SimPO is reference-free (SimPO Eq. 4): zeros, nothing scored.
+    the frozen reference in eval mode (spec §8.6, §9.9): the base, or with ``init_adapter`` the PT-SFT model,
+    built only when something is missing. SimPO is reference-free (SimPO Eq. 4): zeros, nothing scored.
     """
     table: dict[tuple[str, str], float] = dict(ref_logps or {})
     missing: list[tuple[str, str]] = []
@@ -618,9 +620,10 @@ def _reference_logps(
         missing = [key for key in needed if key not in table]
     if missing:
         log.info("computing %d reference log-probs missing from the cache", len(missing))
+        reference = base_model if init_adapter is None else prefix_reference_model(base_model, init_adapter, cfg)
         table.update(
             reference_logps_cache(
-                base_model,
+                reference,
                 tokenizer,
                 missing,
                 batch_size=2 * cfg.batch_size,
@@ -703,14 +706,14 @@ def fit_baseline(
         raise ValueError(f"init_adapter (a PT-SFT prefix) only applies to ptuning_dpo, not {cfg.method!r}")
     t0 = time.perf_counter()
     device = _device_of(base_model)
-    reference = prefix_reference_model(base_model, init_adapter, cfg) if init_adapter is not None else base_model
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     with _PeakRSS() as rss:
         t_ref = time.perf_counter()
-        ref_chosen, ref_rejected, missing = _reference_logps(reference, tokenizer, pairs, cfg, ref_logps)
+        ref_chosen, ref_rejected, missing = _reference_logps(base_model, tokenizer, pairs, cfg, ref_logps,
+                                                                 init_adapter)
         reference_seconds = time.perf_counter() - t_ref
 
         # peft initialises LoRA-A / prefix weights from the global RNG: seed it without leaking state.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from latentpref.tasks.data.store import Store
-from latentpref.tasks.train.personalize import _table_from_ipc as table_from_ipc, table_to_ipc  # noqa: F401
+from latentpref.tasks.train.personalize import table_from_ipc, table_to_ipc  # noqa: F401  (re-exported for the flow)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,21 @@ def set_stage(clap: nn.Module, stage: int) -> None:
         clap.skip.requires_grad_(stage == 1)
 
 
+def check_step(batch: ClapBatch, stage: int) -> None:
+    """The stage is 1 or 2 and the batch holds P x B prompt-major rows (spec §9.1), for either latent type's
+    objective.
+
+    Raises:
+        ValueError: naming the bad stage or the row counts.
+    """
+    P, B = batch.n_prompts, batch.n_responses
+    if stage not in (1, 2):
+        raise ValueError(f"stage={stage!r}; expected 1 or 2")
+    if batch.prompt_ids.shape[0] != P * B or batch.response_ids.shape[0] != P * B:
+        raise ValueError(f"batch has {batch.prompt_ids.shape[0]} prompt rows and {batch.response_ids.shape[0]} "
+                         f"response rows; the layout P={P} x B={B} needs {P * B} of each (prompt-major)")
+
+
 class ClapObjective(nn.Module):
     """L_CLaP = L_lm + w_kl * DG-KLD (+ w_con * contrastive in stage 2); G-skip in stage 1 (spec §3.5)."""
 
@@ -101,11 +116,7 @@ class ClapObjective(nn.Module):
         `generator` draws, in this order, the DG-KLD noise, the prefix latent z and the G-skip latents.
         """
         P, B = batch.n_prompts, batch.n_responses
-        if stage not in (1, 2):
-            raise ValueError(f"stage={stage!r}; expected 1 or 2")
-        if batch.prompt_ids.shape[0] != P * B or batch.response_ids.shape[0] != P * B:
-            raise ValueError(f"batch has {batch.prompt_ids.shape[0]} prompt rows and {batch.response_ids.shape[0]} "
-                             f"response rows; the layout P={P} x B={B} needs {P * B} of each (prompt-major)")
+        check_step(batch, stage)
         mu, logvar = self.clap.encode(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
         kl = objectives.dg_kld(mu, logvar, n_samples=self.kl_samples, group=(P, B), generator=generator)
         z = latent.sample(mu, logvar, 1, generator=generator)[0]                    # (P*B, D)

@@ -326,7 +326,7 @@ class ChunkJob:
     discrete_estimator: str = "dpo"   # discrete CLaPs: "dpo" | "mean_posterior" (fit_codes.CodeFitConfig)
 
 
-def _table_from_ipc(blob: bytes) -> pa.Table:
+def table_from_ipc(blob: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
 
 
@@ -381,7 +381,7 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
     if job.mode in ENCODER_MODES and cache.prompt_ids is None:
         raise ValueError(f"latent cache {'/'.join(job.cache_path)} has no prompt tokens (format < {CACHE_FORMAT}); "
                          f"mode={job.mode!r} needs them: delete it so the flow rebuilds it")
-    pairs = _table_from_ipc(job.pairs_ipc)
+    pairs = table_from_ipc(job.pairs_ipc)
     Q, d = cache.features.shape[1:]
     D = cache.mu.shape[1]
     by_user: dict[str, list[int]] = {}

@@ -188,13 +188,10 @@ class DiscreteClapObjective(nn.Module):
         """
         from latentpref.tasks import objectives
         from latentpref.tasks.models.lpc import code_usage_perplexity, mixing_weight, temperature
+        from latentpref.tasks.train.loop import check_step
 
         P, B = batch.n_prompts, batch.n_responses
-        if stage not in (1, 2):
-            raise ValueError(f"stage={stage!r}; expected 1 or 2")
-        if batch.prompt_ids.shape[0] != P * B or batch.response_ids.shape[0] != P * B:
-            raise ValueError(f"batch has {batch.prompt_ids.shape[0]} prompt rows and {batch.response_ids.shape[0]} "
-                             f"response rows; the layout P={P} x B={B} needs {P * B} of each (prompt-major)")
+        check_step(batch, stage)
         clap = self.clap
         tau = temperature(step, self.total_steps, self.tau_start, self.tau_end)
         g = mixing_weight(step, self.total_steps)
