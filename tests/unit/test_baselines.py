@@ -11,7 +11,6 @@ from safetensors.torch import load as safetensors_load
 from latentpref.tasks.evaluate import baselines as bl
 from latentpref.tasks.models.registry import load_base_model
 
-torch.set_num_threads(1)  # 2 threads on an oversubscribed 2-core box cost 3x CPU (barrier waits)
 # peft 0.21 calls a transformers 5.24 API deprecated in favour of is_activation_checkpointing
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -104,7 +104,6 @@ def test_eos_truncates_and_bad_shapes_raise(tokenizer, prompts):
 
 
 def test_hf_sampling_fn_fixed_length_and_reproducible(tokenizer, prompts):
-    torch.set_num_threads(1)  # tiny model: threads only add synchronisation cost
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tokenizer))).eval()
     fn = cands.hf_sampling_fn(model, top_k=50)
@@ -153,7 +152,6 @@ def _padded_batch(pad_id):
 def test_cached_decoder_matches_full_recompute_greedy(spec):
     from latentpref.tasks.models.registry import load_base_model
 
-    torch.set_num_threads(1)
     model, tok = load_base_model(spec, seed=0)
     ids, mask = _padded_batch(tok.pad_token_id)
     cached = cands.sample_fixed_length(model, ids, mask, max_new_tokens=10, do_sample=False)
@@ -168,7 +166,6 @@ def test_cached_sampling_agrees_with_the_clap_decoder(spec):
     from latentpref.tasks.models.clap import decode
     from latentpref.tasks.models.registry import load_base_model
 
-    torch.set_num_threads(1)
     model, tok = load_base_model(spec, seed=0)
     ids, mask = _padded_batch(tok.pad_token_id)
     ours = cands.sample_fixed_length(model, ids, mask, max_new_tokens=8, top_k=50,
@@ -182,7 +179,6 @@ def test_cached_sampling_agrees_with_the_clap_decoder(spec):
 def test_lm_sampling_fn_reports_progress_and_is_reproducible(tokenizer, prompts):
     from latentpref.tasks.models.registry import load_base_model
 
-    torch.set_num_threads(1)
     model, _ = load_base_model("tiny-gpt2", seed=0)
     fn = cands.lm_sampling_fn(model, top_k=50)
     seen = []

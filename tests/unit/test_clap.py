@@ -20,7 +20,6 @@ from latentpref.tasks.models.clap import (
 )
 from latentpref.tasks.models.registry import load_base_model
 
-torch.set_num_threads(2)
 ARCHS = ["tiny-gpt2", "tiny-llama"]
 V = 50257
 

@@ -19,12 +19,6 @@ V = 97
 K = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _base(seed: int = 0) -> GPT2LMHeadModel:

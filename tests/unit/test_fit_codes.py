@@ -30,12 +30,6 @@ V = 101
 PROMPTS = [f"prompt {i} about the film" for i in range(6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _clear_user(n: int, K: int, good: int = 0, bad: int = 1, seed: int = 0):

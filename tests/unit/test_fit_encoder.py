@@ -21,14 +21,6 @@ from latentpref.tasks.train.fit_encoder import (
 )
 from latentpref.tasks.train.fit_user import FitConfig
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are tiny, and on a busy 2-core box OpenMP barriers cost more than
-    the math (10x wall time). Restored afterwards, so other modules keep the session's setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 MODES = ["faithful", "trunk-frozen"]

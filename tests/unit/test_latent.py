@@ -14,7 +14,6 @@ from latentpref.tasks.models.latent import (
     standard_normal_log_prob,
 )
 
-torch.set_num_threads(2)
 
 
 class TestGaussianLogProb:

@@ -19,7 +19,6 @@ from latentpref.tasks.objectives import (
     lpc_pair_loss,
 )
 
-torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------------ Gumbel-softmax

@@ -12,7 +12,6 @@ import torch
 from latentpref.tasks.evaluate import metrics as m
 from latentpref.tasks.models.registry import load_base_model
 
-torch.set_num_threads(1)
 
 
 def test_win_rate_counts_ties_half():

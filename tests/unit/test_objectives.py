@@ -19,7 +19,6 @@ from latentpref.tasks.objectives import (
     sequence_dpo_loss,
 )
 
-torch.set_num_threads(2)
 LN2 = math.log(2.0)
 
 

@@ -32,13 +32,6 @@ PROMPTS = [f"prompt {i} about the film" for i in range(6)]
 MODES = ["head-only", "trunk-frozen", "faithful"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny tensors on a busy box (see test_fit_user.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class WordTokenizer:

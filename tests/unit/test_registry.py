@@ -14,7 +14,6 @@ from latentpref.tasks.models.registry import (
     load_tokenizer,
 )
 
-torch.set_num_threads(2)
 
 
 def test_gpt2_tokenizer_is_the_real_one():
