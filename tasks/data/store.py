@@ -125,6 +125,12 @@ class Store:
     backoff_s: float = 1.0
     max_backoff_s: float = 16.0
 
+    def __post_init__(self) -> None:
+        # a relative local root means "relative to where the command ran": resolve it now, because Ray workers
+        # (Train workers, fan-out tasks) receive this object and run in their own working directories
+        if "://" not in self.root or self.root.startswith("file://"):
+            object.__setattr__(self, "root", os.path.abspath(self.root.removeprefix("file://")))
+
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         fs, _ = fsspec.core.url_to_fs(self.root, **self._storage_options())

@@ -73,3 +73,19 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path):
                      "locks", "n.lock")
     with store_lock(store, "n"):
         pass
+
+
+def test_relative_local_root_is_resolved_where_the_store_is_made(tmp_path, monkeypatch):
+    """Ray workers run in their own working directories: a pickled Store must still point at the caller's folder."""
+    import os
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    store = Store("./latentpref-store")
+    assert store.root == str(tmp_path / "latentpref-store")
+    store.write_bytes(b"x", "a", "b.bin")
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert pickle.loads(pickle.dumps(store)).read_bytes("a", "b.bin") == b"x"
+    assert os.path.isfile(tmp_path / "latentpref-store" / "a" / "b.bin")
