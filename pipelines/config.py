@@ -30,6 +30,10 @@ class RuntimeConfig(_Section):
     mlflow_tracking_uri: str | None = None    # None = sqlite:///<store>/mlflow/mlflow.db (local store only)
     mlflow_experiment: str = "latentpref-nightly"
     run_name: str | None = None
+    # precision of every LM forward/backward (candidate sampling, CLaP training, evaluation, baselines, serving);
+    # latent math stays fp32. auto = bf16 where the device computes it natively (CPU AVX512-BF16/AMX, CUDA), else
+    # fp32; None = the environment's LATENTPREF_LM_DTYPE (default auto). tasks/models/precision.py
+    lm_dtype: Literal["auto", "bf16", "fp32"] | None = None
 
 
 class DataConfig(_Section):
@@ -76,6 +80,12 @@ class PretrainConfig(_Section):
     kl_weight: float = 1.0
     contrastive_weight: float = 1.0
     num_workers: int = 2                      # Ray Train workers (DDP, gloo on CPU)
+    # CPUs (= torch threads) each Ray Train worker takes; None = the machine's cores / num_workers, so workers x
+    # threads never oversubscribe the box (on 2 cores: 1 worker x 2 threads or 2 x 1)
+    threads_per_worker: Annotated[int, Field(ge=1)] | None = None
+    # adapter init (CLaPConfig.prefix_init): auto = "anchor" for pretrained bases (CLaP starts at the base LM's
+    # NLL), "random" (the spec's) for the random tiny bases
+    prefix_init: Literal["auto", "random", "anchor"] = "auto"
     use_gpu: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_to_str)] = "auto"  # auto: GPUs if the cluster has them
     checkpoint_every: int = 20
     max_failures: int = 2
@@ -165,6 +175,8 @@ class EvaluateConfig(_Section):
     baseline_batch_size: int = 8
     ptuning_sft_steps: int = 50               # P-Tuning-SFT of the shared prefix before per-user P-Tuning-DPO (0 = none)
     ptuning_sft_lr: float = 1e-3              # spec §5
+    # samples per prompt of the un-personalised model for the oracle_best_of_k ceiling and the reward spread
+    oracle_k: Annotated[int, Field(ge=1)] = 4
     users_per_task: int = 2                   # users evaluated in one Ray task (each task loads the models once)
     max_retries: int = 2
     seed: int = 0
@@ -195,7 +207,7 @@ class EvaluateConfig(_Section):
 
 
 class NightlyConfig(_Section):
-    preset: str = "tiny"
+    preset: str = "default"
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -227,7 +239,7 @@ def _parse_override(item: str) -> dict[str, Any]:
     return tree
 
 
-def load_config(preset: str = "tiny", *, file: str | os.PathLike | None = None,
+def load_config(preset: str = "default", *, file: str | os.PathLike | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> NightlyConfig:
     """Preset YAML, then an optional user YAML file, then `section.key=value` overrides, validated once.
 

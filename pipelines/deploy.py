@@ -38,7 +38,7 @@ IMAGE_GPU = "ghcr.io/latentpref/latentpref:0.1.0-gpu"
 ENTRYPOINT = "pipelines/deploy.py:nightly_deployment"
 
 
-def build_config(preset: str = "tiny", *, store: str | None = None, ray_address: str | None = None,
+def build_config(preset: str = "default", *, store: str | None = None, ray_address: str | None = None,
                  mlflow_tracking_uri: str | None = None, overrides: list[str] | None = None) -> NightlyConfig:
     """The `NightlyConfig` a deployment run uses: preset, then `section.key=value` overrides, then the runtime
     parameters (which win, like the CLI's `--store/--ray-address/--mlflow-uri` over `--set`).
@@ -60,13 +60,13 @@ def build_config(preset: str = "tiny", *, store: str | None = None, ray_address:
 
 
 @flow(name=FLOW_NAME, log_prints=False)
-def nightly_deployment(preset: str = "tiny", store: str | None = None, ray_address: str | None = None,
+def nightly_deployment(preset: str = "default", store: str | None = None, ray_address: str | None = None,
                        mlflow_tracking_uri: str | None = None, overrides: list[str] | None = None,
                        until: Stage = "report") -> dict[str, Any]:
     """Scheduled entry point: build the config from plain parameters and run the nightly chain up to `until`.
 
     Args:
-        preset: `tiny` or `small` (pipelines/presets/).
+        preset: `default`, `small` or `tiny` (pipelines/presets/).
         store: local folder or `s3://bucket/prefix`; None keeps the preset's (`./latentpref-store`).
         ray_address: `auto` (on a Ray node), `ray://head:10001` (Ray Client), or None for a local Ray.
         mlflow_tracking_uri: e.g. `http://mlflow:5000`; None = sqlite inside a local store.

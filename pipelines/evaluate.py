@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from latentpref.pipelines import tracking
+from latentpref.pipelines import console, tracking
 from latentpref.pipelines.config import DataConfig, EvaluateConfig, PersonalizeConfig
 from latentpref.pipelines.personalize import PersonalizeSummary, training_pairs
 from latentpref.pipelines.pretrain import ClapArtifact
@@ -68,8 +68,16 @@ def _ptuning_prefix(cfg: EvaluateConfig, data_cfg: DataConfig, data: DataArtifac
     return result.state
 
 
+PER_USER_METRICS = ("mean_reward", "win_rate", "win_rate_vs_prior", "heldout_accuracy", "latent_heldout_accuracy",
+                    "z_sensitivity_nats", "latent_shift", "reward_spread", "perplexity", "fit_seconds",
+                    "trainable_params", "artifact_bytes", "n_train_pairs", "fit_flops", "peak_rss_bytes")
+SUMMARY_METRICS = ("mean_reward", "win_rate", "win_rate_vs_prior", "win_rate_vs_prior_lo", "win_rate_vs_prior_hi",
+                   "heldout_accuracy", "latent_heldout_accuracy", "z_sensitivity_nats", "reward_spread", "fit_seconds")
+
+
 def _markdown(table: pa.Table) -> str:
-    cols = ["method", "users", "mean_reward", "win_rate", "heldout_accuracy", "perplexity", "fit_seconds",
+    cols = ["method", "users", "win_rate_vs_prior", "win_rate", "mean_reward", "heldout_accuracy",
+            "latent_heldout_accuracy", "z_sensitivity_nats", "reward_spread", "perplexity", "fit_seconds",
             "trainable_params", "artifact_bytes", "fit_flops", "peak_rss_bytes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table.to_pylist():
@@ -126,7 +134,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
             baseline_beta=cfg.beta_by_method(), baseline_batch_size=cfg.baseline_batch_size,
             latent_fit={"steps": pcfg.steps, "lr": pcfg.lr, "beta": pcfg.beta, "n_samples": pcfg.n_samples,
                         "evidence_ratio": pcfg.evidence_ratio, "loss_type": pcfg.loss_type, "seed": pcfg.seed},
-            seed=cfg.seed, ptuning_prefix=prefix)
+            seed=cfg.seed, oracle_k=cfg.oracle_k, ptuning_prefix=prefix)
 
         # fan-out: baselines are a full DPO run through the LM per user, by far the costliest part of the night,
         # so chunks of users go to Ray tasks like the latent fits (with retries); each task loads the models once
@@ -153,6 +161,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
                 rate = bar.format_dict.get("rate")
                 eta = f"{(len(user_ids) - bar.n) / rate:.0f}s" if rate else "?"
                 logger.info("evaluate: %d/%d users done, ETA %s", bar.n, len(user_ids), eta)
+                console.progress("evaluate", bar.n, len(user_ids))
         per_user = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
         order = {u: i for i, u in enumerate(user_ids)}   # stable row order whatever the completion order
         per_user = per_user.take(sorted(range(per_user.num_rows),
@@ -174,16 +183,11 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
                 mlflow.set_tags({**lineage, "user_id": r["user_id"], "method": r["method"], "cohort": r["cohort"],
                                  "user_artifact_version": head_manifest.get("version", ""),
                                  "user_data_hash": head_manifest.get("data_hash", "")})
-                mlflow.log_metrics({k: float(r[k]) for k in ("mean_reward", "win_rate", "perplexity", "fit_seconds",
-                                                             "trainable_params", "artifact_bytes", "n_train_pairs",
-                                                             "fit_flops", "peak_rss_bytes")
-                                    if r.get(k) is not None}
-                                   | ({"heldout_accuracy": float(r["heldout_accuracy"])}
-                                      if r.get("heldout_accuracy") is not None else {}))
+                mlflow.log_metrics({k: float(r[k]) for k in PER_USER_METRICS if r.get(k) is not None})
         tracking.log_table_artifact(per_user, "evaluation_per_user")
         for row in comparison.to_pylist():
             mlflow.log_metrics({f"{row['method']}.{k}": float(v) for k, v in row.items()
-                                if k in ("mean_reward", "win_rate", "heldout_accuracy", "fit_seconds") and v is not None})
+                                if k in SUMMARY_METRICS and v is not None})
     # the comparison table belongs to the night as a whole: artifact of the parent run
     client = mlflow.MlflowClient()
     import tempfile

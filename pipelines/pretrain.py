@@ -47,12 +47,15 @@ def _uses_pairs(cfg: PretrainConfig) -> bool:
 
 
 def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts) -> str:
-    exclude = {"num_workers", "use_gpu", "checkpoint_every", "max_failures"}
+    from latentpref.tasks.models import precision
+    exclude = {"num_workers", "use_gpu", "checkpoint_every", "max_failures", "threads_per_worker"}
     if cfg.latent_type == "gaussian":
         exclude |= DISCRETE_FIELDS
     inputs = {"pretrain": cfg.model_dump(exclude=exclude), "base": data.base_model_version,
               "prompts": data.prompts.digest, "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
-              "rt": data_cfg.response_tokens}
+              "rt": data_cfg.response_tokens,
+              # bf16 and fp32 training give different weights: the precision is part of what a CLaP is
+              "lm_dtype": str(precision.lm_dtype(_train_device(cfg))).removeprefix("torch.")}
     if _uses_pairs(cfg):
         inputs["pairs"] = data.pairs.digest
     return json_digest(inputs)
@@ -105,6 +108,21 @@ def _perplexity(counts: list[float]) -> float:
     return float(code_usage_perplexity(torch.tensor(counts, dtype=torch.float64))) if sum(counts) else 0.0
 
 
+def _prefix_init(cfg: PretrainConfig, data_cfg: DataConfig) -> str:
+    """auto: anchor the adapter on pretrained bases, the spec's random init on the random tiny ones."""
+    from latentpref.tasks.models.registry import TINY_SPECS
+    if cfg.prefix_init != "auto":
+        return cfg.prefix_init
+    return "random" if data_cfg.base_model in TINY_SPECS else "anchor"
+
+
+def _train_device(cfg: PretrainConfig) -> str:
+    import ray
+    if cfg.use_gpu == "auto" and not ray.is_initialized():
+        return "cpu"   # read without a Ray session (lineage, report): GPUs are only known inside one
+    return "cuda" if _use_gpu(cfg.use_gpu) else "cpu"
+
+
 def _use_gpu(setting: str) -> bool:
     if setting in ("true", "false"):
         return setting == "true"
@@ -147,6 +165,8 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                           prompts_path=list(data.prompts.path), candidates_path=list(data.candidates.path),
                           prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
                           pairs_path=list(data.pairs.path) if _uses_pairs(cfg) else None,
+                          prefix_init=_prefix_init(cfg, data_cfg),
+                          threads_per_worker=cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers),
                           **cfg.model_dump(include={"latent_dim", "n_query", "n_prefix", "encoder_layers",
                                                     "stage1_steps", "stage2_steps", "prompts_per_batch",
                                                     "responses_per_prompt", "lr", "kl_samples", "kl_weight",

@@ -60,6 +60,15 @@ def setup_mlflow(cfg: RuntimeConfig, store: Store) -> str:
     return exp_id
 
 
+def apply_precision(cfg: RuntimeConfig) -> str:
+    """Make `runtime.lm_dtype` this process's LM precision (when set); returns the setting in force, which
+    `ray_session` hands to every Ray worker."""
+    from latentpref.tasks.models import precision
+    if cfg.lm_dtype is not None:
+        precision.set_setting(cfg.lm_dtype)
+    return precision.setting()
+
+
 @contextmanager
 def ray_session(cfg: RuntimeConfig):
     """Connect to the configured Ray cluster, or start a local one; shut down only what we started."""
@@ -68,7 +77,11 @@ def ray_session(cfg: RuntimeConfig):
     if not ray.is_initialized():
         # no runtime_env secrets: workers inherit credentials from the node's environment (local Ray:
         # this process; a cluster: its nodes' own IAM/env), so keys never travel through Ray metadata
-        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        from latentpref.tasks.models import precision
+        # the LM precision is the only setting workers take from the driver's environment: every process of a
+        # night computes alike, on a cluster too
+        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                      runtime_env={"env_vars": {precision.ENV_VAR: apply_precision(cfg)}})
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, **kwargs)
         else:

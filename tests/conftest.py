@@ -14,6 +14,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.join(_SESSION_DIR, 'mlflow.db')}")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# LM passes in fp32 unless a test asks for bf16: many tests compare numbers against fp32 references
+os.environ.setdefault("LATENTPREF_LM_DTYPE", "fp32")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

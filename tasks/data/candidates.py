@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from latentpref.tasks.data.scorers import SentimentClassifier, score_texts
+from latentpref.tasks.models import precision
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ def generate_candidates(
 
 
 @torch.inference_mode()
+@precision.under_lm_autocast
 def sample_fixed_length(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                         top_k: int = 50, temperature: float = 1.0, do_sample: bool = True,
                         generator: torch.Generator | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from latentpref.tasks.data import candidates as candidates_lib
 from latentpref.tasks.data import corpus, users
 from latentpref.tasks.data.store import MANIFEST, Store, json_digest, stage_done, table_digest
+from latentpref.tasks.models import precision
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -143,7 +144,9 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
     # 3. K candidates per prompt + reward annotation (every candidate scored once by every scorer)
     key = json_digest({"prompts": prompts_ref.digest, "base": base_version, "k": cfg.n_candidates,
                        "scorer": scorer_info.get("path"),
-                       "rt": cfg.response_tokens, "pt": cfg.prompt_tokens, "top_k": cfg.top_k, "seed": cfg.seed})
+                       "rt": cfg.response_tokens, "pt": cfg.prompt_tokens, "top_k": cfg.top_k, "seed": cfg.seed,
+                       # bf16 and fp32 sampling draw different candidates from the same seed
+                       "lm_dtype": str(precision.lm_dtype()).removeprefix("torch.")})
     folder = ("data", "candidates", key)
     t0 = time.perf_counter()
     if stage_done(store, *folder):

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from latentpref.tasks.objectives import LossType, sequence_dpo_loss
+from latentpref.tasks.models import precision
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def _prefix_tuning(model: nn.Module) -> tuple[nn.Module, int] | None:
     return model.get_base_model(), int(cfg.num_virtual_tokens)
 
 
+@precision.under_lm_autocast
 def lm_forward(
     model: nn.Module,
     input_ids: Tensor,

@@ -3,12 +3,18 @@ the un-personalised models and the baselines fitted on exactly the same pairs (s
 
 Methods (rows of the result):
     base_lm       the (SFT'd) base LM alone, no latent prefix
+    oracle_best_of_k  ceiling: per prompt, the best under the user's hidden reward of K samples of the
+                  un-personalised model (clap_prior); no method that samples once can beat it on average. Its
+                  `reward_spread` (mean over prompts of max - min reward among the K samples) says whether the
+                  LM's own samples differ at all in what the user cares about: near 0, nothing can personalise
     clap_prior    CLaP with z = mean of the population prior N(0, I): the un-personalised latent model
                   (discrete CLaPs: the expected code under the population prior p(k|x), lpc.md §6.3)
     latent_dpo    CLaP with z = mean of the user's fitted p_θ(z|x) (spec §4.1.9: z = μ_θ(x))
     lora_dpo / full_dpo / ptuning_dpo   baselines (tasks/evaluate/baselines.py)
 Generation uses the same prompts and the same sampling seed for every method, so differences come from
-the method alone.
+the method alone. Headline: `win_rate_vs_prior`, the share of prompts where a method's text beats the
+un-personalised model's (clap_prior, same prompt, same seed) under the user's hidden reward (ties half); `win_rate`
+compares against the prompt's real continuation.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ class EvalSettings:
     baseline_batch_size: int
     latent_fit: dict[str, Any]       # FitConfig fields, to time a one-user latent fit like-for-like
     seed: int = 0
+    oracle_k: int = 4                # samples per prompt of the un-personalised model for oracle_best_of_k
     # the night's P-Tuning-SFT prefix (baselines.fit_prefix_sft): init and reference of every P-Tuning-DPO fit
     ptuning_prefix: dict[str, torch.Tensor] | None = None
 
@@ -52,9 +59,10 @@ def _user_reward(weights_json: str, texts: list[str]) -> np.ndarray:
 
 
 @torch.no_grad()
-def _clap_generate(clap, tokenizer, prompts: list[str], z: torch.Tensor | None, s: EvalSettings) -> list[str]:
+def _clap_generate(clap, tokenizer, prompts: list[str], z: torch.Tensor | None, s: EvalSettings,
+                   seed_offset: int = 0) -> list[str]:
     ids, mask = tokenize_prompts(tokenizer, prompts, s.prompt_tokens)
-    gen = torch.Generator().manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(s.seed + seed_offset)
     out = clap.generate(z, ids, mask, max_new_tokens=s.max_new_tokens, do_sample=True, top_k=50, generator=gen)
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
@@ -113,6 +121,31 @@ def _code_policy_checks(clap, tokenizer, policy, triples: list[tuple[str, str, s
     return held_acc, fit_s
 
 
+@torch.no_grad()
+def _latent_lm_checks(clap, tokenizer, policy, held: list[tuple[str, str, str]], s: EvalSettings) -> dict[str, float]:
+    """Held-out checks of a latent policy with the LM actually run (the same measure as the baselines'):
+
+    heldout_accuracy: share of held-out pairs with [log p(y_w|x, z_u) - log p(y_w|x, z_0)] >
+        [log p(y_l|x, z_u) - log p(y_l|x, z_0)], z_u = the user's latent (mu_theta(x); the expected code for
+        discrete policies), z_0 = the population prior's (the reference, as the CLaP prior is the latent model's
+        un-personalised policy).
+    z_sensitivity_nats: mean |log p(y|x, z_u) - log p(y|x, z_0)| per held-out response (nats per sequence): how
+        much the user's latent moves the LM at all; near 0, no latent fit can change what the LM writes.
+    """
+    p_ids, p_mask = tokenize_prompts(tokenizer, [h[0] for h in held], s.prompt_tokens)
+    c_ids, c_mask = tokenize_responses(tokenizer, [h[1] for h in held], s.response_tokens)
+    r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], s.response_tokens)
+    z_user = policy.latent(clap.encoder, p_ids, p_mask)[0].float()
+    z_prior = _prior_latent(clap, p_ids, p_mask)
+    logp = {(who, side): clap.response_logps(z, p_ids, p_mask, ids, mask)
+            for who, z in (("user", z_user), ("prior", z_prior))
+            for side, ids, mask in (("chosen", c_ids, c_mask), ("rejected", r_ids, r_mask))}
+    chosen = (logp["user", "chosen"] - logp["prior", "chosen"]).numpy()
+    rejected = (logp["user", "rejected"] - logp["prior", "rejected"]).numpy()
+    return {"heldout_accuracy": metrics.preference_accuracy(chosen, rejected),
+            "z_sensitivity_nats": float(np.abs(np.concatenate([chosen, rejected])).mean())}
+
+
 def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_ids: list[str],
                    test_prompts: list[str], references: list[str], train_pairs: pa.Table, heldout_pairs: pa.Table,
                    user_policies: dict[str, Any], settings: EvalSettings,
@@ -135,6 +168,10 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                                                   do_sample=True, top_k=50, seed=settings.seed,
                                                   max_prompt_tokens=settings.prompt_tokens),
               "clap_prior": _clap_generate(clap, tokenizer, prompts, _prior_latent(clap, p_ids, p_mask), settings)}
+    prior_z = _prior_latent(clap, p_ids, p_mask)
+    # K samples per prompt of the un-personalised model (the first is clap_prior's own): the oracle's pool
+    prior_samples = [shared["clap_prior"]] + [_clap_generate(clap, tokenizer, prompts, prior_z, settings, seed_offset=j)
+                                              for j in range(1, settings.oracle_k)]
     ppl_cache: dict[str, float] = {}
 
     def ppl(method_texts: list[str]) -> float:
@@ -170,24 +207,36 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         triples = list(zip(u_train["prompt"].to_pylist(), u_train["chosen"].to_pylist(), u_train["rejected"].to_pylist()))
         held = list(zip(u_held["prompt"].to_pylist(), u_held["chosen"].to_pylist(), u_held["rejected"].to_pylist()))
 
-        def row(method: str, texts: list[str], **extra) -> dict[str, Any]:
-            reward = _user_reward(weights_json, texts)
+        pool_reward = np.stack([_user_reward(weights_json, t) for t in prior_samples])   # (K, prompts)
+        prior_reward = pool_reward[0]
+
+        def row(method: str, texts: list[str], reward: np.ndarray | None = None, **extra) -> dict[str, Any]:
+            reward = _user_reward(weights_json, texts) if reward is None else reward
             return {"user_id": user_id, "cohort": cohort, "method": method, "n_train_pairs": len(triples),
                     "mean_reward": float(reward.mean()), "win_rate": metrics.win_rate(reward, ref_reward),
+                    "win_rate_vs_prior": metrics.win_rate(reward, prior_reward),
                     "perplexity": ppl(texts), "sample": texts[0][:200], **extra}
 
         for method, texts in shared.items():
             rows.append(row(method, texts, heldout_accuracy=None, fit_seconds=0.0, trainable_params=0,
                             artifact_bytes=0))
+        best = pool_reward.argmax(0)                                                           # (prompts,)
+        rows.append(row("oracle_best_of_k", [prior_samples[k][i] for i, k in enumerate(best)],
+                        reward=pool_reward.max(0), heldout_accuracy=None, fit_seconds=0.0, trainable_params=0,
+                        artifact_bytes=0,
+                        reward_spread=float((pool_reward.max(0) - pool_reward.min(0)).mean())))
 
         # latent DPO: the user's stored policy from the nightly fit (any mode: head-only, trunk-frozen, faithful)
         policy = user_policies[user_id]
         manifest = policy.manifest
         mu_p, _ = policy.latent(clap.encoder, p_ids, p_mask)
         texts = _clap_generate(clap, tokenizer, prompts, mu_p, settings)
-        held_acc = fit_s_codes = None
+        latent_acc = fit_s_codes = None
+        lm_checks: dict[str, float | None] = {"heldout_accuracy": None, "z_sensitivity_nats": None}
+        if held:
+            lm_checks = _latent_lm_checks(clap, tokenizer, policy, held, settings)
         if getattr(clap, "discrete", False):   # discrete codes: categorical checks; mode `codes` skips the rest
-            held_acc, fit_s_codes = _code_policy_checks(clap, tokenizer, policy, triples, held, settings)
+            latent_acc, fit_s_codes = _code_policy_checks(clap, tokenizer, policy, triples, held, settings)
         if held and not getattr(clap, "discrete", False):
             hp_ids, hp_mask = tokenize_prompts(tokenizer, [h[0] for h in held], settings.prompt_tokens)
             with torch.no_grad():
@@ -196,8 +245,8 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                 r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], settings.response_tokens)
                 mu_c, _ = clap.encode(hp_ids, hp_mask, c_ids, c_mask)
                 mu_r, _ = clap.encode(hp_ids, hp_mask, r_ids, r_mask)
-            held_acc = metrics.preference_accuracy(_latent_implicit_reward(mu_h, logvar_h, mu_c).numpy(),
-                                                   _latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
+            latent_acc = metrics.preference_accuracy(_latent_implicit_reward(mu_h, logvar_h, mu_c).numpy(),
+                                                     _latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
         # like-for-like timing: one user fitted alone from the cache (the nightly batched cost is lower)
         fit_s = manifest.get("fit_seconds", 0.0)
         if getattr(clap, "discrete", False) and fit_s_codes is not None:
@@ -214,7 +263,8 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
             fit_users(f_t, mc.float(), lc.float(), mr.float(), lr_.float(), torch.zeros(len(triples), dtype=torch.long),
                       1, FitConfig(**settings.latent_fit))
             fit_s = time.perf_counter() - t0
-        rows.append(row("latent_dpo", texts, heldout_accuracy=held_acc, fit_seconds=fit_s,
+        rows.append(row("latent_dpo", texts, **lm_checks, latent_heldout_accuracy=latent_acc,
+                        latent_shift=float(mu_p.float().norm(dim=-1).mean()), fit_seconds=fit_s,
                         trainable_params=int(manifest.get("trainable_params")
                                              or sum(t.numel() for t in policy.tensors.values())),
                         artifact_bytes=int(manifest.get("artifact_bytes", 0)),
@@ -259,7 +309,10 @@ def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
     for method in methods:
         sub = per_user.filter(pa.compute.equal(per_user["method"], method))
         entry: dict[str, Any] = {"method": method, "users": sub.num_rows}
-        for col in ("mean_reward", "win_rate", "heldout_accuracy", "perplexity", "fit_seconds"):
+        for col in ("mean_reward", "win_rate", "win_rate_vs_prior", "heldout_accuracy", "latent_heldout_accuracy",
+                    "z_sensitivity_nats", "latent_shift", "perplexity", "fit_seconds", "reward_spread"):
+            if col not in sub.column_names:
+                continue
             vals = np.array([v for v in sub[col].to_pylist() if v is not None], dtype=float)
             if len(vals):
                 m, lo, hi = metrics.bootstrap_ci(vals, seed=seed)

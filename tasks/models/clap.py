@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
+from latentpref.tasks.models import precision
 from latentpref.tasks.models.lpc import PairPosterior
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ CONFIG_FILE = "clap_config.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 LATENT_TYPES = ("gaussian", "discrete")
+PREFIX_INITS = ("random", "anchor")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,14 @@ class CLaPConfig:
     # vector of a shared codebook (LPC, lpc.md §6.3); same adapter, same prefix injection either way
     latent_type: str = "gaussian"
     n_codes: int = 32  # K, discrete only: lpc.md §2.2 finds 32-64 best (one configuration)
+    # How the adapter starts. "random": the spec's fresh LN + MLP (§2.3); right for random tiny bases. "anchor":
+    # for pretrained bases, each layer's prefix starts as the base's own hidden state of one real token (the BOS /
+    # attention-sink state entering that layer, through a copy of the layer's pre-attention norm) plus a small
+    # z-dependent part, so CLaP with any z starts at the base LM's NLL. Measured on SmolLM2-135M: "random"
+    # starts at 14.9 nats/token against the plain LM's 3.62 (the LN'd random prefix gives keys of norm ~75 that
+    # take the attention of every layer); "anchor" starts at 3.73.
+    prefix_init: str = "random"
+    anchor_scale: float = 0.02  # "anchor" only: init std of the z-dependent part's last Linear
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "n_query", "n_prefix", "encoder_layers"):
@@ -57,6 +67,10 @@ class CLaPConfig:
         if self.n_codes < 2:
             raise ValueError(f"CLaPConfig.n_codes={self.n_codes} must be >= 2 (a codebook of one code carries no "
                              "information)")
+        if self.prefix_init not in PREFIX_INITS:
+            raise ValueError(f"CLaPConfig.prefix_init={self.prefix_init!r}; expected one of {PREFIX_INITS}")
+        if not self.anchor_scale > 0:
+            raise ValueError(f"CLaPConfig.anchor_scale={self.anchor_scale} must be > 0")
         if self.latent_dim % self.n_query:
             raise ValueError(
                 f"CLaPConfig.latent_dim={self.latent_dim} must be divisible by n_query={self.n_query} "
@@ -159,6 +173,10 @@ class LatentEncoder(nn.Module):
         Returns:
             (B, n_query, d) float32.
         """
+        with precision.lm_autocast(input_ids.device):
+            return self._features(input_ids, attention_mask).float()
+
+    def _features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         B, T = input_ids.shape
         Q = self.cfg.n_query
         mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, Q, dtype=torch.bool)], dim=1)
@@ -183,7 +201,7 @@ class LatentEncoder(nn.Module):
             rope = self.rotary(h, pos)
             for block in self.blocks:
                 h = block(h, attention_mask=bias, position_ids=pos, position_embeddings=rope)
-        return self.ln_out(h[:, -Q:]).float()
+        return self.ln_out(h[:, -Q:])
 
     @property
     def discrete(self) -> bool:
@@ -196,7 +214,8 @@ class LatentEncoder(nn.Module):
                              "and code_latent(probs)")
         B = features.shape[0]
         k = self.cfg.latent_dim // self.cfg.n_query
-        out = F.linear(features.float(), self.h2z.weight.float(), self.h2z.bias.float())  # (B, Q, 2k)
+        with precision.fp32():
+            out = F.linear(features.float(), self.h2z.weight.float(), self.h2z.bias.float())  # (B, Q, 2k)
         return out[..., :k].reshape(B, -1), out[..., k:].reshape(B, -1)
 
     def code_logits(self, features: Tensor) -> Tensor:
@@ -204,13 +223,15 @@ class LatentEncoder(nn.Module):
         if not self.discrete:
             raise ValueError("code_logits needs latent_type='discrete'; this encoder is Gaussian (use head)")
         pooled = features.float().mean(1)                                                   # (B, C)
-        return F.linear(pooled, self.h2k.weight.float(), self.h2k.bias.float())
+        with precision.fp32():
+            return F.linear(pooled, self.h2k.weight.float(), self.h2k.bias.float())
 
     def code_latent(self, probs: Tensor) -> Tensor:
         """z = probs @ codebook in fp32: (..., n_codes) code weights -> (..., latent_dim) (lpc.md §2.3)."""
         if not self.discrete:
             raise ValueError("code_latent needs latent_type='discrete'; this encoder is Gaussian")
-        return probs.float() @ self.codebook.float()
+        with precision.fp32():
+            return probs.float() @ self.codebook.float()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, logvar), each (B, latent_dim) float32 (Gaussian encoders; discrete ones: `code_logits`)."""
@@ -245,7 +266,12 @@ class LatentAdapter(nn.Module):
         self.z2h = nn.ModuleList(
             nn.Sequential(nn.Linear(cfg.latent_dim, d), nn.GELU(), nn.Linear(d, P * d)) for _ in blocks
         )
-        self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in blocks)
+        if cfg.prefix_init == "anchor":
+            # the layer's own pre-attention norm (GPT-2 ln_1, Llama input_layernorm), so an anchored prefix is
+            # normalised exactly as the base normalises a real token before its K/V projections
+            self.ln = nn.ModuleList(copy.deepcopy(_pre_attention_norm(block, self.kind)) for block in blocks)
+        else:
+            self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in blocks)
         self.k_proj = nn.ModuleList()
         self.v_proj = nn.ModuleList()
         for block in blocks:
@@ -257,6 +283,23 @@ class LatentAdapter(nn.Module):
             self.v_proj.append(v)
         self.rotary = copy.deepcopy(body.rotary_emb) if self.kind == "llama" else None
         self.to(next(base_lm.parameters()).dtype)
+        if cfg.prefix_init == "anchor":
+            self._anchor(base_lm)
+
+    @torch.no_grad()
+    def _anchor(self, base_lm: PreTrainedModel) -> None:
+        """Start every layer's prefix at the base's hidden state of a lone BOS token entering that layer (the state
+        whose K/V the base itself attends to as its attention sink), plus a small z-dependent part."""
+        c = base_lm.config
+        token = c.bos_token_id if c.bos_token_id is not None else (c.eos_token_id or 0)
+        p = next(base_lm.parameters())
+        ids = torch.tensor([[int(token)]], device=p.device)
+        out = base_lm.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        P = self.cfg.n_prefix
+        for layer, z2h in enumerate(self.z2h):
+            anchor = out.hidden_states[layer][0, 0].to(z2h[2].bias.dtype)  # (d,) residual stream entering `layer`
+            z2h[2].bias.copy_(anchor.repeat(P))
+            nn.init.normal_(z2h[2].weight, std=self.cfg.anchor_scale)
 
     def attention_copies(self) -> list[nn.Module]:
         """The K/V projection copies (frozen together with the base in CLaP stage 1, spec §2.5)."""
@@ -281,6 +324,10 @@ class LatentAdapter(nn.Module):
                 k = k * rope[0] + _rotate_half(k) * rope[1]
             prefix.append((k, v))
         return prefix
+
+
+def _pre_attention_norm(block: nn.Module, kind: str) -> nn.Module:
+    return block.ln_1 if kind == "gpt2" else block.input_layernorm
 
 
 def _gpt2_kv_linears(c_attn: nn.Module, d: int) -> tuple[nn.Linear, nn.Linear]:
@@ -400,7 +447,7 @@ class CLaP(nn.Module):
         """A fresh cache holding the adapter's prefix for z (B, latent_dim); empty when z is None."""
         cache = DynamicCache(config=self.base_lm.config)
         if z is not None:
-            dtype = next(self.base_lm.parameters()).dtype
+            dtype = precision.cache_dtype(next(self.base_lm.parameters()).dtype, z.device)
             for layer, (k, v) in enumerate(self.adapter(z)):
                 cache.update(k.to(dtype), v.to(dtype), layer)
         return cache
@@ -444,13 +491,14 @@ class CLaP(nn.Module):
         if z is not None:
             pm = torch.ones(B, P, dtype=torch.long, device=mask.device) if prefix_mask is None else prefix_mask.long()
             mask = torch.cat([pm, mask], dim=1)
-        out = self.base_lm.base_model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            cache=self.prefix_cache(z) if z is not None else None,
-            use_cache=False,
-        )
+        with precision.lm_autocast(input_ids.device):
+            out = self.base_lm.base_model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=self.prefix_cache(z) if z is not None else None,
+                use_cache=False,
+            )
         return out.last_hidden_state
 
     def forward(
@@ -464,7 +512,8 @@ class CLaP(nn.Module):
     ) -> Tensor:
         """Logits (B, T, V) in the base's dtype; arguments as in `hidden_states`."""
         h = self.hidden_states(z, input_ids, attention_mask, position_ids=position_ids, prefix_mask=prefix_mask)
-        return self.base_lm.get_output_embeddings()(h)
+        with precision.lm_autocast(input_ids.device):
+            return self.base_lm.get_output_embeddings()(h)
 
     def response_logps(
         self,
@@ -503,9 +552,68 @@ class CLaP(nn.Module):
                 raise ValueError(f"skip_z has shape {tuple(skip_z.shape)}; expected {want} (B, T_resp, latent_dim)")
             s = self.skip(skip_z)
             h = h + (s - s.detach()).to(h.dtype)  # value exactly 0, gradient identity (spec §3.4 "G-Skip")
-        logits = self.base_lm.get_output_embeddings()(h).float()  # upcast before log_softmax (spec §9.5)
+        with precision.lm_autocast(h.device):
+            logits = self.base_lm.get_output_embeddings()(h).float()  # upcast before log_softmax (spec §9.5)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)  # (B, Tr)
         return (logp * response_mask.to(logp.dtype)).sum(-1)
+
+    def shifted_response_logps(
+        self,
+        z: Tensor,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        response_ids: Tensor,
+        response_mask: Tensor,
+        n_responses: int,
+    ) -> Tensor:
+        """In-batch latent swaps for the contrastive loss (spec §3.3): out[p, k, b] = log p(y_{p,b} | x_p,
+        z_{p,(b-k) mod B}) over rows laid out prompt-major (P prompts x B responses, all B rows of a prompt share it).
+
+        As the reference does, the prompt is encoded ONCE per latent (its K/V cache under each row's prefix) and
+        only the responses are re-scored under the B rolled caches: 1 prompt pass + B response passes instead of
+        B full passes. Row k = 0 is each response under its own latent (= `response_logps(z, ...)`).
+
+        Returns:
+            (P, B, B) float32: [prompt, shift, response].
+        """
+        _check_padding(prompt_mask, "left", "prompt_mask")
+        _check_padding(response_mask, "right", "response_mask")
+        rows, Tr = response_ids.shape
+        B = n_responses
+        if rows % B:
+            raise ValueError(f"{rows} rows are not P prompts x B={B} responses")
+        _check_z(z, rows, self.cfg.latent_dim)
+        Pn = rows // B
+        n_pre = self.cfg.n_prefix
+        body, lm_head = self.base_lm.base_model, self.base_lm.get_output_embeddings()
+        device = prompt_ids.device
+        with precision.lm_autocast(device):
+            cache = self.prefix_cache(z)
+            mask = torch.cat([prompt_mask.new_ones(rows, n_pre), prompt_mask], dim=1).long()
+            pos = _positions(prompt_mask, n_pre)
+            h_prompt = body(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, cache=cache,
+                            use_cache=True).last_hidden_state[:, -1:]                     # (rows, 1, C): predicts y_0
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            resp_mask = torch.cat([mask, response_mask[:, :-1].long()], dim=1)
+            resp_pos = pos[:, -1:] + 1 + torch.arange(Tr - 1, device=device)[None]      # (rows, Tr-1)
+
+            def roll(t: Tensor, k: int) -> Tensor:   # row (p, b) takes row (p, (b - k) mod B)
+                return torch.roll(t.reshape(Pn, B, *t.shape[1:]), shifts=k, dims=1).reshape(t.shape)
+
+            out = []
+            for k in range(B):
+                h = roll(h_prompt, k)
+                if Tr > 1:
+                    shifted = DynamicCache(config=self.base_lm.config)
+                    for layer, (keys, values) in enumerate(layers):
+                        shifted.update(roll(keys, k), roll(values, k), layer)
+                    h_resp = body(input_ids=response_ids[:, :-1], attention_mask=resp_mask, position_ids=resp_pos,
+                                  cache=shifted, use_cache=True).last_hidden_state              # (rows, Tr-1, C)
+                    h = torch.cat([h, h_resp], dim=1)
+                logits = lm_head(h).float()
+                logp = torch.log_softmax(logits, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
+                out.append((logp * response_mask.to(logp.dtype)).sum(-1).view(Pn, B))
+        return torch.stack(out, dim=1)                                                   # (P, B_shift, B)
 
     @torch.no_grad()
     def generate(
@@ -552,7 +660,9 @@ class CLaP(nn.Module):
             raise ValueError(
                 f"{P} prefix + {Tp} prompt + {max_new_tokens} new tokens exceed the base's {limit} positions"
             )
-        return decode(self.base_lm, prompt_ids, prompt_mask, cache=self.prefix_cache(z), n_prefix=P,
+        with precision.lm_autocast(prompt_ids.device):
+            cache = self.prefix_cache(z)
+        return decode(self.base_lm, prompt_ids, prompt_mask, cache=cache, n_prefix=P,
                       max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                       generator=generator)
 
@@ -565,6 +675,15 @@ def decode(base_lm: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, *,
     `n_prefix` prefix slots per layer). Left-padded prompts; the mask grows one column per step and each row's
     position by one, so batched == row-by-row. Used by CLaP.generate and for plain-LM candidate sampling.
     """
+    with precision.lm_autocast(prompt_ids.device):
+        return _decode(base_lm, prompt_ids, prompt_mask, cache=cache, n_prefix=n_prefix,
+                       max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                       generator=generator)
+
+
+def _decode(base_lm: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, *, cache: DynamicCache | None,
+            n_prefix: int, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+            generator: torch.Generator | None) -> Tensor:
     B = prompt_ids.shape[0]
     P = n_prefix
     body, lm_head = base_lm.base_model, base_lm.get_output_embeddings()

@@ -126,21 +126,21 @@ class ClapObjective(nn.Module):
             # a fresh posterior sample per response position (spec §2.4)
             T = batch.response_ids.shape[1]
             skip_z = latent.sample(mu, logvar, T, generator=generator).transpose(0, 1)  # (P*B, T, D)
-        logps = self.clap.response_logps(z, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
-                                         batch.response_mask, skip_z=skip_z)          # (P*B,)
+        contrastive_on = stage == 2 and B > 1 and self.contrastive_weight > 0
+        if contrastive_on:
+            # nll_matrix[p, k, b] = -log p(y_{p,b} | x_p, z_{p,(b-k) mod B}) (spec §3.3): one prompt pass per latent,
+            # B response passes; shift 0 is each response under its own latent, i.e. L_lm's log-probs
+            nll_matrix = -self.clap.shifted_response_logps(z, batch.prompt_ids, batch.prompt_mask,
+                                                           batch.response_ids, batch.response_mask, B)
+            logps = -nll_matrix[:, 0].reshape(P * B)
+        else:
+            logps = self.clap.response_logps(z, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                             batch.response_mask, skip_z=skip_z)      # (P*B,)
         nll = -logps.mean()   # spec §3.1: per-sequence token sum, mean over sequences
         loss = nll + self.kl_weight * kl
         contrastive = torch.zeros((), device=nll.device)
         contrastive_acc = torch.zeros((), device=nll.device)
-        if stage == 2 and B > 1 and self.contrastive_weight > 0:
-            # nll_matrix[p, k, b] = -log p(y_{p,b} | x_p, z_{p,(b-k) mod B}) (spec §3.3)
-            rows = [-logps.view(P, B)]
-            zg = z.view(P, B, -1)
-            for k in range(1, B):
-                z_k = torch.roll(zg, shifts=k, dims=1).reshape(P * B, -1)
-                rows.append(-self.clap.response_logps(z_k, batch.prompt_ids, batch.prompt_mask,
-                                                      batch.response_ids, batch.response_mask).view(P, B))
-            nll_matrix = torch.stack(rows, dim=1)                                   # (P, B_shift, B)
+        if contrastive_on:
             contrastive = objectives.contrastive_loss(nll_matrix)
             contrastive_acc = (nll_matrix.argmin(dim=1) == 0).float().mean()
             loss = loss + self.contrastive_weight * contrastive

@@ -44,6 +44,8 @@ class PretrainJob(BaseModel):
     n_query: int = 4
     n_prefix: int = 4
     encoder_layers: int = 2
+    prefix_init: Literal["random", "anchor"] = "random"
+    threads_per_worker: int = 1
     stage1_steps: int = 40
     stage2_steps: int = 20
     prompts_per_batch: int = 4
@@ -105,7 +107,8 @@ def _build_clap(job: PretrainJob):
     base_dir = store.local_copy(job.base_model_path)
     base, tokenizer = load_base_model(base_dir, seed=job.seed)
     cfg = clap_lib.CLaPConfig(latent_dim=job.latent_dim, n_query=job.n_query, n_prefix=job.n_prefix,
-                              encoder_layers=job.encoder_layers, latent_type=job.latent_type, n_codes=job.n_codes)
+                              encoder_layers=job.encoder_layers, latent_type=job.latent_type, n_codes=job.n_codes,
+                              prefix_init=job.prefix_init)
     model = clap_lib.CLaP(base, cfg)
     return model, tokenizer
 
@@ -316,6 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from latentpref.tasks.train.loop import ClapObjective, sample_clap_batches, set_stage
 
     job = PretrainJob.model_validate(config)
+    torch.set_num_threads(job.threads_per_worker)   # Ray sets OMP_NUM_THREADS=1; the worker owns this many CPUs
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.seed)
@@ -445,7 +449,8 @@ def run_pretrain(job: PretrainJob, *, storage_path: str, name: str, num_workers:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.model_dump(),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": job.threads_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures)),

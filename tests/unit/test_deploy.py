@@ -84,7 +84,7 @@ def test_flow_parameters_and_until_choices():
     assert deploy.deployment_parameters() == ("preset", "store", "ray_address", "mlflow_tracking_uri",
                                               "overrides", "until")
     schema = deploy.nightly_deployment.parameters
-    assert schema.properties["preset"]["default"] == "tiny"
+    assert schema.properties["preset"]["default"] == "default"
     until = json.dumps(schema.model_dump())          # the Literal shows up as an enum of the stages
     assert all(f'"{stage}"' in until for stage in STAGES)
 

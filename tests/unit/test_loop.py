@@ -191,3 +191,32 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(stage):
         nlls.append(float(metrics["nll_per_token"]))
     assert losses[-1] < losses[0] - 0.5, losses
     assert nlls[-1] < nlls[0] - 0.1, nlls
+
+
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-llama"])
+def test_shared_prompt_cache_contrastive_equals_full_passes(spec):
+    """The stage-2 swap matrix from one prompt pass + B response passes equals B full passes with rolled latents
+    (spec §3.3), in value and in gradient; padded prompts and responses included."""
+    from latentpref.tasks.models.clap import CLaP, CLaPConfig
+    from latentpref.tasks.models.registry import load_base_model
+    base, _ = load_base_model(spec)
+    clap = CLaP(base, CLaPConfig(prefix_init="anchor")).eval()
+    g = torch.Generator().manual_seed(0)
+    P, B = 2, 3
+    prompt_ids = torch.randint(5, 500, (P, 7), generator=g).repeat_interleave(B, 0)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[B:, :2] = 0                                   # the second prompt is left-padded
+    response_ids = torch.randint(5, 500, (P * B, 5), generator=g)
+    response_mask = torch.ones_like(response_ids)
+    response_mask[1, 3:] = 0                                  # a right-padded response
+    z = torch.randn(P * B, 32, generator=g, requires_grad=True)
+    fast = clap.shifted_response_logps(z, prompt_ids, prompt_mask, response_ids, response_mask, B)
+    (grad_fast,) = torch.autograd.grad(fast.sum(), z)
+    rows = []
+    for k in range(B):
+        z_k = torch.roll(z.view(P, B, -1), shifts=k, dims=1).reshape(P * B, -1)
+        rows.append(clap.response_logps(z_k, prompt_ids, prompt_mask, response_ids, response_mask).view(P, B))
+    full = torch.stack(rows, dim=1)
+    (grad_full,) = torch.autograd.grad(full.sum(), z)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_fast, grad_full, rtol=1e-4, atol=1e-5)
