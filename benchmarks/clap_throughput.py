@@ -6,7 +6,11 @@ Three training set-ups share one base model (deep copies of it), one list of bat
 - `plain_finetune`: the base LM fully fine-tuned on log p(y|x) (summed response-token NLL, logits only at the
   response positions: the cheapest honest plain fine-tune, so the ratio is not flattered);
 - `clap_stage1`: CLaP stage 1 (base + adapter K/V copies frozen, G-skip on, DG-KLD), `ClapObjective`;
-- `clap_stage2`: CLaP stage 2 (everything trains, contrastive over the B responses of each prompt).
+- `clap_stage2`: CLaP stage 2 (everything trains, contrastive over the B responses of each prompt), the prompt
+  encoded once per latent and only the responses re-scored under the B swapped caches (the product's path);
+- `clap_stage2_full_passes`: the same loss with B full prompt+response passes (the path before; same values).
+`--lm-dtype bf16` runs every LM matmul under bf16 autocast (tasks/models/precision.py), as a night does by default
+on a CPU with AVX512-BF16; `--prefix-init anchor` is what pretrained bases get.
 Each step is forward + backward + grad clipping + AdamW. Tokens/s counts the real prompt + response tokens of a
 batch (the same count for the three set-ups), so the ratios are ratios of step times. The set-ups run
 interleaved in rounds, so machine-load drift hits them alike; the reported time per set-up is the median step.
@@ -17,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -31,7 +36,7 @@ from latentpref.tasks.models.registry import describe_model, load_base_model
 from latentpref.tasks.train.loop import ClapBatch, ClapObjective
 
 log = logging.getLogger("clap_throughput")
-MODES = ("plain_finetune", "clap_stage1", "clap_stage2")
+MODES = ("plain_finetune", "clap_stage1", "clap_stage2", "clap_stage2_full_passes")
 
 
 def make_batches(tokenizer, *, n_batches: int, prompts: int, responses: int, prompt_tokens: int,
@@ -70,6 +75,10 @@ class _PlainFinetune(torch.nn.Module):
 
 
 def build(mode: str, base, cfg: CLaPConfig, lr: float):
+    if mode == "clap_stage2_full_passes":
+        objective, stage, params, opt = build("clap_stage2", base, cfg, lr)
+        objective.shared_prompt_cache = False
+        return objective, stage, params, opt
     clap = CLaP(copy.deepcopy(base), cfg).train()
     if mode == "plain_finetune":
         # only the base trains; the CLaP parts are built (same process memory) but unused
@@ -111,13 +120,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lm-dtype", choices=["fp32", "bf16"], default="fp32", help="LM precision (autocast)")
+    ap.add_argument("--prefix-init", choices=["random", "anchor"], default="random")
     args = ap.parse_args(argv)
+    from latentpref.tasks.models import precision
+    precision.set_setting(args.lm_dtype)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    load_start = round(os.getloadavg()[0], 2)
     base, tokenizer = load_base_model(args.base, seed=args.seed)
-    cfg = CLaPConfig()
+    cfg = CLaPConfig(prefix_init=args.prefix_init)
     batches = make_batches(tokenizer, n_batches=8, prompts=args.prompts, responses=args.responses,
                            prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens, seed=args.seed)
     tokens = int(batches[0].prompt_mask.sum() + batches[0].response_mask.sum())
@@ -144,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
         "plain_finetune_tokens_per_s": round(tps["plain_finetune"], 1),
         "stage1_ratio": round(tps["clap_stage1"] / tps["plain_finetune"], 3),
         "stage2_ratio": round(tps["clap_stage2"] / tps["plain_finetune"], 3),
+        "clap_stage2_full_passes_tokens_per_s": round(tps["clap_stage2_full_passes"], 1),
+        "stage2_full_passes_ratio": round(tps["clap_stage2_full_passes"] / tps["plain_finetune"], 3),
+        "stage2_speedup_shared_prompt_cache": round(tps["clap_stage2"] / tps["clap_stage2_full_passes"], 3),
+        "lm_dtype": args.lm_dtype,
+        "load_average_1m_start_end": [load_start, round(os.getloadavg()[0], 2)],
         "base": args.base,
         "model": describe_model(base),
         "clap_config": cfg.__dict__,

@@ -127,9 +127,10 @@ class PersonalizeConfig(_Section):
     # k = reuse k latent-sample draws cyclically (the samples + evidence mask are computed k times per fit, not
     # `steps` times: ~5x cheaper head-only); "fresh" = new samples every step; None = MODE_NOISE_DRAWS[mode]
     noise_draws: Annotated[int, Field(ge=1)] | Literal["fresh"] | None = None
-    beta: float = 0.1                         # spec §3.6
-    n_samples: int = 16                       # per source: prior, q(z|x,y_w), q(z|x,y_l)
-    evidence_ratio: float = 0.5               # spec §3.6 quantile mask
+    beta: Annotated[float, Field(gt=0)] = 0.1  # spec §3.6
+    n_samples: Annotated[int, Field(ge=1)] = 16  # per source: prior, q(z|x,y_w), q(z|x,y_l)
+    evidence_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5  # spec §3.6 quantile mask (Gaussian latents)
+    code_evidence_ratio: Annotated[float, Field(gt=0, le=1)] = 1.0  # discrete code fits: lpc.md §6.3 keeps all
     users_per_task: int = 256                 # users fitted together in one Ray task (batched)
     min_pairs: int = 4                        # fewer -> cold start: population prior, flagged
     max_retries: int = 3
@@ -213,6 +214,15 @@ class NightlyConfig(_Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     personalize: PersonalizeConfig = Field(default_factory=PersonalizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> "NightlyConfig":
+        """Combinations judged at load time, before any stage runs (not in a Ray worker after pretraining)."""
+        if self.pretrain.latent_type == "discrete" and self.personalize.mode != "head-only":
+            raise ValueError(f"personalize.mode={self.personalize.mode!r} needs a Gaussian CLaP; with "
+                             "pretrain.latent_type='discrete' a user is K code offsets fitted on cached posteriors: "
+                             "use personalize.mode=head-only")
+        return self
 
 
 def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

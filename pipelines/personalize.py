@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from latentpref.pipelines import tracking
+from latentpref.pipelines import console, tracking
 from latentpref.pipelines.config import DataConfig, PersonalizeConfig
 from latentpref.pipelines.pretrain import ClapArtifact
 from latentpref.tasks.data.prepare import DataArtifacts
@@ -113,7 +113,8 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         # loss_type reaches every mode through FitConfig (head-only: fit_users; encoder modes: fit_encoder_users)
         fit = {"steps": cfg.steps, "lr": cfg.lr, "beta": cfg.beta, "n_samples": cfg.n_samples,
                "evidence_ratio": cfg.evidence_ratio, "loss_type": cfg.loss_type, "seed": cfg.seed,
-               "noise_draws": cfg.fit_noise_draws()}   # lr / noise_draws: the mode's defaults unless set
+               "noise_draws": cfg.fit_noise_draws(),   # lr / noise_draws: the mode's defaults unless set
+               "code_evidence_ratio": cfg.code_evidence_ratio}
         remote_fit = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(fit_chunk)
 
         def jobs():
@@ -148,6 +149,7 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
                     rate = bar.format_dict.get("rate")
                     eta = f"{(len(everyone) - bar.n) / rate:.0f}s" if rate else "?"
                     logger.info("personalize: %d/%d users done, ETA %s", bar.n, len(everyone), eta)
+                    console.progress("personalize", bar.n, len(everyone))
         table = pa.Table.from_pylist([{k: r.get(k) for k in ("user_id", "status", "mode", "cold_start", "n_pairs",
                                                              "fit_seconds", "train_accuracy", "final_loss",
                                                              "artifact_bytes", "version", "data_hash")}
@@ -169,6 +171,12 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
                             "mean_fit_seconds_per_user": sum(fitted_s) / len(fitted_s) if fitted_s else 0.0,
                             "mean_artifact_bytes": sum(r["artifact_bytes"] for r in records) / max(len(records), 1)})
         tracking.log_table_artifact(table, "personalize_users")
+        if user_ids is None:   # every user of the night is written: servers may switch to this CLaP and its users
+            from latentpref.tasks.evaluate.serve_core import publish_release
+            release = publish_release(store, clap_version=clap.version, run_id=parent_run_id, mode=cfg.mode,
+                                      n_users=summary.n_users, records_path=list(records_path),
+                                      last_written_at=max((r.get("written_at", 0.0) for r in records), default=None))
+            mlflow.set_tag("serving_release", release.release_id)
     logger.info("personalize: %d users (%d fitted, %d unchanged, %d cold start) in %.1fs", summary.n_users,
                 summary.n_fitted, summary.n_unchanged, summary.n_cold_start, seconds)
     return summary

@@ -646,12 +646,15 @@ def dpo_step(
     cfg: BaselineConfig,
     optimizer: torch.optim.Optimizer,
     params: Sequence[Tensor],
+    weights: Tensor | None = None,
 ) -> dict[str, float]:
     """One optimizer step of sequence-level DPO/IPO/SimPO (spec §3.9) on ``batch``.
 
     Args:
         batch: 2b rows, the b chosen responses first, then the b rejected ones (same prompts, same order).
         ref_chosen, ref_rejected: (b,) cached log π_ref (ignored by SimPO).
+        weights: (b,) feedback weights of the pairs: the loss is their weighted mean (as the latent fits weigh
+            each pair's terms), None = all 1.
 
     Returns:
         loss (batch mean), margin (mean implicit reward margin), accuracy (share of positive margins, ties half).
@@ -670,7 +673,11 @@ def dpo_step(
         chosen_lengths=lengths[:b],
         rejected_lengths=lengths[b:],
     )
-    loss = out.losses.mean()
+    if weights is None:
+        loss = out.losses.mean()
+    else:
+        w = weights.to(out.losses)
+        loss = (out.losses * w).sum() / w.sum().clamp(min=1e-12)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.max_grad_norm is not None:
@@ -689,6 +696,7 @@ def fit_baseline(
     *,
     ref_logps: Mapping[tuple[str, str], float] | None = None,
     init_adapter: Mapping[str, Tensor] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> BaselineResult:
     """Fit one user's DPO baseline (spec §5) on ``pairs`` and return the policy and its costs.
 
@@ -704,6 +712,13 @@ def fit_baseline(
         ValueError: empty or malformed ``pairs``; ``init_adapter`` for a method other than P-Tuning-DPO.
     """
     _check_pairs(pairs)
+    if weights is not None:
+        weight_t = torch.as_tensor(list(weights), dtype=torch.float32)
+        if weight_t.shape != (len(pairs),) or not bool(torch.isfinite(weight_t).all()) or bool((weight_t < 0).any()):
+            raise ValueError(f"weights must be {len(pairs)} finite numbers >= 0 (one per pair), got shape "
+                             f"{tuple(weight_t.shape)}")
+    else:
+        weight_t = None
     if init_adapter is not None and cfg.method != "ptuning_dpo":
         raise ValueError(f"init_adapter (a PT-SFT prefix) only applies to ptuning_dpo, not {cfg.method!r}")
     t0 = time.perf_counter()
@@ -749,7 +764,8 @@ def fit_baseline(
                 [chosen_ids[i] for i in idx] + [rejected_ids[i] for i in idx],
                 pad_id=pad_id,
             )
-            step = dpo_step(policy, batch, ref_chosen[idx], ref_rejected[idx], cfg, optimizer, params)
+            step = dpo_step(policy, batch, ref_chosen[idx], ref_rejected[idx], cfg, optimizer, params,
+                            weights=None if weight_t is None else weight_t[idx])
             losses.append(step["loss"])
             margins.append(step["margin"])
             accuracies.append(step["accuracy"])

@@ -205,6 +205,9 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         u_train = train_pairs.filter(pa.compute.equal(train_pairs["user_id"], user_id))
         u_held = heldout_pairs.filter(pa.compute.equal(heldout_pairs["user_id"], user_id))
         triples = list(zip(u_train["prompt"].to_pylist(), u_train["chosen"].to_pylist(), u_train["rejected"].to_pylist()))
+        # the feedback weight of each pair: the latent fits weigh by it, so the baselines do too (same pairs)
+        pair_weights = ([1.0 if w is None else float(w) for w in u_train["weight"].to_pylist()]
+                        if "weight" in u_train.column_names else None)
         held = list(zip(u_held["prompt"].to_pylist(), u_held["chosen"].to_pylist(), u_held["rejected"].to_pylist()))
 
         pool_reward = np.stack([_user_reward(weights_json, t) for t in prior_samples])   # (K, prompts)
@@ -215,7 +218,8 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
             return {"user_id": user_id, "cohort": cohort, "method": method, "n_train_pairs": len(triples),
                     "mean_reward": float(reward.mean()), "win_rate": metrics.win_rate(reward, ref_reward),
                     "win_rate_vs_prior": metrics.win_rate(reward, prior_reward),
-                    "perplexity": ppl(texts), "sample": texts[0][:200], **extra}
+                    "perplexity": ppl(texts), "sample_prompt": prompts[0][-200:], "sample": texts[0][:200],
+                    "sample_reward": float(reward[0]), **extra}
 
         for method, texts in shared.items():
             rows.append(row(method, texts, heldout_accuracy=None, fit_seconds=0.0, trainable_params=0,
@@ -279,7 +283,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                                            batch_size=settings.baseline_batch_size, seed=settings.seed, **lengths)
             init = settings.ptuning_prefix if method == "ptuning_dpo" else None
             result = baselines.fit_baseline(base_model, tokenizer, triples, cfg, ref_logps=ref_caches[method],
-                                            init_adapter=init)
+                                            init_adapter=init, weights=pair_weights)
             b_texts = baselines.generate_texts(result.model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                                do_sample=True, top_k=50, seed=settings.seed,
                                                   max_prompt_tokens=settings.prompt_tokens)

@@ -102,9 +102,12 @@ class ClapObjective(nn.Module):
     """L_CLaP = L_lm + w_kl * DG-KLD (+ w_con * contrastive in stage 2); G-skip in stage 1 (spec §3.5)."""
 
     def __init__(self, clap: nn.Module, *, kl_samples: int = 16, kl_weight: float = 1.0,
-                 contrastive_weight: float = 1.0):
+                 contrastive_weight: float = 1.0, shared_prompt_cache: bool = True):
         super().__init__()
         self.clap = clap
+        # stage 2: True = one prompt pass per latent + B response passes (CLaP.shifted_response_logps); False = B
+        # full passes with rolled latents (same values; kept as the benchmark's "before")
+        self.shared_prompt_cache = shared_prompt_cache
         self.kl_samples = kl_samples
         self.kl_weight = kl_weight
         self.contrastive_weight = contrastive_weight
@@ -127,7 +130,15 @@ class ClapObjective(nn.Module):
             T = batch.response_ids.shape[1]
             skip_z = latent.sample(mu, logvar, T, generator=generator).transpose(0, 1)  # (P*B, T, D)
         contrastive_on = stage == 2 and B > 1 and self.contrastive_weight > 0
-        if contrastive_on:
+        if contrastive_on and not self.shared_prompt_cache:
+            rows = []
+            for k in range(B):
+                z_k = torch.roll(z.view(P, B, -1), shifts=k, dims=1).reshape(P * B, -1)
+                rows.append(self.clap.response_logps(z_k, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                                     batch.response_mask).view(P, B))
+            nll_matrix = -torch.stack(rows, dim=1)
+            logps = -nll_matrix[:, 0].reshape(P * B)
+        elif contrastive_on:
             # nll_matrix[p, k, b] = -log p(y_{p,b} | x_p, z_{p,(b-k) mod B}) (spec §3.3): one prompt pass per latent,
             # B response passes; shift 0 is each response under its own latent, i.e. L_lm's log-probs
             nll_matrix = -self.clap.shifted_response_logps(z, batch.prompt_ids, batch.prompt_mask,

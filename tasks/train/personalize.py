@@ -215,9 +215,16 @@ def user_data_hash(pairs: pa.Table) -> str:
     return json_digest(rows)
 
 
-def fit_version(clap_version: str, mode: str, data_hash: str) -> str:
-    """Artifact folder name: what a fit is a function of (head-only keeps its original, mode-less name)."""
-    return f"{clap_version}-{data_hash}" if mode == "head-only" else f"{clap_version}-{mode}-{data_hash}"
+def fit_version(clap_version: str, mode: str, data_hash: str, settings: dict[str, Any] | None = None) -> str:
+    """Folder name of one fit: a function of everything the fitted policy is a function of.
+
+    `settings` = the fit's settings (FitConfig fields: loss type, beta, steps, lr, samples, evidence ratio, noise
+    draws, seed; plus min_pairs / estimator where they apply): a changed setting is a new version, so the next
+    night refits the users it concerns instead of serving old artifacts as if they were the new settings.
+    Without `settings` (artifacts written before they were part of it) the old layout is kept."""
+    tag = "" if settings is None else f"-s{json_digest(settings)[:10]}"
+    return (f"{clap_version}{tag}-{data_hash}" if mode == "head-only"
+            else f"{clap_version}-{mode}{tag}-{data_hash}")
 
 
 def user_folder(user_id: str) -> tuple[str, str, str]:
@@ -396,7 +403,7 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
         rows = pairs.take(pa.array(by_user.get(user_id, []), type=pa.int64()))   # [] alone is a null-typed array
         n = rows.num_rows
         data_hash = user_data_hash(rows)
-        version = fit_version(job.clap_version, job.mode, data_hash)
+        version = fit_version(job.clap_version, job.mode, data_hash, _version_settings(job))
         existing = current_fit(store, user_id)
         if existing is not None and existing["version"] == version:
             records.append({**existing, "status": "unchanged"})
@@ -407,6 +414,7 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
             records.append(_store_user(store, user_id, version, HEAD_FILE,
                                        {"weight": weight[0], "bias": bias[0]}, {
                 "cold_start": True, "n_pairs": n, "data_hash": data_hash, "clap_version": job.clap_version,
+                "fit_settings": _version_settings(job),
                 "mode": job.mode, "fit_seconds": 0.0, "train_accuracy": None, "final_loss": None}))
             continue
         to_fit.append((user_id, data_hash))
@@ -447,10 +455,12 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
         if u_i == 1:
             _fault_point()   # test-only: die with one user of the chunk stored and the rest not
         name, tensors = artifacts[u_i]
-        records.append(_store_user(store, user_id, fit_version(job.clap_version, job.mode, data_hash), name,
+        records.append(_store_user(store, user_id, fit_version(job.clap_version, job.mode, data_hash,
+                                                               _version_settings(job)), name,
                                    tensors, {
             "cold_start": False, "n_pairs": len(by_user[user_id]), "data_hash": data_hash,
-            "clap_version": job.clap_version, "mode": job.mode, "fit_seconds": per_user_s,
+            "clap_version": job.clap_version, "fit_settings": _version_settings(job),
+            "mode": job.mode, "fit_seconds": per_user_s,
             "trainable_params": n_params, "loss_type": cfg.loss_type,
             "train_accuracy": float(result.final_accuracy[u_i]), "final_loss": float(result.final_loss[u_i]),
             "warm_start": bool(init is not None and (job.mode == "head-only" or init[u_i] is not None))}))
@@ -466,8 +476,11 @@ def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.T
         raise ValueError(f"personalize.mode={job.mode!r} is not supported with a discrete-code CLaP "
                          "(pretrain.latent_type='discrete'): a user is K code offsets fitted on cached posteriors, "
                          "the head-only style; use personalize.mode=head-only")
-    fit = {k: job.fit[k] for k in ("steps", "lr", "beta", "evidence_ratio", "loss_type", "gamma", "weight_decay")
-           if k in job.fit}
+    fit = {k: job.fit[k] for k in ("steps", "lr", "beta", "loss_type", "gamma", "weight_decay") if k in job.fit}
+    # lpc.md §6.3: code fits keep every positive-gap pair (evidence ratio 1); the Gaussian fits' 0.5 (latent-dpo.md
+    # §3.6) does not carry over, so the code fits have their own setting
+    if "code_evidence_ratio" in job.fit:
+        fit["evidence_ratio"] = job.fit["code_evidence_ratio"]
     cfg = CodeFitConfig(estimator=job.discrete_estimator, **fit)
     mode_tag = f"{CODES_MODE}-{cfg.estimator}"       # the estimator changes the result: part of the version
     K = cache.prior_logits.shape[1]
@@ -489,7 +502,7 @@ def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.T
         rows = pairs.take(pa.array(by_user.get(user_id, []), type=pa.int64()))
         n = rows.num_rows
         data_hash = user_data_hash(rows)
-        version = fit_version(job.clap_version, mode_tag, data_hash)
+        version = fit_version(job.clap_version, mode_tag, data_hash, _version_settings(job))
         existing = current_fit(store, user_id)
         if existing is not None and existing["version"] == version:
             records.append({**existing, "status": "unchanged"})
@@ -499,6 +512,7 @@ def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.T
             zero = torch.zeros(K)
             records.append(_store_user(store, user_id, version, CODES_FILE, {"delta": zero}, {
                 "cold_start": True, "n_pairs": n, "data_hash": data_hash, "clap_version": job.clap_version,
+                "fit_settings": _version_settings(job),
                 "mode": CODES_MODE, "latent_type": "discrete", "estimator": cfg.estimator, "fit_seconds": 0.0,
                 "train_accuracy": None, "final_loss": None,
                 "code_mixture": mixture(by_user.get(user_id, []), zero)}))
@@ -535,15 +549,23 @@ def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.T
     for u_i, (user_id, data_hash) in enumerate(to_fit):
         if u_i == 1:
             _fault_point()
-        records.append(_store_user(store, user_id, fit_version(job.clap_version, mode_tag, data_hash), CODES_FILE,
+        records.append(_store_user(store, user_id, fit_version(job.clap_version, mode_tag, data_hash,
+                                                               _version_settings(job)), CODES_FILE,
                                    {"delta": result.delta[u_i]}, {
             "cold_start": False, "n_pairs": len(by_user[user_id]), "data_hash": data_hash,
-            "clap_version": job.clap_version, "mode": CODES_MODE, "latent_type": "discrete",
+            "clap_version": job.clap_version, "fit_settings": _version_settings(job),
+            "mode": CODES_MODE, "latent_type": "discrete",
             "estimator": cfg.estimator, "fit_seconds": per_user_s, "trainable_params": K,
             "loss_type": cfg.loss_type, "train_accuracy": float(result.final_accuracy[u_i]),
             "final_loss": float(result.final_loss[u_i]), "code_mixture": result.mixture[u_i].tolist(),
             "warm_start": bool(init is not None and bool(init[u_i].abs().sum() > 0))}))
     return records
+
+
+def _version_settings(job: ChunkJob) -> dict[str, Any]:
+    """What a chunk's fits are a function of besides the CLaP, mode and data: part of every fit's version and
+    manifest (`fit_settings`), so lineage can tell which settings produced an artifact."""
+    return {**job.fit, "min_pairs": job.min_pairs, "discrete_estimator": job.discrete_estimator}
 
 
 def _fault_point() -> None:

@@ -71,7 +71,7 @@ def test_per_user_metrics_for_latent_dpo_and_lora(tiny_run):
         assert 0 < r.data.metrics["artifact_bytes"] < 64 * 1024   # head-only target (issue 5)
 
 
-ALL_METHODS = {"base_lm", "clap_prior", "latent_dpo", "lora_dpo", "full_dpo", "ptuning_dpo"}
+ALL_METHODS = {"base_lm", "clap_prior", "oracle_best_of_k", "latent_dpo", "lora_dpo", "full_dpo", "ptuning_dpo"}
 LINEAGE_TAGS = {"clap_version", "base_model_version", "pairs_digest", "candidates_digest", "prompts_digest",
                 "user_id", "method", "cohort"}
 
@@ -111,6 +111,14 @@ def test_baselines_side_by_side_with_lineage(tiny_run):
     assert {r["method"] for r in table} == ALL_METHODS
     for r in table:
         assert r["users"] == 3 and r["win_rate_lo"] <= r["win_rate"] <= r["win_rate_hi"]
+        assert r["win_rate_vs_prior_lo"] <= r["win_rate_vs_prior"] <= r["win_rate_vs_prior_hi"]
+    row = {r["method"]: r for r in table}
+    assert row["clap_prior"]["win_rate_vs_prior"] == 0.5          # against itself: every prompt ties
+    # the ceiling: per prompt the best of K prior samples (the first of which is clap_prior's own text)
+    assert row["oracle_best_of_k"]["win_rate_vs_prior"] >= 0.5
+    assert row["oracle_best_of_k"]["mean_reward"] >= row["clap_prior"]["mean_reward"]
+    assert row["oracle_best_of_k"]["reward_spread"] >= 0
+    assert 0 <= row["latent_dpo"]["latent_heldout_accuracy"] <= 1 and row["latent_dpo"]["z_sensitivity_nats"] > 0
 
 
 def test_clear_preference_user_improves_over_unpersonalised(tiny_run):

@@ -305,3 +305,22 @@ def test_init_adapter_only_for_ptuning(gpt2):
     model, tok = gpt2
     with pytest.raises(ValueError, match="only applies to ptuning_dpo"):
         bl.fit_baseline(model, tok, PAIRS, bl.BaselineConfig(method="lora_dpo", steps=1), init_adapter={})
+
+
+def test_pair_weights_weigh_the_dpo_loss():
+    """Feedback weights reach the baseline loss as the latent fits apply them: weight 0 drops a pair, equal weights
+    change nothing, and malformed weights are refused naming the problem."""
+    from latentpref.tasks.evaluate.baselines import BaselineConfig, fit_baseline
+    from latentpref.tasks.models.registry import load_base_model
+    base, tok = load_base_model("tiny-gpt2")
+    pairs = [("the movie was", " great fun", " a bore"), ("i think it", " is lovely", " is awful")]
+    cfg = BaselineConfig.for_method("lora_dpo", steps=3, batch_size=2, lr=1e-2)
+    plain = fit_baseline(base, tok, pairs, cfg)
+    equal = fit_baseline(base, tok, pairs, cfg, weights=[2.0, 2.0])
+    only_first = fit_baseline(base, tok, pairs, cfg, weights=[1.0, 0.0])
+    alone = fit_baseline(base, tok, pairs[:1] * 2, cfg)
+    assert plain.loss_curve == pytest.approx(equal.loss_curve, rel=1e-5)
+    assert only_first.loss_curve[1] == pytest.approx(alone.loss_curve[1], rel=1e-5)   # step 0: ln 2 for all
+    assert only_first.loss_curve[1] != pytest.approx(plain.loss_curve[1], rel=1e-5)
+    with pytest.raises(ValueError, match="weights must be 2 finite numbers"):
+        fit_baseline(base, tok, pairs, cfg, weights=[1.0, -1.0])

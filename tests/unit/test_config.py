@@ -54,3 +54,17 @@ def test_baseline_rates_default_to_spec_and_take_overrides():
         load_config("tiny", overrides=["evaluate.baseline_lr={lora_dpo: 0}"])
     with pytest.raises(ValueError, match="baseline_lr"):
         load_config("tiny", overrides=["evaluate.baseline_lr={lora: 0.1}"])   # unknown method named
+
+
+@pytest.mark.parametrize("override, key", [("personalize.beta=0", "beta"), ("personalize.evidence_ratio=1.5", "evidence_ratio"),
+                                           ("personalize.n_samples=0", "n_samples"),
+                                           ("evaluate.baselines=[dora_dpo]", "baselines")])
+def test_fit_settings_are_judged_at_load_time(override, key):
+    with pytest.raises(ValueError, match=key):
+        load_config("tiny", overrides=[override])
+
+
+def test_discrete_clap_with_an_encoder_mode_fails_at_load_time():
+    with pytest.raises(ValueError, match="personalize.mode='faithful' needs a Gaussian CLaP"):
+        load_config("tiny", overrides=["pretrain.latent_type=discrete", "personalize.mode=faithful"])
+    assert load_config("tiny", overrides=["pretrain.latent_type=discrete"]).personalize.code_evidence_ratio == 1.0

@@ -174,3 +174,25 @@ def test_personalize_config_mode_defaults():
     for bad, key in (({"lr": 0}, "lr"), ({"noise_draws": 0}, "noise_draws"), ({"noise_draws": "never"}, "noise_draws")):
         with pytest.raises(ValidationError, match=key):
             PersonalizeConfig(**bad)
+
+
+@pytest.mark.parametrize("change", [{"loss_type": "ipo"}, {"beta": 0.5}, {"steps": 7}, {"evidence_ratio": 0.25}])
+def test_a_changed_fit_setting_refits_every_user(world, tmp_path, change):
+    """A fit is a function of its settings: the same feedback under a changed setting is refitted (never served
+    as if it were the new setting), and the manifest names the settings that produced it."""
+    _, clap = world
+    store = Store(str(tmp_path))
+    store.write_bytes(world[0].read_bytes("cache", "v1", "latents-test.safetensors"),
+                      "cache", "v1", "latents-test.safetensors")
+    pairs = _table(_pairs("u1", 6) + _pairs("u2", 5, good_first=False, offset=2) + _pairs("u3", 2))
+    users = ["u1", "u2", "u3"]
+    first = {r["user_id"]: r["version"] for r in fit_chunk(_job(store, "head-only", pairs, users))}
+    again = fit_chunk(_job(store, "head-only", pairs, users))
+    assert {r["status"] for r in again} == {"unchanged"}
+    changed = {r["user_id"]: r for r in fit_chunk(_job(store, "head-only", pairs, users, **change))}
+    assert {u: r["status"] for u, r in changed.items()} == {"u1": "fitted", "u2": "fitted", "u3": "cold_start"}
+    for u in users:
+        manifest = current_fit(store, u)
+        assert manifest["version"] != first[u]
+        key, value = next(iter(change.items()))
+        assert manifest["fit_settings"][key] == value
