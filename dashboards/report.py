@@ -24,7 +24,11 @@ import pyarrow as pa
 
 from latentpref.dashboards.user_map import UserMap
 
-SECTIONS = ("comparison", "win-rates", "training", "user-latents", "code-usage", "lineage", "per-user")
+SECTIONS = ("comparison", "generations", "win-rates", "training", "user-latents", "code-usage", "lineage",
+            "per-user")
+# the methods a generation table shows, in this order: un-personalised first, then the personalised ones
+_GENERATION_METHODS = ("clap_prior", "latent_dpo", "lora_dpo", "ptuning_dpo", "full_dpo", "oracle_best_of_k",
+                       "base_lm")
 _TRAINING_METRICS = ("loss", "nll_per_token", "kl", "contrastive", "active_units")
 
 
@@ -237,6 +241,24 @@ def _missing(what: str) -> str:
     return f"<p class='missing'>Not available for this run: {_esc(what)}.</p>"
 
 
+NIGHTS_PAGE = "nights.html"   # the across-nights page, rendered beside index.html (dashboards/nights.py)
+_SUMMARY_START, _SUMMARY_END = "<!--night-summary-->", "<!--/night-summary-->"
+
+
+def summary_html(summary: dict[str, str]) -> str:
+    """The facts under the title, between markers so the flow can swap in the night's final state."""
+    rows = "".join(f"<dt>{_esc(k)}</dt><dd data-key='{_esc(k)}'>{_esc(v)}</dd>" for k, v in summary.items())
+    return f"{_SUMMARY_START}<dl class='summary' id='night-summary'>{rows}</dl>{_SUMMARY_END}"
+
+
+def replace_summary(page: str, summary: dict[str, str]) -> str:
+    """`page` with its summary block replaced (ValueError if it has none)."""
+    start, end = page.find(_SUMMARY_START), page.find(_SUMMARY_END)
+    if start < 0 or end < start:
+        raise ValueError("the page has no night-summary block")
+    return page[:start] + summary_html(summary) + page[end + len(_SUMMARY_END):]
+
+
 # after load, the page records whether every plot decoded: a headless browser can read it back (--dump-dom)
 _CHECK_SCRIPT = """<script>
 addEventListener('load', function () {
@@ -256,26 +278,52 @@ _STYLE = ("body{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:1250
           ".missing{color:#a33}code{font-size:12px}nav a{margin-right:12px;font-size:14px}")
 
 
+def generations_html(per_user: pa.Table | None) -> str:
+    """Per evaluated user: the first evaluation prompt and each method's continuation of it, with that text's
+    reward under the user's hidden preference (the evaluation's `sample_prompt` / `sample` / `sample_reward`)."""
+    if per_user is None or not per_user.num_rows or "sample" not in per_user.column_names:
+        return _missing("per-user generations (evaluate stage)")
+    rows = per_user.to_pylist()
+    out = []
+    for user in dict.fromkeys(r["user_id"] for r in rows):
+        mine = {r["method"]: r for r in rows if r["user_id"] == user}
+        first = next(iter(mine.values()))
+        prompt = first.get("sample_prompt")
+        head = (f"<h3>{_esc(user)} <small>({_esc(first.get('cohort', ''))})</small></h3>"
+                + (f"<p class='prompt'>… {_esc(prompt)}</p>" if prompt else ""))
+        cells = "".join(
+            f"<tr><th>{_esc(m)}</th><td>{_esc(mine[m].get('sample', ''))}</td>"
+            f"<td>{_cell(mine[m], 'sample_reward')}</td><td>{_cell(mine[m], 'win_rate_vs_prior')}</td></tr>"
+            for m in _GENERATION_METHODS if m in mine)
+        out.append(head + "<table><thead><tr><th>method</th><th>continuation</th><th>reward (this text)</th>"
+                   "<th>win rate vs prior (all prompts)</th></tr></thead><tbody>" + cells + "</tbody></table>")
+    return "".join(out)
+
+
 def render_report(out_dir: str, data: ReportData) -> str:
     """Write index.html and its PNGs into `out_dir`; returns the path of index.html."""
     os.makedirs(out_dir, exist_ok=True)
     notes = data.notes
     parts: list[str] = [f"<h1>{_esc(data.title)}</h1>"]
-    if data.summary:
-        parts.append("<dl class='summary'>" + "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>"
-                                                      for k, v in data.summary.items()) + "</dl>")
+    parts.append(summary_html(data.summary))
     shown = [s for s in SECTIONS if s != "code-usage" or data.latent_type == "discrete"]
-    parts.append("<nav>" + "".join(f"<a href='#{s}'>{s}</a>" for s in shown) + "</nav>")
+    parts.append("<nav>" + "".join(f"<a href='#{s}'>{s}</a>" for s in shown)
+                 + f"<a href='{NIGHTS_PAGE}'>across nights &rarr;</a></nav>")
 
     # quality and fit time side by side
     if data.comparison is not None and data.comparison.num_rows:
         body = _img(plot_comparison(data.comparison, out_dir), "quality and fit time per method") + _table_html(
-            data.comparison, ["method", "users", "win_rate", "mean_reward", "heldout_accuracy", "perplexity",
+            data.comparison, ["method", "users", "win_rate_vs_prior", "win_rate", "mean_reward", "heldout_accuracy",
+                              "latent_heldout_accuracy", "z_sensitivity_nats", "reward_spread", "perplexity",
                               "fit_seconds", "trainable_params", "artifact_bytes"])
     else:
         body = _missing("the comparison table (evaluate stage)")
     parts.append(_section("comparison", "Quality and per-user fit time, side by side (mean [95% bootstrap CI])",
                           body, notes.get("comparison")))
+
+    parts.append(_section("generations", "What each evaluated user gets: the same prompt and sampling seed, "
+                          "un-personalised (clap_prior) next to each personalised method", generations_html(data.per_user),
+                          notes.get("generations")))
 
     if data.per_user is not None and data.per_user.num_rows:
         body = _img(plot_win_rates(data.per_user, out_dir), "per-user win rates")
@@ -314,8 +362,9 @@ def render_report(out_dir: str, data: ReportData) -> str:
     parts.append(_section("lineage", "Lineage", lineage or _missing("lineage"), notes.get("lineage")))
 
     if data.per_user is not None and data.per_user.num_rows:
-        body = _table_html(data.per_user, ["user_id", "cohort", "method", "n_train_pairs", "win_rate", "mean_reward",
-                                           "heldout_accuracy", "perplexity", "fit_seconds"])
+        body = _table_html(data.per_user, ["user_id", "cohort", "method", "n_train_pairs", "win_rate_vs_prior",
+                                           "win_rate", "mean_reward", "heldout_accuracy", "z_sensitivity_nats",
+                                           "perplexity", "fit_seconds"])
     else:
         body = _missing("per-user evaluation results")
     parts.append(_section("per-user", "Per user", body, notes.get("per-user")))

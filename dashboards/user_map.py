@@ -21,6 +21,9 @@ class UserMap:
     coords: np.ndarray            # (U, 2) principal-component scores
     explained: tuple[float, float]  # share of variance on PC1, PC2 (NaN when every user sits on one point)
     n_prompts: int
+    latents: np.ndarray | None = None          # (U, D) the mean latents themselves (drift between nights)
+    versions: list[str] | None = None          # each user's artifact version on the map
+    warm_start: list[bool | None] | None = None  # whether that version's fit started from the previous one
 
 
 @torch.no_grad()

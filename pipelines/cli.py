@@ -18,7 +18,9 @@ def _quiet_defaults() -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="tiny (minutes, random tiny LM) or small (SmolLM2-135M)")
+    p.add_argument("--preset", default="default",
+                   help="default (real SmolLM2-135M, ~20 min on 2 CPU cores), small (spec-sized SmolLM2 comparison) "
+                        "or tiny (random 2-layer GPT-2, for tests)")
     p.add_argument("--config", help="YAML file overriding the preset")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set personalize.beta=0.2 (repeatable)")
@@ -40,23 +42,67 @@ def _load(args):
 
 
 def _run_flow(args, until: str) -> int:
-    from latentpref.pipelines.nightly import nightly
-    from latentpref.pipelines.runtime import mlflow_uris, open_store
+    from latentpref.pipelines.console import operator_console
+    from latentpref.pipelines.nightly import NightFailed, nightly
+    from latentpref.pipelines.runs import describe_error, root_cause
+    from latentpref.tasks.data.locks import StoreLocked
+    from latentpref.tasks.data.store import StoreUnavailable
     cfg = _load(args)
-    report = nightly(cfg, until=until)
-    uri, _ = mlflow_uris(cfg.runtime, open_store(cfg.runtime))
-    print(f"\nlatentpref {until}: done in {report.seconds:.0f}s (stages: {', '.join(report.stages_run)})")
-    print(f"  MLflow run id : {report.run_id} (experiment '{cfg.runtime.mlflow_experiment}')")
-    print(f"  MLflow UI     : mlflow ui --backend-store-uri {uri}")
-    print(f"  output folder : {report.store}")
-    if report.report_path:
-        print(f"  HTML report   : {report.report_path}")
-    if report.users:
-        print(f"  users         : {json.dumps(report.users)}")
-    for row in report.comparison:
-        print(f"  {row['method']:<12} win_rate={row.get('win_rate') or 0:.3f} "
-              f"mean_reward={row.get('mean_reward') or 0:.3f} fit_s/user={row.get('fit_seconds') or 0:.3f}")
+    command = "nightly" if until == "report" else until
+    # a real process keeps fds 1/2 on the log file to its end: interpreter-exit noise stays out of the console
+    with operator_console(verbose=args.verbose, store_root=cfg.runtime.store,
+                          restore=not getattr(args, "own_process", False)) as screen:
+        try:
+            report = nightly(cfg, until=until)
+        except NightFailed as err:
+            _night_summary(screen, cfg, err.report, command)
+            screen.error(f"latentpref {command}: FAILED in stage {err.stage}: {err.error}")
+            screen.error("  resume        : run the same command again: finished stages and users are skipped, "
+                         "it continues from what was stored")
+            return 2 if isinstance(root_cause(err.__cause__ or err), ValueError) else 1
+        except (StoreLocked, StoreUnavailable) as err:   # another night holds the store / the store is down
+            screen.error(f"error: {err}")
+            return 3
+        except ValueError as err:   # config / argument errors: say what is wrong, no traceback
+            screen.error(f"error: {err}")
+            return 2
+        except Exception as err:  # noqa: BLE001 - before the night's MLflow run existed
+            logging.getLogger(__name__).exception("latentpref %s failed", command)
+            screen.error(f"latentpref {command}: FAILED before its first stage: {describe_error(err)}")
+            screen.error(f"  full log      : {screen.log_path}")
+            return 1
+        _night_summary(screen, cfg, report, command)
     return 0
+
+
+def _night_summary(screen, cfg, report, command: str) -> None:
+    """The operator's final lines: what ran and how long, where results, report and log are, how to open MLflow."""
+    from latentpref.pipelines.runtime import mlflow_uris, open_store
+    uri, _ = mlflow_uris(cfg.runtime, open_store(cfg.runtime))
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in report.stage_seconds.items())
+    screen.line(f"\nlatentpref {command}: {report.status.lower()} in {report.seconds:.0f}s ({times or 'no stage'})")
+    screen.line(f"  MLflow run id : {report.run_id} (experiment '{cfg.runtime.mlflow_experiment}')")
+    screen.line(f"  MLflow UI     : mlflow ui --backend-store-uri {uri}")
+    screen.line(f"  output folder : {report.store}")
+    if report.report_path:
+        screen.line(f"  HTML report   : {report.report_path} (across nights: nights.html beside it)")
+    if report.log_path:
+        screen.line(f"  full log      : {report.log_path}")
+    if report.users:
+        screen.line(f"  users         : {json.dumps(report.users)}")
+    q = report.quality or {}
+    if q.get("latent_dpo"):
+        p, b = q["latent_dpo"], q.get("best_baseline")
+        ci = f" [{p['lo']:.3f}, {p['hi']:.3f}]" if p.get("lo") is not None else ""
+        line = f"  quality       : latent_dpo {p['value']:.3f}{ci}"
+        if b:
+            line += f", best baseline {b['method']} {b['value']:.3f}"
+        screen.line(line + f" ({q['label']})")
+    metric = q.get("metric", "win_rate")   # the headline column (win_rate_vs_prior when the evaluation has it)
+    for row in report.comparison:
+        screen.line(f"  {row['method']:<16} {metric}={row.get(metric) or 0:.3f} "
+                    f"mean_reward={row.get('mean_reward') or 0:.3f} fit_s/user={row.get('fit_seconds') or 0:.3f}")
+    screen.line(f"  past nights   : latentpref runs --store {report.store}")
 
 
 def _ingest(args) -> int:
@@ -103,6 +149,16 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from latentpref.pipelines.serve import ServeOptions, run
+    cfg = _load(args)
+    options = ServeOptions(store=cfg.runtime.store, num_replicas=args.replicas, max_batch_size=args.max_batch_size,
+                           cache_users=args.cache_users, dtype=args.dtype, token_file=args.token_file)
+    run(options, host=args.host, port=args.port, ray_address=cfg.runtime.ray_address,
+        num_cpus=cfg.runtime.ray_num_cpus, object_store_mb=cfg.runtime.ray_object_store_mb)
+    return 0
+
+
 def _report(args) -> int:
     from latentpref.pipelines.report import build_report
     from latentpref.pipelines.runtime import mlflow_uris
@@ -122,6 +178,28 @@ def _report(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(path)
+    return 0
+
+
+def _runs(args) -> int:
+    """The last nights of the configured MLflow experiment (newest first), as a table or JSON."""
+    import mlflow
+
+    from latentpref.pipelines import runs
+    from latentpref.pipelines.runtime import mlflow_uris
+    from latentpref.tasks.data.store import Store
+    cfg = _load(args)
+    store = Store(cfg.runtime.store)
+    configured = cfg.runtime.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not configured and store.is_local and not os.path.exists(store.url("mlflow", "mlflow.db")):
+        print(f"error: no MLflow database at {store.url('mlflow', 'mlflow.db')}: pass --store (the nights' store) "
+              "or --mlflow-uri", file=sys.stderr)
+        return 2
+    uri, _ = mlflow_uris(cfg.runtime, store)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.runtime.mlflow_experiment)
+    nights = runs.list_nights(client, exp.experiment_id, last=args.last) if exp is not None else []
+    print(runs.to_json(nights) if args.json else runs.format_nights(nights))
     return 0
 
 
@@ -171,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ("evaluate", "... then evaluate latent DPO against the baselines")):
         p = sub.add_parser(name, help=help_)
         _config_args(p)
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="every log line (Ray, Prefect, libraries) on the console too; default: progress and "
+                            "summaries only, the full log in the night's run folder")
         p.set_defaults(func=lambda a, n=name: _run_flow(a, "report" if n == "nightly" else n))
     p = sub.add_parser("ingest", help="validate a feedback file (Parquet/CSV/JSONL) and add it to the store")
     p.add_argument("file")
@@ -184,11 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _config_args(p)
     p.set_defaults(func=_generate)
+    p = sub.add_parser("serve", help="serve every user of the store: OpenAI-style /v1/completions on Ray Serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--cache-users", type=int, default=1024, help="user policies held per replica (LRU)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="LM precision: auto = bf16 autocast where the CPU computes it natively (runtime.lm_dtype)")
+    p.add_argument("--token-file", help="require this bearer token (or set $LATENTPREF_SERVE_TOKEN)")
+    _config_args(p)
+    p.set_defaults(func=_serve)
     p = sub.add_parser("report", help="render the HTML report of a nightly run")
     p.add_argument("run_id")
     p.add_argument("--out", default="latentpref-report")
     _config_args(p)
     p.set_defaults(func=_report)
+    p = sub.add_parser("runs", help="the last nights from MLflow: status, time per stage, users, quality, failures")
+    p.add_argument("--last", type=int, default=10, help="how many nights (newest first)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _config_args(p)
+    p.set_defaults(func=_runs)
     p = sub.add_parser("lineage", help="print the data/model chain behind a user's artifact")
     p.add_argument("user_id")
     _config_args(p)
@@ -202,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     from latentpref.tasks.data.locks import StoreLocked
     from latentpref.tasks.data.store import StoreUnavailable
     args = build_parser().parse_args(argv)
+    args.own_process = argv is None   # the `latentpref` command itself, not a call from Python
     try:
         return args.func(args)
     except (StoreLocked, StoreUnavailable) as err:   # another night holds the store / the store is down

@@ -79,6 +79,9 @@ class PretrainConfig(_Section):
     kl_samples: int = 16                      # DG-KLD Monte-Carlo samples per posterior
     kl_weight: float = 1.0
     contrastive_weight: float = 1.0
+    # gradient-norm clip of every CLaP step (None = off); the NLL is a per-sequence token sum (spec §3.1), so norms
+    # are large (SmolLM2 stage 1, first step: 189) and the clip mostly bounds rare spikes
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     num_workers: int = 2                      # Ray Train workers (DDP, gloo on CPU)
     # CPUs (= torch threads) each Ray Train worker takes; None = the machine's cores / num_workers, so workers x
     # threads never oversubscribe the box (on 2 cores: 1 worker x 2 threads or 2 x 1)

@@ -7,7 +7,7 @@ from typing import Callable
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from latentpref.pipelines import tracking
+from latentpref.pipelines import console, tracking
 from latentpref.pipelines.config import DataConfig
 from latentpref.tasks.data.prepare import DataArtifacts, prepare_data
 from latentpref.tasks.data.store import Store
@@ -35,6 +35,7 @@ def _progress_logger(logger) -> Callable[[str, int, int], None]:
             rate = (now - t0) / (done - done0)
             line += f" ({done / total:.0%}, {_eta(now - t0)} elapsed, ETA {_eta(rate * (total - done))})"
         logger.info(line)
+        console.progress("prepare", done, total, unit=stage)
 
     return progress
 

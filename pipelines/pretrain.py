@@ -170,7 +170,7 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                           **cfg.model_dump(include={"latent_dim", "n_query", "n_prefix", "encoder_layers",
                                                     "stage1_steps", "stage2_steps", "prompts_per_batch",
                                                     "responses_per_prompt", "lr", "kl_samples", "kl_weight",
-                                                    "contrastive_weight", "checkpoint_every", "seed",
+                                                    "contrastive_weight", "max_grad_norm", "checkpoint_every", "seed",
                                                     *DISCRETE_FIELDS}),
                           **(fault or {}))
         logger.info("pretrain: CLaP %s on Ray Train, %d workers, gpu=%s, %d+%d steps", version, cfg.num_workers,

@@ -269,7 +269,9 @@ def user_map(store: Store, clap_version: str, records: pa.Table, users: pa.Table
     coords, explained = pca_2d(latents.numpy())
     ids = [u for u, _ in found]
     um = UserMap(ids, [cohort_of.get(u, "unknown (ingested)") for u in ids], [p.cold_start for _, p in found],
-                 [u in evaluated for u in ids], coords, explained, len(fixed))
+                 [u in evaluated for u in ids], coords, explained, len(fixed), latents=latents.numpy(),
+                 versions=[p.manifest.get("version", "") for _, p in found],
+                 warm_start=[p.manifest.get("warm_start") for _, p in found])
     return um, f"Prompt features from {source}." if source else ""
 
 
@@ -290,6 +292,49 @@ def code_usage(store: Store, clap_version: str | None, latent_type: str) -> tupl
 # ------------------------------------------------------------------------------------------------ assemble
 def _fmt_time(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000)) if ms else "–"
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "did not finish"
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def night_summary(client, root, store: Store | None, per_user: pa.Table | None = None) -> dict[str, str]:
+    """The facts under the report's title, as MLflow has them now: status, duration and per-stage times (the
+    failed stage and its error, and how to resume) and the users. Cheap, so the flow can re-render it once the
+    night's run has ended (`finalize_report`)."""
+    from latentpref.pipelines import runs
+    children = client.search_runs([root.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{root.info.run_id}'", max_results=200)
+    night = runs.night_of(client, root, children, newest=True)
+    tags = root.data.tags
+    summary = {"MLflow run": f"{root.info.run_name} ({root.info.run_id})", "status": night["status"],
+               "preset": tags.get("preset", "–"),
+               "stages": ", ".join(s for s in runs.STAGES if s in night["stages"]) or "–",
+               "started": _fmt_time(root.info.start_time),
+               "duration": _clock(night["seconds"]) if night["seconds"] is not None else "still running"}
+    if night["stages"]:
+        summary["time per stage"] = " · ".join(f"{name} {_clock(sec)}" for name, sec in night["stages"].items())
+    if night["failed_stage"]:
+        summary["failed stage"] = night["failed_stage"]
+        summary["error"] = night["error"] or "–"
+    if night["resume"]:
+        summary["resume"] = night["resume"]
+    u = night["users"]
+    if u:
+        summary["users"] = (f"{u.get('total', 0)} total: {u.get('fitted', 0)} fitted, {u.get('unchanged', 0)} "
+                            f"unchanged, {u.get('cold_start', 0)} cold start")
+    pm = next((r.data.metrics for r in children if r.info.run_name == "personalize"), {})
+    if pm:
+        summary["nightly fit time per user"] = (f"{pm['mean_fit_seconds_per_user']:.3f} s (batched fit)"
+                                                if pm.get("users_fitted") else "no user refitted tonight")
+    if per_user is None and store is not None and store.exists("runs", root.info.run_id, "evaluation_per_user.parquet"):
+        per_user = store.read_table("runs", root.info.run_id, "evaluation_per_user.parquet")
+    if per_user is not None:
+        summary["evaluated users"] = str(len(set(per_user["user_id"].to_pylist())))
+    return summary
 
 
 def collect(client, run_id: str, fallback_store: Store | None = None):
@@ -347,23 +392,7 @@ def collect(client, run_id: str, fallback_store: Store | None = None):
     if usage_note:
         notes["code-usage"] = usage_note
 
-    pm = stages["personalize"].data.metrics if "personalize" in stages else {}
-    seconds = metrics.get("nightly_seconds")
-    if seconds is None and root.info.end_time:
-        seconds = (root.info.end_time - root.info.start_time) / 1000
-    summary = {"MLflow run": f"{root.info.run_name} ({rid})", "status": root.info.status,
-               "preset": tags.get("preset", "–"), "stages": ", ".join(s for s in STAGES if s in stages) or "–",
-               "started": _fmt_time(root.info.start_time),
-               "duration": f"{seconds:.0f} s" if seconds is not None else "still running"}
-    if pm:
-        summary["users"] = (f"{int(pm.get('users', 0))} total: {int(pm.get('users_fitted', 0))} fitted, "
-                            f"{int(pm.get('users_unchanged', 0))} unchanged, "
-                            f"{int(pm.get('users_cold_start', 0))} cold start")
-        summary["nightly fit time per user"] = (f"{pm['mean_fit_seconds_per_user']:.3f} s (batched fit)"
-                                                if pm.get("users_fitted") else "no user refitted tonight")
-    if per_user is not None:
-        summary["evaluated users"] = str(len(set(per_user["user_id"].to_pylist())))
-
+    summary = night_summary(client, root, store, per_user=per_user)
     mlflow_rows = [("tracking URI", client.tracking_uri), ("experiment id", root.info.experiment_id),
                    ("nightly run", rid)] + [(f"{name} run", sid[name]) for name in STAGES if name in sid]
     if trained_by and trained_by != sid.get("pretrain"):
@@ -390,14 +419,18 @@ def collect(client, run_id: str, fallback_store: Store | None = None):
                       code_usage=usage, notes=notes)
 
 
-def build_report(run_id: str, out_dir: str, *, tracking_uri: str | None = None, store: Store | None = None) -> str:
-    """Render the report of the nightly run `run_id` (any run of that night works) into `out_dir`.
+def build_report(run_id: str, out_dir: str, *, tracking_uri: str | None = None, store: Store | None = None,
+                 with_data: bool = False, nights: bool = True):
+    """Render the report of the nightly run `run_id` (any run of that night works) into `out_dir`, with the
+    across-nights page (nights.html) of the nights up to it.
 
     Args:
         tracking_uri: MLflow to read; None = the current one (inside the flow: the night's).
         store: used only if MLflow does not say where the night's store is.
+        with_data: also return the gathered `ReportData`.
+        nights: render nights.html too (the flow's report stage leaves it to `finalize_report`).
     Returns:
-        Path of index.html.
+        Path of index.html (and the ReportData when `with_data`).
     Raises:
         RunNotFound (a ValueError): no such run in that MLflow.
     """
@@ -406,19 +439,169 @@ def build_report(run_id: str, out_dir: str, *, tracking_uri: str | None = None, 
     from latentpref.dashboards.report import render_report
     client = mlflow.MlflowClient(tracking_uri)
     data = collect(client, run_id, store)
-    return render_report(out_dir, data)
+    path = render_report(out_dir, data)
+    if not nights:
+        return (path, data) if with_data else path
+    try:
+        root = nightly_root(client, data.run_id)
+        nights_page(client, root, _store_of(root, {}, store, None), out_dir)
+    except Exception as err:  # noqa: BLE001 - the night's own report stands without it
+        log.warning("report: the across-nights page could not be rendered: %s", err)
+    return (path, data) if with_data else path
+
+
+# ------------------------------------------------------------------------------------------------ across nights
+LATENTS_FILE = "user_latents.parquet"   # runs/<id>/: each mapped user's mean latent and artifact version
+DRIFT_FILE = "drift.parquet"            # runs/<id>/: per-user distance to the previous night's latent
+NIGHTS_SHOWN = 14
+
+
+def latents_table(data, records: pa.Table | None, clap_version: str | None) -> pa.Table | None:
+    """Tonight's mean user latents (the user map's points before PCA), with version and fit facts."""
+    um = data.user_map
+    if um is None or um.latents is None:
+        return None
+    status = dict(zip(records["user_id"].to_pylist(), records["status"].to_pylist())) if records is not None else {}
+    table = pa.table({"user_id": um.user_ids, "version": um.versions or [""] * len(um.user_ids),
+                      "status": [status.get(u) for u in um.user_ids],
+                      "warm_start": pa.array(um.warm_start or [None] * len(um.user_ids), pa.bool_()),
+                      "cold_start": um.cold_start,
+                      "z": pa.array([row.astype("float32").tolist() for row in um.latents],
+                                    pa.list_(pa.float32()))})
+    return table.replace_schema_metadata({"clap_version": clap_version or ""})
+
+
+def user_drift(tonight: pa.Table, previous: pa.Table, previous_run: str) -> pa.Table:
+    """Per user on both nights' maps: Euclidean distance between the mean latents (0 when the artifact version is
+    the same), whether the user was refit tonight and whether that fit was warm-started. Latents of different CLaP
+    versions live in different spaces: no distance then."""
+    import numpy as np
+    clap_t = (tonight.schema.metadata or {}).get(b"clap_version")
+    clap_p = (previous.schema.metadata or {}).get(b"clap_version")
+    same_space = clap_t == clap_p
+    prev = {r["user_id"]: r for r in previous.to_pylist()}
+    rows = []
+    for r in tonight.to_pylist():
+        p = prev.get(r["user_id"])
+        if p is None:
+            continue
+        refit = r["version"] != p["version"]
+        distance = None
+        if same_space:
+            distance = 0.0 if not refit else float(np.linalg.norm(np.asarray(r["z"]) - np.asarray(p["z"])))
+        rows.append({"user_id": r["user_id"], "status": r["status"], "refit": refit,
+                     "warm_start": r["warm_start"] if refit else None, "cold_start": r["cold_start"],
+                     "distance": distance, "version": r["version"], "previous_version": p["version"]})
+    schema = pa.schema([("user_id", pa.string()), ("status", pa.string()), ("refit", pa.bool_()),
+                        ("warm_start", pa.bool_()), ("cold_start", pa.bool_()), ("distance", pa.float64()),
+                        ("version", pa.string()), ("previous_version", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+        {"previous_run": previous_run, "same_clap": str(same_space)})
+
+
+def previous_night(client, root, store: Store, file: str) -> str | None:
+    """The latest nightly run before `root` in its experiment whose run folder holds `file`."""
+    earlier = client.search_runs([root.info.experiment_id],
+                                 filter_string=f"tags.flow = 'nightly' and attributes.start_time < "
+                                               f"{root.info.start_time}",
+                                 order_by=["attributes.start_time DESC"], max_results=NIGHTS_SHOWN)
+    return next((r.info.run_id for r in earlier if store.exists("runs", r.info.run_id, file)), None)
+
+
+def record_drift(client, store: Store, run_id: str, data, records: pa.Table | None,
+                 clap_version: str | None) -> pa.Table | None:
+    """Store tonight's user latents and their drift since the previous night (Parquet in the run folder, MLflow
+    artifacts and metrics of the night). Returns the drift table, or None without a previous night."""
+    import mlflow
+    latents = latents_table(data, records, clap_version)
+    if latents is None:
+        return None
+    store.write_table(latents, "runs", run_id, LATENTS_FILE)
+    root = client.get_run(run_id)
+    prev = previous_night(client, root, store, LATENTS_FILE)
+    if prev is None:
+        return None
+    drift = user_drift(latents, store.read_table("runs", prev, LATENTS_FILE), prev)
+    store.write_table(drift, "runs", run_id, DRIFT_FILE)
+    with tempfile.TemporaryDirectory() as d:
+        pq.write_table(drift, os.path.join(d, DRIFT_FILE))
+        client.log_artifact(run_id, os.path.join(d, DRIFT_FILE), artifact_path="drift")
+    dist = [x for x in drift["distance"].to_pylist() if x is not None]
+    if dist:
+        mlflow.MlflowClient().log_batch(run_id, metrics=[
+            mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0) for k, v in (
+                ("drift_mean", sum(dist) / len(dist)), ("drift_max", max(dist)),
+                ("drift_users_refit", sum(drift["refit"].to_pylist())))])
+    return drift
+
+
+def nights_page(client, root, store: Store, out_dir: str) -> str:
+    """nights.html in `out_dir`: the last nights of `root`'s experiment up to `root`, oldest first."""
+    from latentpref.dashboards.nights import render_nights
+    from latentpref.pipelines import runs
+    nights = runs.list_nights(client, root.info.experiment_id, last=NIGHTS_SHOWN,
+                              until_ms=root.info.start_time)[::-1]
+    drift, notes = {}, {}
+    for n in nights:
+        try:
+            if store.exists("runs", n["run_id"], DRIFT_FILE):
+                drift[n["run_id"]] = store.read_table("runs", n["run_id"], DRIFT_FILE)
+        except Exception as err:  # noqa: BLE001
+            log.info("report: drift of night %s unreadable (%s)", n["run_id"], err)
+    labels = sorted({n["quality"]["label"] for n in nights if n["quality"]["latent_dpo"]})
+    if labels:
+        notes["quality"] = "Metric: " + "; ".join(labels) + "."
+    notes["drift"] = ("Distance between a user's mean latent μ_θ(x) over fixed prompts tonight and on the previous "
+                      "night with a personalize result (same CLaP version only); users on the user map (all users "
+                      f"up to {MAP_MAX_USERS}).")
+    title = f"latentpref: the last {len(nights)} nights of experiment {root.info.experiment_id}"
+    return render_nights(out_dir, nights, drift, title=title, notes=notes)
+
+
+def finalize_report(store: Store, run_id: str, *, failed: bool = False) -> str | None:
+    """Once the night's MLflow run has ended: its report's summary shows the final state (status, duration,
+    per-stage times, failed stage and error), or a whole report is rendered for a night that `failed` before its
+    report stage; the across-nights page includes the night. A run that stopped early on purpose (`latentpref
+    personalize`) and succeeded gets none. Returns the report's URL, or None."""
+    import mlflow
+
+    from latentpref.dashboards.report import replace_summary
+    client = mlflow.MlflowClient()
+    root = client.get_run(run_id)
+    with tempfile.TemporaryDirectory() as d:
+        if store.exists("runs", run_id, "report", "index.html"):
+            page = store.read_bytes("runs", run_id, "report", "index.html").decode("utf-8")
+            with open(os.path.join(d, "index.html"), "w", encoding="utf-8") as fh:
+                fh.write(replace_summary(page, night_summary(client, root, store)))
+            nights_page(client, root, store, d)
+        elif failed:
+            build_report(run_id, d, store=store)
+        else:
+            return None
+        for name in sorted(os.listdir(d)):
+            with open(os.path.join(d, name), "rb") as fh:
+                store.write_bytes(fh.read(), "runs", run_id, "report", name)
+        client.log_artifacts(run_id, d, artifact_path="report")
+    return store.url("runs", run_id, "report", "index.html")
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_stage(store: Store, run_id: str) -> str:
     import mlflow
     logger = get_run_logger()
+    client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as d:
-        build_report(run_id, d, store=store)
+        _, data = build_report(run_id, d, store=store, with_data=True, nights=False)
+        try:
+            records = store.read_table("runs", run_id, "personalize_users.parquet") \
+                if store.exists("runs", run_id, "personalize_users.parquet") else None
+            record_drift(client, store, run_id, data, records, client.get_run(run_id).data.tags.get("clap_version"))
+        except Exception as err:  # noqa: BLE001 - a missing drift panel never fails the night
+            logger.warning("report: per-user drift not recorded: %s", err)
         for name in sorted(os.listdir(d)):
             with open(os.path.join(d, name), "rb") as fh:
                 store.write_bytes(fh.read(), "runs", run_id, "report", name)
-        mlflow.MlflowClient().log_artifacts(run_id, d, artifact_path="report")
+        client.log_artifacts(run_id, d, artifact_path="report")
     url = store.url("runs", run_id, "report", "index.html")
     logger.info("report: %s", url)
     return url

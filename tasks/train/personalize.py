@@ -54,6 +54,7 @@ CACHE_FORMAT = "2"          # 2: + prompt tokens (encoder modes); bump when the 
 HEAD_FILE = "head.safetensors"
 POLICY_FILE = "policy.safetensors"
 CODES_FILE = "codes.safetensors"      # discrete CLaPs: {"delta": (K,)}
+CODE_ONLY_FIT_KEYS = ("code_evidence_ratio",)   # ChunkJob.fit keys that only the discrete code fits read
 CODES_MODE = "codes"                  # the stored `mode` of a discrete user policy (fit or cold start)
 
 
@@ -429,7 +430,7 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
     post = (cache.mu[c_idx], cache.logvar[c_idx], cache.mu[r_idx], cache.logvar[r_idx])
     weights = torch.tensor([1.0 if w is None else float(w) for w in sub["weight"].to_pylist()])
     user_index_t = torch.tensor(user_index, dtype=torch.long)
-    cfg = FitConfig(**job.fit)
+    cfg = FitConfig(**{k: v for k, v in job.fit.items() if k not in CODE_ONLY_FIT_KEYS})
     if job.mode == "faithful" and "noise_draws" not in job.fit:
         cfg = dataclasses.replace(cfg, noise_draws=None)   # faithful = the reference estimator: fresh samples
     ids = [u for u, _ in to_fit]

@@ -54,6 +54,7 @@ class PretrainJob(BaseModel):
     kl_samples: int = 16
     kl_weight: float = 1.0
     contrastive_weight: float = 1.0
+    max_grad_norm: float | None = 1.0
     checkpoint_every: int = 20
     seed: int = 0
     fail_at_step: int | None = None     # fault injection for tests: this worker process dies once at that step
@@ -392,7 +393,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss, metrics = wrapped(batch, stage, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        if job.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], job.max_grad_norm)
         opt.step()
         tokens += float(metrics["tokens"])
         row = {k: float(v) for k, v in metrics.items()}

@@ -74,6 +74,8 @@ def _pod_specs(doc: dict) -> list[tuple[str, dict]]:
         if "submitterPodTemplate" in spec:
             pods.append(("submitter", spec["submitterPodTemplate"]["spec"]))
         return pods
+    if kind == "RayService":
+        return _ray_groups(spec["rayClusterConfig"])
     if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
         return [(doc["metadata"]["name"], spec["template"]["spec"])]
     return []
@@ -146,7 +148,7 @@ def test_every_yaml_under_infra_parses():
         assert docs, f"{path} is empty"
         for doc in docs:
             assert isinstance(doc, dict), f"{path}: a document is not a mapping"
-            if path.name != "prefect.yaml":
+            if path.name not in ("prefect.yaml", "serve-config.yaml"):   # Prefect's / Ray Serve's own formats
                 assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path}: not a Kubernetes object"
 
 
@@ -374,3 +376,25 @@ def test_paths_named_in_the_readme_exist():
     assert "infra/kuberay/raycluster.yaml" in named
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"infra/README.md names paths that do not exist: {missing}"
+
+
+def test_serve_config_and_rayservice_run_the_same_application():
+    from latentpref.pipelines.serve import ServeOptions, app_builder
+    config = _docs(INFRA / "serve" / "serve-config.yaml")[0]
+    service = _one("RayService")
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config, \
+        "rayservice.yaml's serveConfigV2 drifted from infra/serve/serve-config.yaml"
+    (app,) = config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert (module, attr) == ("latentpref.pipelines.serve", "app_builder")
+    options = ServeOptions.model_validate(app["args"])           # a misspelt key would fail here, as at deploy
+    assert options.store.startswith("s3://") and options.max_ongoing_requests > options.max_batch_size
+    assert app_builder(app["args"]) is not None
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == version("ray")
+    assert cluster["authOptions"]["mode"] == "token"
+    ports = {p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert config["http_options"]["port"] in ports
+    for _, pod in _ray_groups(cluster):
+        names = {e["name"] for e in pod["containers"][0].get("env", [])}
+        assert set(S3_CREDENTIALS) <= names and "LATENTPREF_SERVE_TOKEN" in names

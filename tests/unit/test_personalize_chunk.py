@@ -80,7 +80,7 @@ def world(tmp_path_factory):
 
 
 def _job(store: Store, mode: str, pairs: pa.Table, user_ids, **fit) -> ChunkJob:
-    cfg = {"steps": 6, "lr": 1e-2, "n_samples": 4, "seed": 0, **fit}
+    cfg = {"steps": 6, "lr": 1e-2, "n_samples": 4, "seed": 0, "code_evidence_ratio": 1.0, **fit}
     return ChunkJob(store_root=store.root, clap_version="v1", cache_path=("cache", "v1", "latents-test.safetensors"),
                     user_ids=tuple(user_ids), pairs_ipc=table_to_ipc(pairs), fit=cfg, mode=mode, min_pairs=4,
                     clap_path=("models", "clap", "v1"))
