@@ -159,19 +159,27 @@ def _serve(args) -> int:
     return 0
 
 
+def _existing_tracking_uri(cfg, store, which: str) -> str | None:
+    """The MLflow tracking URI of the configured store, or None (after saying why on stderr) when the store's own
+    sqlite database does not exist: reading commands must not create an empty one."""
+    from latentpref.pipelines.runtime import mlflow_uris
+    configured = cfg.runtime.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not configured and store.is_local and not os.path.exists(store.url("mlflow", "mlflow.db")):
+        print(f"error: no MLflow database at {store.url('mlflow', 'mlflow.db')}: pass --store ({which}) "
+              "or --mlflow-uri", file=sys.stderr)
+        return None
+    return mlflow_uris(cfg.runtime, store)[0]
+
+
 def _report(args) -> int:
     from latentpref.pipelines.report import build_report
-    from latentpref.pipelines.runtime import mlflow_uris
     from latentpref.tasks.data.store import Store
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a bar per tiny table is noise
     cfg = _load(args)
     store = Store(cfg.runtime.store)
-    configured = cfg.runtime.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not configured and store.is_local and not os.path.exists(store.url("mlflow", "mlflow.db")):
-        print(f"error: no MLflow database at {store.url('mlflow', 'mlflow.db')}: pass --store (the night's store) "
-              "or --mlflow-uri", file=sys.stderr)
+    uri = _existing_tracking_uri(cfg, store, "the night's store")
+    if uri is None:
         return 2
-    uri, _ = mlflow_uris(cfg.runtime, store)
     try:
         path = build_report(args.run_id, args.out, tracking_uri=uri, store=store)
     except FileNotFoundError as err:
@@ -186,16 +194,12 @@ def _runs(args) -> int:
     import mlflow
 
     from latentpref.pipelines import runs
-    from latentpref.pipelines.runtime import mlflow_uris
     from latentpref.tasks.data.store import Store
     cfg = _load(args)
     store = Store(cfg.runtime.store)
-    configured = cfg.runtime.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not configured and store.is_local and not os.path.exists(store.url("mlflow", "mlflow.db")):
-        print(f"error: no MLflow database at {store.url('mlflow', 'mlflow.db')}: pass --store (the nights' store) "
-              "or --mlflow-uri", file=sys.stderr)
+    uri = _existing_tracking_uri(cfg, store, "the nights' store")
+    if uri is None:
         return 2
-    uri, _ = mlflow_uris(cfg.runtime, store)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.runtime.mlflow_experiment)
     nights = runs.list_nights(client, exp.experiment_id, last=args.last) if exp is not None else []

@@ -182,6 +182,9 @@ class EvaluateConfig(_Section):
     # samples per prompt of the un-personalised model for the oracle_best_of_k ceiling and the reward spread
     oracle_k: Annotated[int, Field(ge=1)] = 4
     users_per_task: int = 2                   # users evaluated in one Ray task (each task loads the models once)
+    # CPUs (= torch threads) of each evaluation task: each task holds its own copies of the LM, so on a small box
+    # fewer, wider tasks hold fewer copies (default preset, 2 tasks x 1 thread: the box peaked at 9.0 GB evaluating)
+    threads_per_task: Annotated[int, Field(ge=1)] = 1
     max_retries: int = 2
     seed: int = 0
 

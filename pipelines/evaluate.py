@@ -141,7 +141,8 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
         def subset(table: pa.Table, users: list[str]) -> bytes:
             return table_to_ipc(table.filter(pc.is_in(table["user_id"], value_set=pa.array(users, pa.string()))))
 
-        remote_eval = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(evaluate_chunk)
+        remote_eval = ray.remote(num_cpus=cfg.threads_per_task, max_retries=cfg.max_retries,
+                                 retry_exceptions=True)(evaluate_chunk)
         chunks = [user_ids[i:i + cfg.users_per_task] for i in range(0, len(user_ids), cfg.users_per_task)]
         pending = {}
         for chunk in chunks:
@@ -150,7 +151,8 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
                                user_ids=tuple(chunk), users_ipc=subset(users_table, chunk),
                                train_ipc=subset(train, chunk), heldout_ipc=subset(heldout, chunk),
                                test_prompts=tuple(test["prompt"].to_pylist()),
-                               references=tuple(test["reference"].to_pylist()), settings=settings)
+                               references=tuple(test["reference"].to_pylist()), settings=settings,
+                               threads=cfg.threads_per_task)
             pending[remote_eval.remote(job)] = len(chunk)
         parts: list[pa.Table] = []
         with tqdm(total=len(user_ids), desc="evaluate users", unit="user") as bar:

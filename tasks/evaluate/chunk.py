@@ -28,6 +28,7 @@ class EvalChunkJob:
     test_prompts: tuple[str, ...]
     references: tuple[str, ...]
     settings: object            # tasks.evaluate.evaluate.EvalSettings (kept untyped here to stay import-light)
+    threads: int = 1            # torch threads: the CPUs the task was given
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,6 +47,8 @@ def evaluate_chunk(job: EvalChunkJob) -> bytes:
     from latentpref.tasks.evaluate.evaluate import evaluate_users
     from latentpref.tasks.train.personalize import load_user_policy
 
+    import torch
+    torch.set_num_threads(job.threads)   # Ray sets OMP_NUM_THREADS=1; the task owns this many CPUs
     store = Store(job.store_root)
     clap, base_model, tokenizer = _models(job.store_root, job.clap_path, job.base_model_path, job.base_seed)
     policies = {u: load_user_policy(store, u) for u in job.user_ids}
