@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from latentpref.pipelines import console, runs, tracking
 from latentpref.pipelines.config import NightlyConfig
 from latentpref.pipelines.evaluate import evaluate_stage
+from latentpref.pipelines.memory import MemoryWatch
 from latentpref.pipelines.personalize import personalize_stage
 from latentpref.pipelines.prepare import prepare_stage
 from latentpref.pipelines.pretrain import pretrain_stage
@@ -37,6 +38,7 @@ class NightlyReport:
     comparison: list = field(default_factory=list)
     report_path: str | None = None
     stage_seconds: dict = field(default_factory=dict)
+    stage_peak_mem_mb: dict = field(default_factory=dict)   # pipelines/memory.py: whole-machine used memory
     status: str = "RUNNING"
     log_path: str | None = None
     quality: dict = field(default_factory=dict)      # runs.headline(): latent DPO and the best baseline
@@ -103,7 +105,7 @@ def nightly(cfg: NightlyConfig, until: Stage = "report", fault: dict | None = No
     ray_ctx = ray_session(cfg.runtime) if stop >= 1 else contextlib.nullcontext()
     report: NightlyReport | None = None
     failure: tuple[str, BaseException] | None = None
-    with store_lock(store, "nightly"), ray_ctx:
+    with store_lock(store, "nightly"), ray_ctx, MemoryWatch() as memory:
         try:
             with mlflow.start_run(run_name=cfg.runtime.run_name or f"nightly-{cfg.preset}") as parent:
                 run_id = parent.info.run_id
@@ -120,11 +122,15 @@ def nightly(cfg: NightlyConfig, until: Stage = "report", fault: dict | None = No
                     current[0] = name
                     t = time.perf_counter()
                     try:
-                        result = fn(*args, **kwargs)
+                        with memory.stage(name):
+                            result = fn(*args, **kwargs)
                     finally:   # a failed stage's time counts too (not in stages_run)
                         seconds = time.perf_counter() - t
                         report.stage_seconds[name] = seconds
                         mlflow.log_metric(f"stage_seconds_{name}", seconds)
+                        if name in memory.peaks_mb:   # the machine's used memory at its peak while the stage ran
+                            report.stage_peak_mem_mb[name] = memory.peaks_mb[name]
+                            mlflow.log_metric(f"stage_peak_mem_mb_{name}", memory.peaks_mb[name])
                     report.stages_run.append(name)
                     return result, seconds
 

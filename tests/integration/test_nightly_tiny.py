@@ -49,6 +49,11 @@ def test_mlflow_parent_and_stage_children(tiny_run):
     # comparison table on the parent run
     artifacts = {a.path for a in client.list_artifacts(report.run_id, "comparison")}
     assert "comparison/comparison.md" in artifacts
+    # the machine's peak used memory per stage (issue 14: a night must fit the box), in the report and MLflow
+    assert set(report.stage_peak_mem_mb) == set(report.stages_run)
+    assert all(v > 0 for v in report.stage_peak_mem_mb.values())
+    parent = client.get_run(report.run_id).data.metrics
+    assert parent["stage_peak_mem_mb_pretrain"] == report.stage_peak_mem_mb["pretrain"]
 
 
 def test_per_user_metrics_for_latent_dpo_and_lora(tiny_run):
