@@ -164,11 +164,11 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
     p_ids, p_mask = tokenize_prompts(tokenizer, prompts, settings.prompt_tokens)
 
     # user-independent generations, shared by every user (same prompts, same seed)
+    prior_z = _prior_latent(clap, p_ids, p_mask)   # computed once: a discrete CLaP runs its encoder for it
     shared = {"base_lm": baselines.generate_texts(base_model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                                   do_sample=True, top_k=50, seed=settings.seed,
                                                   max_prompt_tokens=settings.prompt_tokens),
-              "clap_prior": _clap_generate(clap, tokenizer, prompts, _prior_latent(clap, p_ids, p_mask), settings)}
-    prior_z = _prior_latent(clap, p_ids, p_mask)
+              "clap_prior": _clap_generate(clap, tokenizer, prompts, prior_z, settings)}
     # K samples per prompt of the un-personalised model (the first is clap_prior's own): the oracle's pool
     prior_samples = [shared["clap_prior"]] + [_clap_generate(clap, tokenizer, prompts, prior_z, settings, seed_offset=j)
                                               for j in range(1, settings.oracle_k)]
