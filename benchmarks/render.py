@@ -1,0 +1,669 @@
+"""Render the published benchmark figures of README.md and benchmarks/README.md from benchmarks/results/*.json.
+
+    python benchmarks/render.py            # rewrite every generated region in place
+    python benchmarks/render.py --check    # exit 1 naming each stale region (nothing written)
+
+A generated region sits between marker comments; everything outside the markers is left alone:
+
+    <!-- table:personalize -->            a block (a Markdown table, or a note when its JSON is missing)
+    ...
+    <!-- /table -->
+    ... prose <!-- text:scale-inputs -->...<!-- /text --> prose ...     an inline fragment
+
+Each region NAME is one function in `RENDERERS` that reads the JSONs it needs through `Results`. A missing result
+file (serve.json, fewshot.json and compare-small.json are optional) leaves its table out with a note naming the
+file and the command that makes it; a missing key inside a present file is shown as "n/a". A figure with no JSON
+behind it (a measured night, a micro-benchmark by hand) stays hand-typed in the prose and says where it comes from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+NA = "n/a"
+
+# a region's body never holds another comment, so a stray opening marker cannot swallow the text up to a later close
+REGION = re.compile(r"(?P<open><!-- (?P<kind>table|text):(?P<name>[a-z0-9_.-]+) -->)(?P<body>(?:(?!<!--).)*?)"
+                    r"(?P<close><!-- /(?P=kind) -->)", re.S)
+
+# how to make each optional result (named in the note of a table left out)
+MAKE = {
+    "personalize.json": "python benchmarks/personalize.py --out benchmarks/results/personalize.json",
+    "compare.json": "python benchmarks/compare.py --out benchmarks/results/compare.json",
+    "compare-small.json": "python benchmarks/compare.py --preset small --out benchmarks/results/compare-small.json",
+    "generate.json": "python benchmarks/generate.py --out benchmarks/results/generate.json",
+    "serve.json": "python benchmarks/serve.py --out benchmarks/results/serve.json",
+    "fewshot.json": "python benchmarks/fewshot.py --out benchmarks/results/fewshot.json",
+    "clap_throughput*.json": "python benchmarks/clap_throughput.py --out benchmarks/results/clap_throughput_NAME.json",
+}
+
+
+class MissingResult(Exception):
+    """A result file a region needs is not in the results folder."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+class Results:
+    """The result JSONs of one folder, read once each."""
+
+    def __init__(self, folder: Path | str = RESULTS):
+        self.folder = Path(folder)
+        self._cache: dict[str, Any] = {}
+
+    def __call__(self, name: str) -> Any:
+        if name not in self._cache:
+            path = self.folder / name
+            if not path.exists():
+                raise MissingResult(name)
+            self._cache[name] = json.loads(path.read_text())
+        return self._cache[name]
+
+    def glob(self, pattern: str) -> list[str]:
+        return sorted(p.name for p in self.folder.glob(pattern))
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def get(d: Any, *keys: Any) -> Any:
+    """d[k1][k2]... or None where any level is missing."""
+    for k in keys:
+        if isinstance(d, dict) and k in d:
+            d = d[k]
+        elif isinstance(d, list) and isinstance(k, int) and -len(d) <= k < len(d):
+            d = d[k]
+        else:
+            return None
+    return d
+
+
+def num(x: Any, digits: int = 2) -> str:
+    """A number with `digits` decimals (thousands separated); integers as integers; None -> n/a."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return NA
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and digits == 0):
+        return f"{int(x):,}"
+    return f"{x:,.{digits}f}"
+
+
+def sig(x: Any, figures: int = 3) -> str:
+    """A number to `figures` significant figures (never an exponent)."""
+    if x is None:
+        return NA
+    x = float(x)
+    if x == 0:
+        return "0"
+    digits = figures - 1 - int(math.floor(math.log10(abs(x))))
+    return f"{x:,.{digits}f}" if digits > 0 else f"{round(x, digits):,.0f}"
+
+
+def kb(n: Any) -> str:
+    return NA if n is None else f"{n / 1000:,.1f} KB"
+
+
+def times(x: Any) -> str:
+    return NA if x is None else f"{x:,.0f}x" if x >= 100 else f"{x:,.1f}x"
+
+
+def ci(x: Any, lo_hi: Any, digits: int = 2) -> str:
+    if x is None:
+        return NA
+    if isinstance(lo_hi, (list, tuple)) and len(lo_hi) == 2 and None not in lo_hi:
+        return f"{num(x, digits)} [{num(lo_hi[0], digits)}, {num(lo_hi[1], digits)}]"
+    return num(x, digits)
+
+
+def load(avg: Any) -> str:
+    """The 1-minute load average of a getloadavg() triple (or a bare number)."""
+    v = avg[0] if isinstance(avg, (list, tuple)) and avg else avg
+    return NA if v is None else f"{v:.2f}"
+
+
+def duration(s: float) -> str:
+    """Seconds as the unit a reader plans with: s, min, h, d."""
+    if s < 100:
+        return f"{s:.0f} s"
+    if s < 100 * 60:
+        return f"{s / 60:.0f} min"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    if s < 100 * 86400:
+        return f"{s / 86400:.1f} d"
+    return f"{s / 86400:.0f} d"
+
+
+def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A Markdown table; `align` one character per column: l, r (default: first l, rest r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = [header, rule, *rows]
+    return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
+
+
+def source(*names: str) -> str:
+    return "Generated by `python benchmarks/render.py` from " + ", ".join(f"`benchmarks/results/{n}`" for n in names) + "."
+
+
+# ------------------------------------------------------------------------------------------------ personalize
+MODES = ("head-only", "trunk-frozen", "faithful")
+
+
+def _per_user_slot_wall(detail: dict | None) -> float | None:
+    if not detail or not detail.get("users"):
+        return None
+    return detail["wall_s"] * detail.get("workers", 1) / detail["users"]
+
+
+def personalize_table(r: Results) -> str:
+    p = r("personalize.json")
+    world, tput = p.get("world", {}), p.get("throughput_detail", {})
+    lora = p.get("lora_detail", {})
+    held = p.get("heldout_detail", {})
+    passes = lora.get("epochs")
+    cols = [*MODES, "lora_dpo"]
+
+    def row(label: str, cell: Callable[[str], str]) -> list[str]:
+        return [label, *(cell(m) for m in cols)]
+
+    def target(m: str, mode: str, text: str) -> str:
+        return f" ({text})" if m == mode else ""
+
+    rows = [
+        row("trained parameters per user",
+            lambda m: "(peft, c_attn)" if m == "lora_dpo" else num(get(world, "trainable_params", m))),
+        row("artifact (safetensors)", lambda m: "" if m == "lora_dpo" else
+            kb(get(world, "artifact_bytes", m)) + target(m, "head-only", "≤ 64 KiB target")),
+        row("steps / lr / noise draws (product settings)", lambda m: "" if m == "lora_dpo" else
+            f"{num(get(p, 'settings', 'steps', m))} / {get(p, 'settings', 'lr', m)} / "
+            f"{get(p, 'settings', 'noise_draws', m) or 'fresh'}"),
+        row("users/hour, 2 cores, wall", lambda m: "" if m == "lora_dpo" else
+            num(get(p, "users_per_hour", m), 0) + target(m, "head-only", "target ≥ 100,000")),
+        row("CPU s per user (product steps)", lambda m: "" if m == "lora_dpo" else
+            sig(get(tput, m, "cpu_s_per_user"))),
+        row(f"s per user, same {num(get(p, 'settings', 'pairs_per_user'))} pairs, {num(passes)} passes",
+            lambda m: sig(get(p, "seconds_per_user", m))),
+        row("speedup vs LoRA-DPO (same passes)", lambda m: "1x" if m == "lora_dpo" else
+            times(get(p, "speedup_vs_lora_dpo", m)) + target(m, "faithful", "target ≥ 10x")),
+        row(f"held-out accuracy ({num(held.get('users'))} users, {num(held.get('heldout_pairs'))} pairs; prior "
+            f"{num(get(p, 'heldout_accuracy', 'prior'), 2)})",
+            lambda m: "" if m == "lora_dpo" else num(get(p, "heldout_accuracy", m), 3)),
+    ]
+    header = ["", *MODES, "LoRA-DPO (r = 8)"]
+    return table(header, rows) + "\n\n" + source("personalize.json")
+
+
+def personalize_machine(r: Results) -> str:
+    m = r("personalize.json").get("machine", {})
+    return (f"{num(m.get('cpus'))} CPU cores, one intra-op thread per worker process; load average "
+            f"{load(m.get('load_avg_at_start'))} at the start, {load(m.get('load_avg_at_end'))} at the end "
+            f"({num(m.get('total_seconds'), 0)} s in all)")
+
+
+def personalize_world(r: Results) -> str:
+    p = r("personalize.json")
+    w, s = p.get("world", {}), p.get("settings", {})
+    return (f"d = {num(w.get('d'))}, D = {num(w.get('latent_dim'))} latents, {num(w.get('n_query'))} queries, "
+            f"{num(w.get('prompt_tokens'))}-token prompts, {num(w.get('response_tokens'))}-token responses; "
+            f"{num(s.get('pairs_per_user'))} pairs per user")
+
+
+def personalize_settings(r: Results) -> str:
+    s = r("personalize.json").get("settings", {})
+
+    def per_mode(key: str, fmt: Callable[[Any], str]) -> str:
+        return " / ".join(fmt(get(s, key, m)) for m in MODES)
+
+    return (f"{per_mode('steps', num)} full-batch Adam steps, lr {per_mode('lr', str)}, noise draws "
+            f"{per_mode('noise_draws', lambda v: 'fresh every step' if v is None else str(v))} "
+            f"(head-only / trunk-frozen / faithful), beta {s.get('beta', NA)}, {num(s.get('n_samples'))} samples per "
+            f"source, evidence ratio {s.get('evidence_ratio', NA)}, {str(s.get('loss_type', NA)).upper()}")
+
+
+def personalize_measured_on(r: Results) -> str:
+    t = r("personalize.json").get("throughput_detail", {})
+    parts = []
+    for m in MODES:
+        d = t.get(m, {})
+        how = "extrapolated to an hour" if d.get("extrapolated") else "measured"
+        parts.append(f"{m} {how} from {num(d.get('users'))} users on {num(d.get('workers'))} worker processes")
+    return "; ".join(parts)
+
+
+def personalize_passes(r: Results) -> str:
+    lora = r("personalize.json").get("lora_detail", {})
+    return (f"{num(lora.get('epochs'))} passes over the same pairs for every method (latent modes: "
+            f"{num(lora.get('latent_steps'))} full-batch steps; LoRA-DPO: {num(lora.get('lora_steps'))} steps of "
+            f"{num(lora.get('lora_batch_pairs'))} pairs), mean over {num(lora.get('users'))} users")
+
+
+# ------------------------------------------------------------------------------------------------ capacity model
+SIZES = {"head-only": (4, 5, 6, 7), "trunk-frozen": (6,), "faithful": (4, 5, 6, 7)}
+CLUSTERS = ((1, 2), (2, 16), (10, 16), (100, 16))
+
+
+def _capacity_inputs(p: dict) -> dict[str, Any]:
+    sr = p.get("scale_run", {})
+    fixed = get(sr, "fixed_s") or {}
+    t_fixed = (fixed.get("ray_start") or 0.0) + (fixed.get("worker_warmup") or 0.0)
+    return {"U": sr.get("users_per_task", 256), "t_io": get(sr, "model_inputs", "nonfit_s_per_user"),
+            "T_fixed": t_fixed, "fixed": fixed}
+
+
+def predicted_wall(n_users: int, slots: int, users_per_task: int, t_user: float, t_fixed: float) -> float:
+    """The capacity model: T_fixed + ceil(ceil(N / U) / S) * U * t (benchmarks/README.md)."""
+    tasks = math.ceil(n_users / users_per_task)
+    return t_fixed + math.ceil(tasks / slots) * min(users_per_task, n_users) * t_user
+
+
+def capacity_terms(r: Results) -> str:
+    p = r("personalize.json")
+    t, c = p.get("throughput_detail", {}), _capacity_inputs(p)
+    head = t.get("head-only", {})
+    fixed = c["fixed"]
+    rows = [
+        ["`t_fit`, head-only", f"{sig(head.get('cpu_s_per_user'))} s CPU/user ({sig(_per_user_slot_wall(head))} s "
+         f"wall per user per slot)", f"{num(p.get('settings', {}).get('pairs_per_user'))} pairs, "
+         f"{num(head.get('steps'))} steps; linear in pairs and steps; hardly depends on d"],
+        ["`t_fit`, trunk-frozen / faithful", " / ".join(sig(get(t, m, "cpu_s_per_user")) for m in MODES[1:])
+         + " s CPU/user", f"{' / '.join(num(get(t, m, 'steps')) for m in MODES[1:])} steps; tiny encoder; "
+         "scales with encoder FLOPs (below)"],
+        ["`t_io` (fit_chunk's non-fit part per user)",
+         NA if c["t_io"] is None else f"{c['t_io'] * 1000:.1f} ms",
+         "data hash, current-fit lookup, 3 small writes, local disk (scale run, steps = 0)"],
+        ["`T_fixed`", f"{num(fixed.get('ray_start'), 1)} s Ray start + {num(fixed.get('worker_warmup'), 1)} s "
+         "worker warm-up (imports)", "scale run; encoder modes add one CLaP load per worker (cached across its tasks)"],
+    ]
+    return table(["term", "measured", "note"], rows, "lll") + "\n\n" + source("personalize.json")
+
+
+def capacity_settings(r: Results) -> str:
+    p = r("personalize.json")
+    c = _capacity_inputs(p)
+    steps = " / ".join(num(get(p, "throughput_detail", m, "steps")) for m in MODES)
+    return (f"`t = t_fit + t_io` on CPU time (an unshared box), `T_fixed` = {c['T_fixed']:.1f} s, `U` = {num(c['U'])}, "
+            f"at the product's steps ({steps} for head-only / trunk-frozen / faithful)")
+
+
+def capacity_predicted(r: Results) -> str:
+    p = r("personalize.json")
+    t, c = p.get("throughput_detail", {}), _capacity_inputs(p)
+    header = ["users changed", *(f"{n} node{'s' if n > 1 else ''} x {k} cores" for n, k in CLUSTERS)]
+    rows = []
+    for mode, exps in SIZES.items():
+        cpu = get(t, mode, "cpu_s_per_user")
+        if cpu is None or c["t_io"] is None:
+            rows.append([f"{mode}", *([NA] * len(CLUSTERS))])
+            continue
+        for e in exps:
+            cells = [duration(predicted_wall(10 ** e, n * k, c["U"], cpu + c["t_io"], c["T_fixed"]))
+                     for n, k in CLUSTERS]
+            rows.append([f"{mode} 10^{e}", *cells])
+    return table(header, rows) + "\n\n" + source("personalize.json")
+
+
+# ------------------------------------------------------------------------------------------------ scale run
+def scale_inputs(r: Results) -> str:
+    sr = r("personalize.json").get("scale_run", {})
+    probes = sr.get("probes") or [{}]
+    t_io = get(sr, "model_inputs", "nonfit_s_per_user")
+    return (f"`t_fit` from a {num(probes[0].get('users'))}-user probe on the same data and steps run just before "
+            f"({sig(_per_user_slot_wall(probes[0]))} s wall per user per slot) and again just after "
+            f"({sig(_per_user_slot_wall(probes[-1]))} s), `t_io` = {NA if t_io is None else f'{t_io * 1000:.1f}'} ms from "
+            f"`fit_chunk` with steps = 0, `T_fixed` from the run")
+
+
+def scale_setup(r: Results) -> str:
+    sr = r("personalize.json").get("scale_run", {})
+    return (f"{num(sr.get('users'))} head-only users, {num(sr.get('tasks'))} `fit_chunk` tasks of "
+            f"{num(sr.get('users_per_task'))} users on local Ray with {num(sr.get('workers'))} CPUs, "
+            f"{num(sr.get('steps'))} steps per user")
+
+
+def scale_table(r: Results) -> str:
+    sr = r("personalize.json").get("scale_run", {})
+    t_io = get(sr, "model_inputs", "nonfit_s_per_user")
+    ratio = sr.get("measured_over_predicted")
+    rows = [
+        [f"measured ({num(sr.get('users'))} users, Ray start to last artifact)",
+         f"{num(sr.get('wall_s'), 1)} s ({num(sr.get('users_per_hour_end_to_end'), 0)} users/hour end to end, at "
+         f"{num(sr.get('steps'))} steps)"],
+        [f"predicted, probe before ({sig(get(sr, 'model_inputs', 'fit_s_per_user_slot'))} s wall per user per slot + "
+         f"{NA if t_io is None else f'{t_io * 1000:.1f}'} ms t_io)",
+         f"{num(sr.get('predicted_wall_s'), 1)} s (measured / predicted = {num(ratio)})"],
+        ["predicted, probe after", f"{num(sr.get('predicted_wall_s_probe_after'), 1)} s"],
+        ["predicted, mean of the two probes", f"{num(sr.get('predicted_wall_s_probe_mean'), 1)} s"],
+        ["predicted from CPU time", f"{num(sr.get('predicted_wall_s_idle_box'), 1)} s"],
+    ]
+    return table(["", "wall time"], rows, "ll") + "\n\n" + source("personalize.json")
+
+
+def scale_observed(r: Results) -> str:
+    sr = r("personalize.json").get("scale_run", {})
+    probes = sr.get("probes") or []
+    ratio = sr.get("measured_over_predicted")
+    walls = " and ".join(f"{num(q.get('wall_s'), 1)} s" for q in probes)
+    users = num(probes[0].get("users")) if probes else NA
+    if ratio is None:
+        verdict = "the capacity model's error is n/a"
+    elif ratio <= 1:
+        verdict = f"the capacity model over-predicts by {(1 - ratio) * 100:.0f}%"
+    else:
+        verdict = f"the capacity model under-predicts by {(ratio - 1) * 100:.0f}%"
+    share = sr.get("cpu_share_during_fanout")
+    return (f"load average {load(sr.get('load_avg_before'))} before, {load(sr.get('load_avg_after'))} after; the "
+            f"workers got {NA if share is None else f'{share * 100:.0f}%'} of the CPU during the fan-out; the two "
+            f"probes took {walls} for {users} users, and {verdict}")
+
+
+# ------------------------------------------------------------------------------------------------ compare
+COMPARE_COLUMNS = (   # (key, header, digits); a column shows when any method has its key
+    ("latent_type", "latent", None),
+    ("mode", "mode", None),
+    ("users", "users", 0),
+    ("win_rate_vs_prior", "win rate vs prior [95% CI]", 2),
+    ("win_rate", "win rate [95% CI]", 2),
+    ("mean_reward", "mean reward [95% CI]", 2),
+    ("perplexity", "perplexity", 0),
+    ("heldout_accuracy", "held-out accuracy", 2),
+    ("latent_heldout_accuracy", "latent held-out accuracy", 2),
+    ("seconds_per_user", "s per user", 2),
+    ("trainable_params", "trained parameters", 0),
+    ("artifact_bytes", "artifact", None),
+)
+
+
+TEXT_COLUMNS = ("latent_type", "mode")
+
+
+def _compare_table(r: Results, name: str) -> str:
+    c = r(name)
+    methods = c.get("methods", {})
+    cols = [col for col in COMPARE_COLUMNS if any(m.get(col[0]) is not None for m in methods.values())]
+    rows = []
+    for method, m in methods.items():
+        cells = [method]
+        for key, _, digits in cols:
+            v = m.get(key)
+            if key == "seconds_per_user" and not m.get("trainable_params"):
+                cells.append("")                      # nothing fitted (base LM, priors, oracle)
+            elif key in TEXT_COLUMNS:
+                cells.append(v or "")
+            elif key == "artifact_bytes":
+                cells.append(kb(v) if v else "")
+            elif key in ("trainable_params", "users"):
+                cells.append(num(int(v)) if v else "")
+            elif f"{key}_ci95" in m:
+                cells.append(ci(v, m[f"{key}_ci95"], digits))
+            else:
+                cells.append(num(v, digits) if v is not None else "")
+        rows.append(cells)
+    runs = c.get("runs", {})
+    times_ = ", ".join(f"{k} night {num(v.get('seconds'), 0)} s" for k, v in runs.items())
+    note = (f"Preset `{c.get('preset', NA)}`, overrides {c.get('overrides') or 'none'}; {times_}; "
+            f"{num(c.get('seconds'), 0)} s in all on {num(c.get('cpu_count'))} CPUs, load average "
+            f"{load(c.get('load_average'))}. Means over users with 95% bootstrap intervals; s per user = the "
+            "evaluation's per-user fit time.")
+    align = "l" + "".join("l" if key in TEXT_COLUMNS else "r" for key, _, _ in cols)
+    return table(["method", *(h for _, h, _ in cols)], rows, align) + "\n\n" + note + " " + source(name)
+
+
+def compare_table(r: Results) -> str:
+    return _compare_table(r, "compare.json")
+
+
+def compare_small_table(r: Results) -> str:
+    return _compare_table(r, "compare-small.json")
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def generate_table(r: Results) -> str:
+    g = r("generate.json")
+    rows = [
+        ["requests (distinct users, personalised)",
+         f"{num(g.get('requests'))} ({num(g.get('distinct_users'))}, {num(g.get('personalized_requests'))})"],
+        ["new tokens per request, decoding", f"{num(g.get('max_new_tokens'))}, {g.get('decoding', NA)}"],
+        ["batched tokens/s", num(g.get("batched_tokens_per_s"), 0)],
+        ["one request at a time, tokens/s", num(g.get("sequential_tokens_per_s"), 0)],
+        ["speedup", f"{times(g.get('speedup'))} (target {times(g.get('target_speedup'))}: "
+                    f"{'met' if g.get('meets_target') else 'not met'})"],
+        ["batched == one at a time (greedy)", num(g.get("outputs_match"))],
+        ["timing", f"{g.get('timing', NA)}; {num(g.get('torch_threads'))} torch thread(s), {g.get('device', NA)}, "
+                   f"load average {load(g.get('load_average_1m'))}"],
+    ]
+    return table(["", "value"], rows, "ll") + "\n\n" + source("generate.json")
+
+
+# ------------------------------------------------------------------------------------------------ CLaP throughput
+def clap_throughput_table(r: Results) -> str:
+    names = r.glob("clap_throughput*.json")
+    if not names:
+        raise MissingResult("clap_throughput*.json")
+    rows = []
+    for name in names:
+        t = r(name)
+        dtype = t.get("lm_dtype") or get(t, "model", "dtype") or NA
+        prefix = get(t, "clap_config", "prefix_init") or "random"
+
+        def rate(key: str, ratio: str | None = None) -> str:
+            v = t.get(f"{key}_tokens_per_s")
+            if v is None:
+                return NA
+            return f"{v:,.0f}" + (f" ({t[ratio]:.2f})" if ratio and t.get(ratio) is not None else "")
+
+        rows.append([f"`{name}`", f"{t.get('base', NA)}, {dtype}, prefix {prefix}, {num(t.get('threads'))} thr",
+                     num(get(t, "batch", "tokens_per_step")), rate("plain_finetune"),
+                     rate("clap_stage1", "stage1_ratio"), rate("clap_stage2", "stage2_ratio"),
+                     rate("clap_stage2_full_passes", "stage2_full_passes_ratio"),
+                     times(t.get("stage2_speedup_shared_prompt_cache")),
+                     load(t.get("load_average_1m_start_end"))])
+    header = ["file", "base, LM dtype, prefix, threads", "tokens/step", "plain fine-tune tok/s",
+              "stage 1 tok/s (vs plain)", "stage 2 tok/s (vs plain)", "stage 2, B full passes (vs plain)",
+              "shared prompt cache speedup", "load"]
+    return table(header, rows, "ll" + "r" * 7) + "\n\n" + source(*names)
+
+
+# ------------------------------------------------------------------------------------------------ serve
+def serve_table(r: Results) -> str:
+    s = r("serve.json")
+    met = s.get("meets_target") or {}
+
+    def flag(key: str) -> str:
+        return "" if key not in met else (" (target met)" if met[key] else " (target not met)")
+
+    rows = [
+        ["requests (errors)", f"{num(s.get('requests'))} ({num(s.get('errors'))}){flag('errors')}"],
+        ["tokens/s under load", num(s.get("tokens_per_s"), 1)],
+        ["tokens/s, one request at a time", num(s.get("sequential_tokens_per_s"), 1)],
+        ["speedup", times(s.get("speedup")) + flag("speedup")],
+        ["latency p50 / p99", f"{num(s.get('p50_ms'), 0)} ms / {num(s.get('p99_ms'), 0)} ms"],
+        ["RSS at start → end", f"{num(s.get('rss_mb_start'), 0)} MB → {num(s.get('rss_mb_end'), 0)} MB"
+                              + flag("rss_within_10pct")],
+        ["reloads (night switch under load)", num(s.get("reloads")) + flag("switch")],
+        ["mixed-version responses", num(s.get("mixed_version_responses"))],
+    ]
+    extra = [(k, v) for k, v in (("stored users", s.get("stored_users")), ("distinct users", s.get("distinct_users")),
+                                 ("client threads", s.get("concurrency")), ("max tokens", s.get("max_tokens")),
+                                 ("CPUs", s.get("cpu_count")), ("load average", s.get("load_average_1m")))
+             if v is not None]
+    note = "; ".join(f"{k} {load(v) if k == 'load average' else num(v)}" for k, v in extra)
+    return table(["", "value"], rows, "ll") + "\n\n" + (note + ". " if note else "") + source("serve.json")
+
+
+# ------------------------------------------------------------------------------------------------ few-shot
+def _point(v: Any) -> str:
+    """One curve point: a number, [mean, lo, hi], or {mean|value, lo, hi}."""
+    if isinstance(v, dict):
+        mean = v.get("mean", v.get("value"))
+        return ci(mean, [v.get("lo"), v.get("hi")]) if "lo" in v else num(mean)
+    if isinstance(v, (list, tuple)):
+        return ci(v[0], list(v[1:3])) if len(v) == 3 else NA
+    return num(v)
+
+
+def fewshot_table(r: Results) -> str:
+    f = r("fewshot.json")
+    n_pairs = f.get("n_pairs", [])
+    rows = []
+    for method, curves in f.get("methods", {}).items():
+        for metric in ("heldout_accuracy", "win_rate_vs_prior", "seconds_per_user"):
+            values = curves.get(metric)
+            if values is not None:
+                rows.append([method, metric.replace("_", " "),
+                             *(_point(values[i]) if i < len(values) else NA for i in range(len(n_pairs)))])
+    return table(["method", "measure", *(f"N = {n}" for n in n_pairs)], rows, "ll" + "r" * len(n_pairs)) + \
+        "\n\n" + source("fewshot.json")
+
+
+# ------------------------------------------------------------------------------------------------ README headline
+def readme_headline(r: Results) -> str:
+    rows = []
+
+    def add(name: str, what: Callable[[], str]) -> None:
+        try:
+            rows.append([f"[`{name}`](benchmarks/README.md)", what()])
+        except MissingResult:
+            rows.append([f"`{name}`", f"not measured yet (`{MAKE.get(name, '')}`)"])
+
+    def personalize() -> str:
+        p = r("personalize.json")
+        return (f"head-only {num(get(p, 'users_per_hour', 'head-only'), 0)} users/hour on "
+                f"{num(get(p, 'machine', 'cpus'))} CPU cores; per user on the same pairs and passes, faithful latent "
+                f"DPO {times(get(p, 'speedup_vs_lora_dpo', 'faithful'))} and head-only "
+                f"{times(get(p, 'speedup_vs_lora_dpo', 'head-only'))} cheaper than LoRA-DPO")
+
+    def compare() -> str:
+        c = r("compare.json")
+        m = c.get("methods", {})
+        key = "win_rate_vs_prior" if any("win_rate_vs_prior" in v for v in m.values()) else "win_rate"
+        shown = ", ".join(f"{k} {num(v.get(key))}" for k, v in m.items() if v.get(key) is not None)
+        return f"{key.replace('_', ' ')} ({c.get('preset', NA)} preset, {num(get(m, 'latent_dpo', 'users'))} users): {shown}"
+
+    def generate() -> str:
+        g = r("generate.json")
+        return (f"{num(g.get('requests'))} requests from {num(g.get('distinct_users'))} users in one batched decode: "
+                f"{num(g.get('batched_tokens_per_s'), 0)} tokens/s vs {num(g.get('sequential_tokens_per_s'), 0)} one "
+                f"at a time ({times(g.get('speedup'))})")
+
+    def serve() -> str:
+        s = r("serve.json")
+        return (f"{num(s.get('requests'))} requests, {num(s.get('errors'))} errors, {num(s.get('tokens_per_s'), 0)} "
+                f"tokens/s ({times(s.get('speedup'))} over one at a time), p99 {num(s.get('p99_ms'), 0)} ms, "
+                f"{num(s.get('mixed_version_responses'))} mixed-version responses across a night switch")
+
+    def throughput() -> str:
+        names = r.glob("clap_throughput*.json")
+        if not names:
+            raise MissingResult("clap_throughput*.json")
+        parts = []
+        for n in names:
+            t = r(n)
+            parts.append(f"{t.get('base', NA)} {t.get('lm_dtype') or get(t, 'model', 'dtype')}: stage 1 "
+                         f"{num(t.get('stage1_ratio'))}x, stage 2 {num(t.get('stage2_ratio'))}x")
+        return "CLaP tokens/s relative to a plain fine-tune: " + "; ".join(parts)
+
+    add("personalize.json", personalize)
+    add("compare.json", compare)
+    add("generate.json", generate)
+    add("serve.json", serve)
+    add("clap_throughput*.json", throughput)
+    return table(["result", "headline"], rows, "ll") + "\n\n" + "Generated by `python benchmarks/render.py` from " \
+        "`benchmarks/results/` (machine, load and settings are in each JSON and in `benchmarks/README.md`)."
+
+
+RENDERERS: dict[str, Callable[[Results], str]] = {   # region name -> its renderer
+    "readme-headline": readme_headline,
+    "personalize": personalize_table,
+    "personalize-machine": personalize_machine,
+    "personalize-world": personalize_world,
+    "personalize-settings": personalize_settings,
+    "personalize-measured-on": personalize_measured_on,
+    "personalize-passes": personalize_passes,
+    "capacity-terms": capacity_terms,
+    "capacity-settings": capacity_settings,
+    "capacity-predicted": capacity_predicted,
+    "scale-setup": scale_setup,
+    "scale-inputs": scale_inputs,
+    "scale-run": scale_table,
+    "scale-observed": scale_observed,
+    "compare": compare_table,
+    "compare-small": compare_small_table,
+    "generate": generate_table,
+    "clap-throughput": clap_throughput_table,
+    "serve": serve_table,
+    "fewshot": fewshot_table,
+}
+
+
+# ------------------------------------------------------------------------------------------------ regions
+def render_region(kind: str, name: str, results: Results) -> str:
+    """The new body of one region (with its surrounding newlines for a table)."""
+    if name not in RENDERERS:
+        raise KeyError(f"unknown generated region {name!r} (known: {', '.join(sorted(RENDERERS))})")
+    try:
+        body = RENDERERS[name](results)
+    except MissingResult as missing:
+        how = MAKE.get(missing.name)
+        body = (f"_Table left out: `benchmarks/results/{missing.name}` is not there"
+                + (f" (make it with `{how}`)" if how else "") + "._") if kind == "table" \
+            else f"n/a (`benchmarks/results/{missing.name}` missing)"
+    return f"\n{body}\n" if kind == "table" else body
+
+
+def render_text(text: str, results: Results) -> tuple[str, list[str]]:
+    """(`text` with every region re-rendered, names of the regions whose body changed)."""
+    stale: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        body = render_region(m["kind"], m["name"], results)
+        if body != m["body"]:
+            stale.append(f"{m['kind']}:{m['name']}")
+        return m["open"] + body + m["close"]
+
+    return REGION.sub(sub, text), stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each stale region")
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the result JSONs (default: %(default)s)")
+    ap.add_argument("files", nargs="*", help="Markdown files to render (default: README.md, benchmarks/README.md)")
+    args = ap.parse_args(argv)
+    results = Results(args.results)
+    files = [Path(f) for f in args.files] or list(DOCS)
+    stale_any = False
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        try:
+            new, stale = render_text(text, results)
+        except KeyError as err:
+            print(f"{path}: {err.args[0]}", file=sys.stderr)
+            return 2
+        try:
+            shown = path.resolve().relative_to(ROOT)
+        except ValueError:
+            shown = path
+        if not stale:
+            continue
+        if args.check:
+            stale_any = True
+            for name in stale:
+                print(f"stale: {shown} {name} (run `python benchmarks/render.py`)", file=sys.stderr)
+        else:
+            path.write_text(new, encoding="utf-8")
+            print(f"rendered {shown}: {', '.join(stale)}")
+    return 1 if stale_any else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
