@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 
-METRICS = ("win_rate", "mean_reward", "perplexity", "heldout_accuracy")
+METRICS = ("win_rate_vs_prior", "win_rate", "mean_reward", "perplexity", "heldout_accuracy", "latent_heldout_accuracy")
 BASELINES = ("lora_dpo", "full_dpo", "ptuning_dpo")
 
 
@@ -47,35 +47,52 @@ def _method_summary(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(preset: str, store: str, users: int, latent_types: list[str], overrides: list[str]) -> dict:
+LATENT_METHODS = ("latent_dpo", "clap_prior")
+
+
+def run(preset: str, store: str, users: int, latent_types: list[str], overrides: list[str],
+        modes: list[str] | None = None, baselines: list[str] | None = list(BASELINES)) -> dict:
+    """One night per (latent type, personalize mode); the first also fits the baselines. Later runs keep only
+    their latent rows, suffixed `_<mode>` (non-default mode) and `_<latent type>` (non-Gaussian)."""
     from latentpref.pipelines.config import load_config
     from latentpref.pipelines.nightly import nightly
     from latentpref.tasks.data.store import Store
 
+    modes = modes or [None]
     methods: dict[str, Any] = {}
     runs: dict[str, Any] = {}
     t_all = time.perf_counter()
-    for i, latent_type in enumerate(latent_types):
-        sets = [f"runtime.store={store}", f"evaluate.n_users={users}",
-                "evaluate.baselines=[" + (", ".join(BASELINES) if i == 0 else "") + "]", *overrides]
+    combos = [(t, m) for t in latent_types for m in modes]
+    for i, (latent_type, mode) in enumerate(combos):
+        first = ", ".join(baselines) if baselines is not None else None
+        sets = [f"runtime.store={store}", f"evaluate.n_users={users}", *overrides]
+        if i > 0 or first is not None:   # the first run fits the baselines (the preset's unless --baselines)
+            sets.insert(2, "evaluate.baselines=[" + (first if i == 0 else "") + "]")
         if latent_type != "gaussian":
             sets.append(f"pretrain.latent_type={latent_type}")
+        if mode is not None:
+            sets.append(f"personalize.mode={mode}")
         cfg = load_config(preset, overrides=sets)
         t0 = time.perf_counter()
         report = nightly(cfg, until="evaluate")
         seconds = time.perf_counter() - t0
         night = Store(store)
         per_user = night.read_table("runs", report.run_id, "evaluation_per_user.parquet").to_pylist()
-        suffix = "" if i == 0 else f"_{latent_type}"
+        type_suffix = "" if latent_type == latent_types[0] else f"_{latent_type}"
+        mode_suffix = "" if mode in (None, modes[0]) else "_" + mode.replace("-", "_")
         for row in night.read_table("runs", report.run_id, "comparison.parquet").to_pylist():
             method = row["method"]
-            if i > 0 and method == "base_lm":
-                continue   # the same base LM generations as the first run
-            name = method + (suffix if method in ("latent_dpo", "clap_prior") else "")
+            if i > 0 and method not in LATENT_METHODS:
+                continue   # base LM, oracle and baselines: the first run's, on the same users and pairs
+            if method == "clap_prior" and mode_suffix:
+                continue   # the same CLaP prior as this latent type's first-mode run
+            name = method + (mode_suffix if method == "latent_dpo" else "") + type_suffix
             methods[name] = _method_summary(row)
-            methods[name]["latent_type"] = latent_type if method in ("latent_dpo", "clap_prior") else None
-        runs[latent_type] = {"mlflow_run_id": report.run_id, "clap_version": report.clap_version,
-                             "seconds": round(seconds, 1), "users": sorted({r["user_id"] for r in per_user})}
+            methods[name]["latent_type"] = latent_type if method in LATENT_METHODS else None
+            methods[name]["mode"] = cfg.personalize.mode if method == "latent_dpo" else None
+        runs[f"{latent_type}/{cfg.personalize.mode}"] = {
+            "mlflow_run_id": report.run_id, "clap_version": report.clap_version, "seconds": round(seconds, 1),
+            "users": sorted({r["user_id"] for r in per_user})}
     return {"methods": methods, "runs": runs, "preset": preset, "overrides": overrides,
             "seconds": round(time.perf_counter() - t_all, 1)}
 
@@ -88,8 +105,16 @@ def main(argv: list[str] | None = None) -> int:
                                                       "default: a temporary folder, deleted afterwards")
     parser.add_argument("--users", type=int, default=6, help="users evaluated with every method")
     parser.add_argument("--latent-types", default="gaussian,discrete")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="comma list of baselines fitted in the first run; 'preset' = the preset's own "
+                             "evaluate.baselines")
+    parser.add_argument("--modes", default=None, help="comma list of personalize modes to evaluate per latent "
+                        "type (e.g. head-only,faithful); default: the preset's mode only")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
+    # as the CLI does: a busy 2-core box can take longer than Prefect's default 20 s to start its ephemeral server
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     latent_types = [t.strip() for t in args.latent_types.split(",") if t.strip()]
     bad = [t for t in latent_types if t not in ("gaussian", "discrete")]
@@ -97,12 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--latent-types: expected a comma list of gaussian, discrete; got {args.latent_types!r}")
     with tempfile.TemporaryDirectory(prefix="latentpref-compare-") as tmp:
         store = args.store or str(Path(tmp) / "store")
-        result = run(args.preset, store, args.users, latent_types, args.overrides)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+        bad = [m for m in modes or [] if m not in ("head-only", "trunk-frozen", "faithful")]
+        if bad:
+            parser.error(f"--modes: expected a comma list of head-only, trunk-frozen, faithful; got {args.modes!r}")
+        baselines = None if args.baselines == "preset" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+        bad = [b for b in baselines or [] if b not in BASELINES]
+        if bad:
+            parser.error(f"--baselines: expected 'preset' or a comma list of {', '.join(BASELINES)}; got {bad}")
+        result = run(args.preset, store, args.users, latent_types, args.overrides, modes, baselines)
     result.update({"load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
                    "machine": platform.machine(), "store": args.store or "temporary (deleted)"})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({m: {k: v.get(k) for k in ("win_rate", "mean_reward", "heldout_accuracy", "seconds_per_user")}
+    print(json.dumps({m: {k: v.get(k) for k in ("win_rate_vs_prior", "win_rate", "heldout_accuracy",
+                                                 "seconds_per_user")}
                       for m, v in result["methods"].items()}, indent=1))
     return 0
 

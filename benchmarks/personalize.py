@@ -1,8 +1,13 @@
 """Per-user personalisation benchmark (issue #5): users/hour per mode, seconds/user of faithful Latent DPO vs
 LoRA-DPO on the same pairs, held-out preference accuracy per mode, and a 10k-user fan-out run.
 
-    python benchmarks/personalize.py --out personalize.json [--store DIR] [--head-users 2000] [--workers 2]
-                                     [--scale-users 10000]
+    python benchmarks/personalize.py --out personalize.json [--store DIR] [--preset tiny] [--head-users 2000]
+                                     [--workers 2] [--scale-users 10000] [--product-users 3] [--carry OLD.json]
+
+Settings: every fit runs with what a night of `--preset` uses, read from pipelines/config.py (`load_config(preset)`
+with personalize.mode set per mode: MODE_STEPS / MODE_LR / MODE_NOISE_DRAWS where the preset leaves them unset;
+LoRA-DPO: the preset's evaluate.baseline_steps / baseline_lr / baseline_batch_size), recorded under `settings`
+(`settings.product_settings` false when --steps / --noise-draws override them).
 
 World: a tiny CLaP + simulated users from the real pipeline. With `--store DIR` holding a finished tiny run
 (models/clap/current.json, data/population/*/pairs.parquet) it is reused; otherwise `latentpref pretrain
@@ -13,8 +18,7 @@ Sections (all in one process tree, one run, this machine):
   accuracy = share of its held-out pairs whose chosen response has the larger implicit latent reward
   R(z) = log p_theta(z|x) - log N(z; 0, I) at the response's posterior mean (as `tasks/evaluate`), ties half.
 - `users_per_hour`: users of 64 pairs (2 pairs per prompt, drawn from the world's cached train triples) fitted
-  with the product settings (PersonalizeConfig defaults per mode: head-only 50 full-batch steps, the encoder
-  modes 100) by `--workers` processes of one
+  with the product settings (`settings`) by `--workers` processes of one
   thread each, each process fitting its share in one batched call; users/hour = users / slowest worker's fit
   wall time (process start and data loading excluded: that is fan-out overhead, measured by `scale_run`).
   Head-only runs `--head-users` users; the encoder modes run `--encoder-users` and are extrapolated.
@@ -22,6 +26,10 @@ Sections (all in one process tree, one run, this machine):
   over them (`--epochs`): the latent modes take `epochs` full-batch steps, LoRA-DPO `epochs * 64 / 8` steps of
   8 pairs (`tasks/evaluate/baselines.fit_baseline`, r = 8 on the tiny SFT base). User-independent work is cached
   for both and not timed: CLaP posteriors / prompt tokens (latent) and reference log-probs (LoRA, spec §8.6).
+- `product` (issue #15 item 1): real users of the world, each fitted alone by every method at the product settings,
+  seconds with and without the user's own encoding, LM-based held-out accuracy, speedups vs LoRA-DPO, and
+  `product.quality`: time to a stated held-out accuracy (see `product_and_quality`). `users_per_hour_with_encoding`:
+  the batched throughput above plus each user's own encoding.
 - `scale_run`: `--scale-users` simulated head-only users through the real fan-out (`ray.remote(fit_chunk)` over
   chunks of 256 users, artifacts written to a local store), on synthetic cached features/posteriors of the tiny
   CLaP's shapes; measured wall time vs the capacity model's prediction (benchmarks/README.md).
@@ -33,7 +41,6 @@ import argparse
 import glob
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -56,10 +63,19 @@ MODES = ("head-only", "trunk-frozen", "faithful")
 PAIRS_PER_USER = 64
 
 
+PRESET = "tiny"    # the preset whose night is timed (`--preset`); worker processes get it in their args
+
+
+def product_config(mode: str):
+    """The personalize settings a night of PRESET runs in `mode` (pipelines/config.py: the preset's section with
+    that mode; unset steps / lr / noise draws take MODE_STEPS / MODE_LR / MODE_NOISE_DRAWS of the mode)."""
+    from latentpref.pipelines.config import load_config
+    return load_config(PRESET, overrides=[f"personalize.mode={mode}"]).personalize
+
+
 def mode_lr(mode: str) -> float:
-    """The product's learning rate of a mode (PersonalizeConfig: MODE_LR unless set; faithful = spec §4.1.8)."""
-    from latentpref.pipelines.config import PersonalizeConfig
-    return PersonalizeConfig(mode=mode).lr
+    """The product's learning rate of a mode (MODE_LR unless the preset sets it; faithful = spec §4.1.8)."""
+    return product_config(mode).lr
 
 
 @dataclass
@@ -96,7 +112,7 @@ def ensure_world(store_dir: str | None) -> World:
 
 
 def world_cache(world: World, clap, tokenizer):
-    from latentpref.tasks.train.personalize import build_latent_cache
+    from latentpref.tasks.policy.cache import build_latent_cache
     pairs = pq.read_table(world.pairs_path)
     prompts = pairs["prompt"].to_pylist()
     pr = list(zip(prompts, pairs["chosen"].to_pylist())) + list(zip(prompts, pairs["rejected"].to_pylist()))
@@ -105,7 +121,7 @@ def world_cache(world: World, clap, tokenizer):
 
 
 def _indices(cache, table: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from latentpref.tasks.train.personalize import text_key
+    from latentpref.tasks.policy.cache import text_key
     p = table["prompt"].to_pylist()
     return (torch.tensor([cache.prompt_index[text_key(x)] for x in p]),
             torch.tensor([cache.response_index[text_key(x, c)] for x, c in zip(p, table["chosen"].to_pylist())]),
@@ -114,9 +130,8 @@ def _indices(cache, table: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def fit_config(mode: str, steps: int, noise_draws: dict[str, int | None], **kw):
     """The product's fit settings (PersonalizeConfig defaults) with this benchmark's lr and noise draws per mode."""
-    from latentpref.pipelines.config import PersonalizeConfig
     from latentpref.tasks.train.fit_user import FitConfig
-    pc_ = PersonalizeConfig(mode=mode)
+    pc_ = product_config(mode)
     return FitConfig(steps=steps, lr=pc_.lr, beta=pc_.beta, n_samples=pc_.n_samples,
                      evidence_ratio=pc_.evidence_ratio, loss_type=pc_.loss_type, seed=pc_.seed,
                      noise_draws=noise_draws[mode], **kw)
@@ -124,8 +139,9 @@ def fit_config(mode: str, steps: int, noise_draws: dict[str, int | None], **kw):
 
 def fit_mode(mode: str, encoder, cache, p_idx, c_idx, r_idx, user_index, n_users, cfg):
     """Fit users in `mode`; returns a function (prompt rows) -> (mu, logvar) per user."""
-    from latentpref.tasks.train.fit_encoder import fit_encoder_users, policy_latent
-    from latentpref.tasks.train.fit_user import fit_users, user_latent
+    from latentpref.tasks.models.policy import policy_latent, user_latent
+    from latentpref.tasks.train.fit_encoder import fit_encoder_users
+    from latentpref.tasks.train.fit_user import fit_users
     post = (cache.mu[c_idx], cache.logvar[c_idx], cache.mu[r_idx], cache.logvar[r_idx])
     if mode == "head-only":
         res = fit_users(cache.features[p_idx], *post, user_index, n_users, cfg)
@@ -191,8 +207,10 @@ def synthetic_users(pairs: pa.Table, cache, n_users: int, seed: int) -> tuple[to
 
 
 def _throughput_worker(args: dict, barrier, queue) -> None:
+    global PRESET
     torch.set_num_threads(1)
-    from latentpref.tasks.train.personalize import LatentCache
+    PRESET = args["preset"]
+    from latentpref.tasks.policy.cache import LatentCache
     if args.get("synthetic"):   # the scale run's data: random cache of the same shapes, random pairs
         cache = synthetic_cache(SCALE_PROMPTS, SCALE_RESPONSES, *args["synthetic"], seed=0)
         rng = np.random.default_rng(args["seed"])
@@ -221,7 +239,8 @@ def users_per_hour(world: World, cache_file: str, mode: str, n_users: int, worke
     share = [n_users // workers + (w < n_users % workers) for w in range(workers)]
     procs = [ctx.Process(target=_throughput_worker, args=({
         "cache_file": cache_file, "pairs_path": world.pairs_path, "clap_dir": world.clap_dir, "mode": mode,
-        "n_users": share[w], "seed": 1000 + w, "steps": steps, "noise_draws": noise_draws, "synthetic": synthetic},
+        "n_users": share[w], "seed": 1000 + w, "steps": steps, "noise_draws": noise_draws, "synthetic": synthetic,
+        "preset": PRESET},
         barrier, queue))
         for w in range(workers)]
     load0 = _load()
@@ -250,7 +269,8 @@ def seconds_vs_lora(world: World, clap, tokenizer, cache, pairs: pa.Table, epoch
     texts = list(zip(train["prompt"].to_pylist(), train["chosen"].to_pylist(), train["rejected"].to_pylist()))
     base, base_tok = load_base_model(world.base_dir)
     base.eval()
-    bcfg = BaselineConfig(method="lora_dpo", lr=1e-3, steps=epochs * PAIRS_PER_USER // 8, batch_size=8,
+    from latentpref.pipelines.config import load_config
+    bcfg = BaselineConfig(method="lora_dpo", lr=load_config(PRESET).evaluate.lr_by_method()["lora_dpo"], steps=epochs * PAIRS_PER_USER // 8, batch_size=8,
                           max_prompt_tokens=world.prompt_tokens, max_response_tokens=world.response_tokens)
     times: dict[str, list[float]] = {m: [] for m in (*MODES, "lora_dpo")}
     cpu: dict[str, list[float]] = {m: [] for m in times}
@@ -279,15 +299,131 @@ def seconds_vs_lora(world: World, clap, tokenizer, cache, pairs: pa.Table, epoch
             "speedup_vs_lora_dpo": {m: sec["lora_dpo"] / sec[m] for m in MODES}, "load_avg": _load()}
 
 
+def _per_slot(detail: dict) -> float:
+    """Fit wall seconds per user per worker slot of a throughput measurement."""
+    return detail["wall_s"] * detail["workers"] / detail["users"]
+
+
 def _tk(*texts):
-    from latentpref.tasks.train.personalize import text_key
+    from latentpref.tasks.policy.cache import text_key
     return text_key(*texts)
+
+
+# ------------------------------------------------------------------------------------------------ product settings
+QUALITY_FACTORS = {"latent": (0.1, 0.25, 0.5, 1.0, 2.0), "lora_dpo": (0.5, 1.0, 2.0)}
+
+
+def product_and_quality(world: World, n_users: int, epochs_factors: dict | None = None,
+                        quality_target: float | None = None) -> dict:
+    """Each method at the settings a night of PRESET uses, one real user of the world fitted alone, and its
+    time to a held-out accuracy (issue #15 item 1).
+
+    Users: the first `n_users` (sorted ids) of the world with held-out pairs, each on all its train pairs (the same
+    pairs for every method). Per user and method, one fit alone per step count of a grid: the product's steps
+    times QUALITY_FACTORS (latent modes: PersonalizeConfig of the mode; LoRA-DPO: evaluate.baseline_steps /
+    baseline_lr / baseline_batch_size of the preset, spec r = 8); the factor-1 point is the product setting.
+    - encode_s: the user's own texts through the model before any fit: latent = the CLaP encoding of the user's
+      pairs (prompt features, posteriors of chosen and rejected: `build_latent_cache`, the personalize stage's
+      cache); LoRA-DPO = the base LM's reference log-probs of the same responses.
+    - fit_s: the fit alone (`fit_users` / `fit_encoder_users` / `fit_baseline`).
+    - heldout_accuracy: the evaluation's LM-based measure on the user's held-out pairs (latent: LM with the
+      user's z vs the prior's z; LoRA-DPO: vs the base LM), mean over users.
+    Time to quality: target = `quality_target`, or by default the highest held-out accuracy that every method
+    reaches somewhere on its grid (min over methods of its best grid point); a method's seconds_to_target is
+    encode_s + fit_s (mean over users) at its first grid point whose mean accuracy >= target.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/fewshot.py: the one-user helpers
+    from fewshot import (baseline_heldout_accuracy, fit_latent_alone, latent_heldout_accuracy, load_night,
+                         pick_users, reference_logps, triples_of, weights_of)
+    from latentpref.pipelines.config import load_config
+    from latentpref.tasks.evaluate.baselines import BaselineConfig, fit_baseline
+    cfg = load_config(PRESET)
+    night = load_night(world.store, seed=cfg.data.seed)
+    users = pick_users(night, n_users)
+    e = cfg.evaluate
+    lora_base = dict(method="lora_dpo", lr=e.lr_by_method()["lora_dpo"], beta=e.beta_by_method()["lora_dpo"],
+                     batch_size=e.baseline_batch_size, seed=e.seed, max_prompt_tokens=world.prompt_tokens,
+                     max_response_tokens=world.response_tokens)
+    grid: dict[str, list[int]] = {}
+    for m in MODES:
+        product = product_config(m).steps
+        grid[m] = sorted({max(1, round(product * f)) for f in QUALITY_FACTORS["latent"]})
+    grid["lora_dpo"] = sorted({max(1, round(e.baseline_steps * f)) for f in QUALITY_FACTORS["lora_dpo"]})
+    raw = {m: {k: {"fit_s": [], "cpu_s": [], "acc": []} for k in grid[m]} for m in grid}
+    encode = {m: [] for m in grid}
+    n_pairs = []
+    for u in users:
+        train = night.train.filter(pc.equal(night.train["user_id"], u))
+        triples, weights = triples_of(train), weights_of(train)
+        held = triples_of(night.heldout.filter(pc.equal(night.heldout["user_id"], u)))
+        n_pairs.append(len(triples))
+        for m in MODES:   # interleaved per user: load drift hits every method alike
+            for k in grid[m]:
+                fit = product_config(m).fit_settings()
+                fit = type(fit)(**{**fit.as_dict(), "steps": k})
+                c0 = time.process_time()
+                policy, enc_s, fit_s = fit_latent_alone(night, m, triples, weights, fit)
+                raw[m][k]["cpu_s"].append(time.process_time() - c0)
+                raw[m][k]["fit_s"].append(fit_s)
+                raw[m][k]["acc"].append(latent_heldout_accuracy(night, policy, held))
+                if k == grid[m][0]:
+                    encode[m].append(enc_s)
+        ref, ref_s = reference_logps(night, triples + held)
+        encode["lora_dpo"].append(reference_logps(night, triples)[1])   # the user's train responses only
+        for k in grid["lora_dpo"]:
+            c0 = time.process_time()
+            res = fit_baseline(night.base_model, night.base_tokenizer, triples, BaselineConfig(**lora_base, steps=k),
+                               ref_logps=ref, weights=weights)
+            raw["lora_dpo"][k]["cpu_s"].append(time.process_time() - c0)
+            raw["lora_dpo"][k]["fit_s"].append(res.seconds)
+            raw["lora_dpo"][k]["acc"].append(baseline_heldout_accuracy(night, res.model, held, ref))
+            del res
+        log.info("product settings, user %s done (%d pairs)", u, len(triples))
+    methods = [*MODES, "lora_dpo"]
+    product_steps = {m: product_config(m).steps for m in MODES} | {"lora_dpo": e.baseline_steps}
+    curves = {m: [{"steps": k, "fit_s": float(np.mean(raw[m][k]["fit_s"])),
+                   "cpu_s": float(np.mean(raw[m][k]["cpu_s"])),
+                   "seconds_with_encoding": float(np.mean(raw[m][k]["fit_s"]) + np.mean(encode[m])),
+                   "heldout_accuracy": float(np.mean(raw[m][k]["acc"])),
+                   "heldout_accuracy_per_user": raw[m][k]["acc"]} for k in grid[m]] for m in methods}
+    at = {m: next(p for p in curves[m] if p["steps"] == product_steps[m]) for m in methods}
+    enc = {m: float(np.mean(encode[m])) for m in methods}
+    fit_s = {m: at[m]["fit_s"] for m in methods}
+    total = {m: fit_s[m] + enc[m] for m in methods}
+    target = quality_target
+    if target is None:
+        target = min(max(p["heldout_accuracy"] for p in curves[m]) for m in methods)
+    reach = {}
+    for m in methods:
+        hit = next((p for p in curves[m] if p["heldout_accuracy"] >= target - 1e-9), None)
+        reach[m] = None if hit is None else {"steps": hit["steps"], "seconds": hit["seconds_with_encoding"],
+                                             "heldout_accuracy": hit["heldout_accuracy"]}
+    lora_reach = reach["lora_dpo"]
+    return {
+        "users": len(users), "user_ids": users, "train_pairs_per_user": n_pairs,
+        "heldout_pairs": sum(night.heldout.filter(pc.equal(night.heldout["user_id"], u)).num_rows for u in users),
+        "steps": product_steps, "lora_settings": {k: v for k, v in lora_base.items() if k != "method"},
+        "fit_seconds_per_user": fit_s, "cpu_seconds_per_user": {m: at[m]["cpu_s"] for m in methods},
+        "encode_seconds_per_user": enc, "seconds_per_user_with_encoding": total,
+        "users_per_hour_one_process": {m: 3600 / total[m] for m in methods},
+        "speedup_vs_lora_dpo": {m: total["lora_dpo"] / total[m] for m in MODES},
+        "speedup_vs_lora_dpo_fit_only": {m: fit_s["lora_dpo"] / fit_s[m] for m in MODES},
+        "speedup_vs_lora_dpo_cpu_fit_only": {m: at["lora_dpo"]["cpu_s"] / at[m]["cpu_s"] for m in MODES},
+        "heldout_accuracy": {m: at[m]["heldout_accuracy"] for m in methods},
+        "quality": {"target_heldout_accuracy": target,
+                    "target_rule": "given" if quality_target is not None else
+                    "highest held-out accuracy every method reaches on its grid (min over methods of its best)",
+                    "grid_factors": QUALITY_FACTORS, "curves": curves, "reached": reach,
+                    "speedup_vs_lora_dpo": {m: (lora_reach["seconds"] / reach[m]["seconds"]
+                                                if lora_reach and reach[m] else None) for m in MODES}},
+        "load_avg": _load(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ scale run
 def synthetic_cache(n_prompts: int, n_responses_per_prompt: int, Q: int, d: int, D: int, seed: int):
     """A LatentCache of the tiny CLaP's shapes with random features / posteriors (timing only)."""
-    from latentpref.tasks.train.personalize import LatentCache, text_key
+    from latentpref.tasks.policy.cache import LatentCache, text_key
     g = torch.Generator().manual_seed(seed)
     feats = torch.nn.functional.layer_norm(torch.randn(n_prompts, Q, d, generator=g), (d,))
     R = n_prompts * n_responses_per_prompt
@@ -301,7 +437,8 @@ def synthetic_cache(n_prompts: int, n_responses_per_prompt: int, Q: int, d: int,
 def _scale_jobs(root: str, n_users: int, users_per_task: int, steps: int, noise_draws: int | None, seed: int,
                 prefix: str = "s") -> list:
     """ChunkJobs of n_users synthetic users (64 pairs, 2 distinct responses of a random prompt each)."""
-    from latentpref.tasks.train.personalize import ChunkJob, table_to_ipc
+    from latentpref.tasks.data.ipc import table_to_ipc
+    from latentpref.tasks.train.personalize import ChunkJob
     rng = np.random.default_rng(seed)
     schema = pa.schema([("user_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
                         ("rejected", pa.string()), ("weight", pa.float32())])
@@ -421,17 +558,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-users", type=int, default=10000, help="0 skips the fan-out run")
     ap.add_argument("--scale-steps", type=int, default=20, help="fit steps per user in the fan-out run")
     ap.add_argument("--scale-probe-users", type=int, default=400, help="users of the probe that feeds the model")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: heldout,throughput,lora,scale")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: heldout,throughput,lora,scale,"
+                                               "product")
+    ap.add_argument("--preset", default="tiny", help="the preset whose night's settings are timed (pipelines/config.py)")
+    ap.add_argument("--product-users", type=int, default=3,
+                    help="real users of the world fitted alone at product settings and on the time-to-quality grid")
+    ap.add_argument("--quality-target", type=float, default=None,
+                    help="held-out accuracy for time-to-quality (default: the best level every method reaches)")
+    ap.add_argument("--carry", default=None, metavar="OLD_JSON",
+                    help="copy the sections skipped here from an earlier result (noted in `carried`)")
     args = ap.parse_args(argv)
+    global PRESET
+    PRESET = args.preset
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
 
-    from latentpref.pipelines.config import PersonalizeConfig
+    from latentpref.pipelines.config import load_config
     from latentpref.tasks.models.clap import load_clap, load_clap_tokenizer
-    from latentpref.tasks.train.fit_user import FitConfig
-    steps = {m: args.steps or PersonalizeConfig(mode=m).steps for m in MODES}   # the product's, per mode
-    if args.noise_draws == "default":    # as the product: PersonalizeConfig's per-mode default (faithful: fresh)
-        noise_draws = {m: PersonalizeConfig(mode=m).fit_noise_draws() for m in MODES}
+    night_cfg = load_config(PRESET)
+    pcfg = {m: product_config(m) for m in MODES}
+    steps = {m: args.steps or pcfg[m].steps for m in MODES}   # the product's, per mode
+    if args.noise_draws == "default":    # as the product: the preset's per-mode value (faithful: fresh)
+        noise_draws = {m: pcfg[m].fit_noise_draws() for m in MODES}
     else:
         noise_draws = dict.fromkeys(MODES, None if args.noise_draws == "none" else int(args.noise_draws))
     skip = set(filter(None, args.skip.split(",")))
@@ -451,8 +599,17 @@ def main(argv: list[str] | None = None) -> int:
         "world": {**asdict(world), "latent_dim": D, "n_query": Q, "d": d,
                   "trainable_params": {}, "artifact_bytes": {}},
         "settings": {"pairs_per_user": PAIRS_PER_USER, "steps": steps, "noise_draws": noise_draws,
-                     "lr": {m: mode_lr(m) for m in MODES}, "beta": PersonalizeConfig().beta, "n_samples": PersonalizeConfig().n_samples,
-                     "evidence_ratio": PersonalizeConfig().evidence_ratio, "loss_type": PersonalizeConfig().loss_type},
+                     "lr": {m: pcfg[m].lr for m in MODES}, "beta": pcfg["head-only"].beta,
+                     "n_samples": pcfg["head-only"].n_samples, "evidence_ratio": pcfg["head-only"].evidence_ratio,
+                     "loss_type": pcfg["head-only"].loss_type, "preset": PRESET,
+                     "product_settings": args.steps is None and args.noise_draws == "default",
+                     "source": f"pipelines/config.py load_config({PRESET!r}) with personalize.mode per mode "
+                               "(MODE_STEPS / MODE_LR / MODE_NOISE_DRAWS where the preset leaves them unset) and "
+                               "its evaluate.baseline_* for LoRA-DPO",
+                     "lora_dpo": {"steps": night_cfg.evaluate.baseline_steps,
+                                  "lr": night_cfg.evaluate.lr_by_method()["lora_dpo"],
+                                  "beta": night_cfg.evaluate.beta_by_method()["lora_dpo"],
+                                  "batch_size": night_cfg.evaluate.baseline_batch_size, "r": 8}},
         "notes": [],
     }
     from latentpref.tasks.train.fit_encoder import trainable_names
@@ -491,18 +648,33 @@ def main(argv: list[str] | None = None) -> int:
             f"seconds_per_user / speedup_vs_lora_dpo: the same 64 pairs per user, {args.epochs} passes over them for "
             f"every method (latent modes: {args.epochs} full-batch steps; LoRA-DPO r=8: {lora['lora_steps']} steps "
             "of 8 pairs); mean over users; cached user-independent inputs not timed (posteriors; reference log-probs).")
+    if "product" not in skip:
+        prod = product_and_quality(world, args.product_users, quality_target=args.quality_target)
+        result["product"] = prod
+        if "throughput_detail" in result:   # the batched figure with each user's own texts encoded too
+            per_pair = {m: prod["encode_seconds_per_user"][m] / np.mean(prod["train_pairs_per_user"]) for m in MODES}
+            result["users_per_hour_with_encoding"] = {
+                m: 3600 / (_per_slot(result["throughput_detail"][m]) / args.workers + per_pair[m] * PAIRS_PER_USER
+                           / args.workers) for m in MODES}
+        result["notes"].append(
+            f"product: {prod['users']} real users of the world (their own train pairs), each fitted alone by every "
+            "method at the preset's settings (settings.steps / settings.lr / settings.lora_dpo); seconds include "
+            "the user's own encoding (latent: CLaP cache of the user's pairs; LoRA-DPO: reference log-probs); "
+            "product.quality: time to the stated LM-based held-out accuracy on a grid of step counts. "
+            "users_per_hour_with_encoding: the batched throughput (throughput_detail, fit wall per worker slot) "
+            "plus each user's own encoding (product's encode seconds per pair x 64 pairs), on the same workers.")
     if "scale" not in skip and args.scale_users > 0:
         # the model's fit cost: probes at the scale run's steps just before and just after it (the box's load drifts)
         probes = [users_per_hour(world, cache_file, "head-only", args.scale_probe_users, args.workers,
                                  args.scale_steps, noise_draws, synthetic=(Q, d, D))]
         fit_s = probes[0]["wall_s"] * args.workers / probes[0]["users"]
-        run = scale_run(args.scale_users, args.workers, args.scale_steps, PersonalizeConfig().users_per_task,
+        run = scale_run(args.scale_users, args.workers, args.scale_steps, pcfg['head-only'].users_per_task,
                         fit_s, Q, d, D, noise_draws)
         probes.append(users_per_hour(world, cache_file, "head-only", args.scale_probe_users, args.workers,
                                      args.scale_steps, noise_draws, synthetic=(Q, d, D)))
         fit_after = probes[1]["wall_s"] * args.workers / probes[1]["users"]
-        tasks = [min(PersonalizeConfig().users_per_task, args.scale_users - s)
-                 for s in range(0, args.scale_users, PersonalizeConfig().users_per_task)]
+        tasks = [min(pcfg['head-only'].users_per_task, args.scale_users - s)
+                 for s in range(0, args.scale_users, pcfg['head-only'].users_per_task)]
         fixed = run["fixed_s"]["ray_start"] + run["fixed_s"]["worker_warmup"]
         nonfit = run["model_inputs"]["nonfit_s_per_user"]
         run["predicted_wall_s_probe_after"] = _predict(tasks, args.workers, fit_after + nonfit, fixed)
@@ -513,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         result["scale_run"] = run
         result["notes"].append(
             f"scale_run: {args.scale_users} simulated users through the real fan-out (ray.remote(fit_chunk), chunks of "
-            f"{PersonalizeConfig().users_per_task} users, artifacts to a local store) at {args.scale_steps} steps per "
+            f"{pcfg['head-only'].users_per_task} users, artifacts to a local store) at {args.scale_steps} steps per "
             "user (not 100: keeps the check to minutes on the shared box; fit cost is linear in steps), on synthetic "
             "cached features/posteriors of the tiny CLaP's shapes. predicted_wall_s = Ray start + worker warm-up "
             "(both measured in the run) + makespan of the chunk tasks on the workers, a user costing the fit wall "
@@ -521,6 +693,18 @@ def main(argv: list[str] | None = None) -> int:
             "(just before; another just after) + fit_chunk's non-fit per-user cost (steps=0). "
             "predicted_wall_s_idle_box uses the "
             "probes' CPU seconds instead of wall (what an unshared box would give).")
+    if args.carry:
+        old = json.loads(Path(args.carry).read_text())
+        sections = {"heldout": ("heldout_accuracy", "heldout_detail"), "throughput": ("users_per_hour", "throughput_detail"),
+                    "lora": ("seconds_per_user", "speedup_vs_lora_dpo", "lora_detail"), "scale": ("scale_run",)}
+        carried = [k for sec in skip for k in sections.get(sec, ()) if k in old and k not in result]
+        for k in carried:
+            result[k] = old[k]
+        result["carried"] = {"from": args.carry, "keys": carried,
+                             "from_machine": old.get("machine", {}), "from_settings": old.get("settings", {})}
+        if carried:
+            result["notes"].append(f"carried over unchanged from an earlier run ({args.carry}, its own settings in "
+                                   f"carried.from_settings): {', '.join(carried)}")
     result["machine"]["load_avg_at_end"] = _load()
     result["machine"]["total_seconds"] = time.perf_counter() - t_start
     Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True, default=str))

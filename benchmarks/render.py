@@ -165,6 +165,11 @@ def _per_user_slot_wall(detail: dict | None) -> float | None:
     return detail["wall_s"] * detail.get("workers", 1) / detail["users"]
 
 
+def _carried(p: dict, key: str) -> str:
+    """A label suffix for a section copied from an earlier run (`personalize.py --carry`)."""
+    return " (earlier run, its own settings)" if key in (get(p, "carried", "keys") or []) else ""
+
+
 def personalize_table(r: Results) -> str:
     p = r("personalize.json")
     world, tput = p.get("world", {}), p.get("throughput_detail", {})
@@ -187,18 +192,51 @@ def personalize_table(r: Results) -> str:
         row("steps / lr / noise draws (product settings)", lambda m: "" if m == "lora_dpo" else
             f"{num(get(p, 'settings', 'steps', m))} / {get(p, 'settings', 'lr', m)} / "
             f"{get(p, 'settings', 'noise_draws', m) or 'fresh'}"),
-        row("users/hour, 2 cores, wall", lambda m: "" if m == "lora_dpo" else
-            num(get(p, "users_per_hour", m), 0) + target(m, "head-only", "target ≥ 100,000")),
-        row("CPU s per user (product steps)", lambda m: "" if m == "lora_dpo" else
+        row("users/hour, 2 cores, wall" + _carried(p, "throughput_detail"), lambda m: "" if m == "lora_dpo" else
+            num(get(p, "users_per_hour", m), 0) + target(m, "head-only", "target ≥ 100,000")
+            + (f" ({num(get(tput, m, 'steps'))} steps)" if _carried(p, "throughput_detail") else "")),
+        row("CPU s per user (product steps)" + _carried(p, "throughput_detail"), lambda m: "" if m == "lora_dpo" else
             sig(get(tput, m, "cpu_s_per_user"))),
-        row(f"s per user, same {num(get(p, 'settings', 'pairs_per_user'))} pairs, {num(passes)} passes",
+        row(f"s per user, same {num(get(p, 'settings', 'pairs_per_user'))} pairs, {num(passes)} passes"
+            + _carried(p, "lora_detail"),
             lambda m: sig(get(p, "seconds_per_user", m))),
         row("speedup vs LoRA-DPO (same passes)", lambda m: "1x" if m == "lora_dpo" else
             times(get(p, "speedup_vs_lora_dpo", m)) + target(m, "faithful", "target ≥ 10x")),
-        row(f"held-out accuracy ({num(held.get('users'))} users, {num(held.get('heldout_pairs'))} pairs; prior "
-            f"{num(get(p, 'heldout_accuracy', 'prior'), 2)})",
+        row(f"latent-space held-out accuracy ({num(held.get('users'))} users, {num(held.get('heldout_pairs'))} pairs; "
+            f"prior {num(get(p, 'heldout_accuracy', 'prior'), 2)})" + _carried(p, "heldout_detail"),
             lambda m: "" if m == "lora_dpo" else num(get(p, "heldout_accuracy", m), 3)),
     ]
+    prod = p.get("product")
+    if prod:   # issue #15 item 1: one user alone at the night's settings, its own encoding counted
+        q = prod.get("quality", {})
+        lora_s = get(p, "settings", "lora_dpo") or {}
+
+        def reached(m: str) -> str:
+            hit = get(q, "reached", m)
+            return f"{sig(hit['seconds'])} ({num(hit['steps'])} steps)" if hit else "not reached"
+
+        rows[2] = row("steps / lr / noise draws (product settings)", lambda m:
+                      f"{num(lora_s.get('steps'))} steps of {num(lora_s.get('batch_size'))} pairs / {lora_s.get('lr')}"
+                      if m == "lora_dpo" else f"{num(get(p, 'settings', 'steps', m))} / {get(p, 'settings', 'lr', m)} / "
+                      f"{get(p, 'settings', 'noise_draws', m) or 'fresh'}")
+        rows += [
+            row(f"s per user alone, product settings, {num(prod.get('users'))} real users (fit + own encoding)",
+                lambda m: sig(get(prod, "seconds_per_user_with_encoding", m))),
+            row("of which the user's own encoding (latent: CLaP cache; LoRA: reference log-probs)",
+                lambda m: sig(get(prod, "encode_seconds_per_user", m))),
+            row("speedup vs LoRA-DPO at product settings (wall, with encoding)", lambda m: "1x" if m == "lora_dpo"
+                else times(get(prod, "speedup_vs_lora_dpo", m))),
+            row("speedup vs LoRA-DPO at product settings (CPU s, fit only)", lambda m: "1x" if m == "lora_dpo"
+                else times(get(prod, "speedup_vs_lora_dpo_cpu_fit_only", m))),
+            row(f"held-out accuracy through the LM, product settings ({num(prod.get('heldout_pairs'))} pairs)",
+                lambda m: num(get(prod, "heldout_accuracy", m), 3)),
+            row(f"s per user to LM held-out accuracy ≥ {num(q.get('target_heldout_accuracy'), 3)}", reached),
+            row("speedup vs LoRA-DPO at equal quality", lambda m: "1x" if m == "lora_dpo"
+                else times(get(q, "speedup_vs_lora_dpo", m))),
+        ]
+        if p.get("users_per_hour_with_encoding"):   # measured only with the throughput section in the same run
+            rows.insert(-3, row("users/hour, 2 cores, batched fit + own encoding", lambda m: "" if m == "lora_dpo"
+                                else num(get(p, "users_per_hour_with_encoding", m), 0)))
     header = ["", *MODES, "LoRA-DPO (r = 8)"]
     return table(header, rows) + "\n\n" + source("personalize.json")
 
@@ -516,13 +554,27 @@ def fewshot_table(r: Results) -> str:
     n_pairs = f.get("n_pairs", [])
     rows = []
     for method, curves in f.get("methods", {}).items():
+        label = method + (f" ({curves['mode']})" if curves.get("mode") else "") + \
+            (f", {curves['users']} users" if curves.get("users") else "")
         for metric in ("heldout_accuracy", "win_rate_vs_prior", "seconds_per_user"):
-            values = curves.get(metric)
-            if values is not None:
-                rows.append([method, metric.replace("_", " "),
-                             *(_point(values[i]) if i < len(values) else NA for i in range(len(n_pairs)))])
+            values, cis = curves.get(metric), curves.get(f"{metric}_ci") or []
+            if values is None:
+                continue
+            cells = []
+            for i in range(len(n_pairs)):
+                v = values[i] if i < len(values) else None
+                lo_hi = cis[i] if i < len(cis) else None
+                digits = 3 if metric == "seconds_per_user" else 2
+                cells.append(NA if v is None else ci(v, lo_hi, digits) if lo_hi and lo_hi[0] is not None
+                             else _point(v))
+            rows.append([label, metric.replace("_", " "), *cells])
+    m = f.get("machine", {})
+    note = (f"Preset `{f.get('preset', NA)}`" + (f", overrides {', '.join(f['overrides'])}" if f.get("overrides") else "")
+            + f"; N capped at what each user has (`n_pairs_used`); means over users with 95% bootstrap intervals; "
+            f"{num(m.get('total_seconds'), 0)} s on {num(m.get('cpus'))} CPUs, load average "
+            f"{load(m.get('load_avg_at_start'))} at the start. " + " ".join(f.get("notes", [])))
     return table(["method", "measure", *(f"N = {n}" for n in n_pairs)], rows, "ll" + "r" * len(n_pairs)) + \
-        "\n\n" + source("fewshot.json")
+        "\n\n" + note.strip() + " " + source("fewshot.json")
 
 
 # ------------------------------------------------------------------------------------------------ README headline
@@ -537,6 +589,20 @@ def readme_headline(r: Results) -> str:
 
     def personalize() -> str:
         p = r("personalize.json")
+        prod = p.get("product")
+        if prod:
+            eq = get(prod, "quality", "speedup_vs_lora_dpo") or {}
+            uph = (f"{num(get(p, 'users_per_hour_with_encoding', 'head-only'), 0)} users/hour on "
+                   f"{num(get(p, 'machine', 'cpus'))} CPU cores (batched, own encoding counted)"
+                   if p.get("users_per_hour_with_encoding") else
+                   f"{num(get(p, 'users_per_hour', 'head-only'), 0)} users/hour on {num(get(p, 'machine', 'cpus'))} "
+                   f"CPU cores (batched fit only{_carried(p, 'throughput_detail')})")
+            return (f"head-only {uph}; one user alone at "
+                    f"the {get(p, 'settings', 'preset')} preset's settings, faithful latent DPO "
+                    f"{times(get(prod, 'speedup_vs_lora_dpo', 'faithful'))} and head-only "
+                    f"{times(get(prod, 'speedup_vs_lora_dpo', 'head-only'))} cheaper than LoRA-DPO; at equal LM "
+                    f"held-out accuracy ({num(get(prod, 'quality', 'target_heldout_accuracy'), 3)}) faithful "
+                    f"{times(eq.get('faithful'))}, head-only {times(eq.get('head-only'))}")
         return (f"head-only {num(get(p, 'users_per_hour', 'head-only'), 0)} users/hour on "
                 f"{num(get(p, 'machine', 'cpus'))} CPU cores; per user on the same pairs and passes, faithful latent "
                 f"DPO {times(get(p, 'speedup_vs_lora_dpo', 'faithful'))} and head-only "

@@ -21,7 +21,7 @@ import pyarrow as pa
 from latentpref.dashboards.report import _CHECK_SCRIPT, _STYLE, _esc, _missing, _pyplot, _save, _section
 
 SECTIONS = ("nights", "quality", "stage-times", "user-outcomes", "drift")
-STAGES = ("prepare", "pretrain", "personalize", "evaluate", "report")
+from latentpref.pipelines.config import STAGES  # noqa: E402
 OUTCOMES = (("fitted", "#4c78a8"), ("unchanged", "#9ecae9"), ("cold_start", "#bbbbbb"))
 TOP_CHANGED = 10
 

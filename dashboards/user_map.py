@@ -36,7 +36,7 @@ def mean_user_latents(weight: torch.Tensor, bias: torch.Tensor, features: torch.
     Returns:
         (U, D) float32.
     """
-    from latentpref.tasks.train.fit_user import predict_latent
+    from latentpref.tasks.models.policy import predict_latent
     if weight.shape[0] == 0:
         return torch.zeros(0, features.shape[1] * weight.shape[-1] // 2)
     mu = predict_latent(weight.float(), bias.float(), features.float())   # (U, N, D): features broadcast

@@ -225,7 +225,7 @@ def _evaluation_runs(cfg, store, user_id: str) -> list[dict]:
 
 def _lineage(args) -> int:
     from latentpref.pipelines.runtime import open_store
-    from latentpref.tasks.train.personalize import current_fit
+    from latentpref.tasks.policy.store import current_fit
     cfg = _load(args)
     store = open_store(cfg.runtime)
     fit = current_fit(store, args.user_id)

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from latentpref.tasks.defaults import BASELINE_DEFAULTS, MODE_LR, MODE_NOISE_DRAWS, MODE_STEPS  # noqa: F401
+from latentpref.tasks.policy.settings import FitSettings
+
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+# the night's stages, in order (`nightly(until=...)`, the report, `latentpref runs`, the nights dashboard)
+Stage = Literal["prepare", "pretrain", "personalize", "evaluate", "report"]
+STAGES: tuple[str, ...] = get_args(Stage)
 
 
 class _Section(BaseModel):
@@ -89,6 +96,14 @@ class PretrainConfig(_Section):
     # adapter init (CLaPConfig.prefix_init): auto = "anchor" for pretrained bases (CLaP starts at the base LM's
     # NLL), "random" (the spec's) for the random tiny bases
     prefix_init: Literal["auto", "random", "anchor"] = "auto"
+    # "anchor" only: init std of the adapter's z-dependent output layer. 0.005 on SmolLM2: a random z costs
+    # +0.06 nats/token at init and two random z differ by 0.24 nats/token (0.02: +5.8, the z-part swamps the anchor)
+    anchor_scale: float = Field(0.005, gt=0)
+    # standardise the posterior encoder's features with statistics of real (x, y) rows before training
+    # (CLaPConfig.feature_norm); None = auto: on for pretrained bases (same rule as prefix_init auto)
+    feature_norm: bool | None = None
+    # learning rate of the latent adapter (None = lr): anchored prefixes need a smaller one than the encoder
+    adapter_lr: Annotated[float, Field(gt=0)] | None = None
     use_gpu: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_to_str)] = "auto"  # auto: GPUs if the cluster has them
     checkpoint_every: int = 20
     max_failures: int = 2
@@ -107,15 +122,7 @@ class PretrainConfig(_Section):
     lpc_gamma: float = 0.0                    # SimPO target margin
 
 
-# personalize defaults per mode, used where `lr` / `noise_draws` are not set: head-only heads start at zero and move
-# fast at 1e-2; faithful = the spec's train_lpo lr 1e-4 (latent-dpo.md §4.1.8) and fresh latent samples every step
-# (the reference estimator); trunk-frozen in between (no reference value). benchmarks/README.md: held-out accuracy.
-MODE_LR = {"head-only": 1e-2, "trunk-frozen": 1e-3, "faithful": 1e-4}
-MODE_NOISE_DRAWS: dict[str, int | Literal["fresh"]] = {"head-only": 4, "trunk-frozen": 4, "faithful": "fresh"}
-# head-only held-out accuracy is flat in the step count (benchmarks/README.md: 10 steps 0.579, 25: 0.572, 50:
-# 0.591-0.597, 100: 0.594, 200: 0.604; standard error ~0.04) while its cost is linear in steps: 50 halves the
-# nightly cost for nothing measurable. The encoder modes keep 100 (not measured below that).
-MODE_STEPS = {"head-only": 50, "trunk-frozen": 100, "faithful": 100}
+# personalize defaults per mode (steps / lr / noise_draws where unset): tasks/defaults.py, the one table
 
 
 class PersonalizeConfig(_Section):
@@ -162,6 +169,12 @@ class PersonalizeConfig(_Section):
         """`FitConfig.noise_draws`: None = fresh samples every step."""
         return None if self.noise_draws == "fresh" else self.noise_draws
 
+    def fit_settings(self) -> FitSettings:
+        """The per-user fit's settings, as personalize fits them and evaluate times them (one payload)."""
+        return FitSettings(steps=self.steps, lr=self.lr, beta=self.beta, n_samples=self.n_samples,
+                           evidence_ratio=self.evidence_ratio, loss_type=self.loss_type, seed=self.seed,
+                           noise_draws=self.fit_noise_draws(), code_evidence_ratio=self.code_evidence_ratio)
+
 
 class EvaluateConfig(_Section):
     """evaluate: personalised generation scored by each user's hidden reward, against baselines."""
@@ -189,8 +202,7 @@ class EvaluateConfig(_Section):
     seed: int = 0
 
     def _per_method(self, value: float | dict | None, key: str) -> dict[str, float]:
-        from latentpref.tasks.evaluate.baselines import SPEC_DEFAULTS
-        out = {m: float(SPEC_DEFAULTS[m][key]) for m in SPEC_DEFAULTS}
+        out = {m: float(BASELINE_DEFAULTS[m][key]) for m in BASELINE_DEFAULTS}
         if isinstance(value, dict):
             out.update({m: float(v) for m, v in value.items()})
         elif value is not None:

@@ -101,7 +101,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
 
     from latentpref.tasks.evaluate.chunk import EvalChunkJob, evaluate_chunk, table_from_ipc, table_to_ipc
     from latentpref.tasks.evaluate.evaluate import EvalSettings, summarise
-    from latentpref.tasks.train.personalize import load_user_policy
+    from latentpref.tasks.policy.store import load_user_policy
     from tqdm.auto import tqdm
     logger = get_run_logger()
     with mlflow.start_run(run_name="evaluate", parent_run_id=parent_run_id, nested=True) as stage_run:
@@ -132,8 +132,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
             prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
             baselines=tuple(cfg.baselines), baseline_steps=cfg.baseline_steps, baseline_lr=cfg.lr_by_method(),
             baseline_beta=cfg.beta_by_method(), baseline_batch_size=cfg.baseline_batch_size,
-            latent_fit={"steps": pcfg.steps, "lr": pcfg.lr, "beta": pcfg.beta, "n_samples": pcfg.n_samples,
-                        "evidence_ratio": pcfg.evidence_ratio, "loss_type": pcfg.loss_type, "seed": pcfg.seed},
+            latent_fit=pcfg.fit_settings(),
             seed=cfg.seed, oracle_k=cfg.oracle_k, ptuning_prefix=prefix)
 
         # fan-out: baselines are a full DPO run through the LM per user, by far the costliest part of the night,

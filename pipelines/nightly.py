@@ -5,12 +5,11 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 from prefect import flow, get_run_logger
 
 from latentpref.pipelines import console, runs, tracking
-from latentpref.pipelines.config import NightlyConfig
+from latentpref.pipelines.config import STAGES, NightlyConfig, Stage
 from latentpref.pipelines.evaluate import evaluate_stage
 from latentpref.pipelines.memory import MemoryWatch
 from latentpref.pipelines.personalize import personalize_stage
@@ -21,8 +20,6 @@ from latentpref.pipelines.runtime import apply_precision, mlflow_uris, open_stor
 from latentpref.tasks.data.locks import store_lock
 
 log = logging.getLogger(__name__)
-Stage = Literal["prepare", "pretrain", "personalize", "evaluate", "report"]
-STAGES: tuple[str, ...] = ("prepare", "pretrain", "personalize", "evaluate", "report")
 
 
 @dataclass
@@ -87,7 +84,7 @@ def _stage_line(name: str, result, report: NightlyReport) -> str:
 
 
 @flow(name="nightly", log_prints=False)
-def nightly(cfg: NightlyConfig, until: Stage = "report", fault: dict | None = None) -> NightlyReport:
+def nightly(cfg: NightlyConfig, until: Stage = "report") -> NightlyReport:
     """Run the chain up to and including `until`. Finished stages are skipped by content digest.
 
     Raises:
@@ -140,8 +137,7 @@ def nightly(cfg: NightlyConfig, until: Stage = "report", fault: dict | None = No
                                      "pairs_digest": data.pairs.digest})
                     _say(screen, "prepare", s, data, report)
                     if stop >= 1:
-                        clap, s = stage("pretrain", pretrain_stage, cfg.pretrain, cfg.data, data, store, run_id,
-                                        fault=(fault or {}).get("pretrain"))
+                        clap, s = stage("pretrain", pretrain_stage, cfg.pretrain, cfg.data, data, store, run_id)
                         report.clap_version = clap.version
                         mlflow.set_tag("clap_version", clap.version)
                         _say(screen, "pretrain", s, clap, report)

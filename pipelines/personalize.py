@@ -55,7 +55,7 @@ def _ensure_cache(store: Store, clap: ClapArtifact, data: DataArtifacts, pairs: 
                   extra_prompts: list[str], data_cfg: DataConfig, logger) -> tuple[str, ...]:
     from latentpref.tasks.models.clap import load_clap
     from latentpref.tasks.models.registry import load_tokenizer
-    from latentpref.tasks.train.personalize import CACHE_FORMAT, build_latent_cache
+    from latentpref.tasks.policy.cache import CACHE_FORMAT, build_latent_cache
     # the cache format is part of the digest: a cache written by older code (no prompt tokens) is not reused
     texts_digest = json_digest([table_digest(pairs.select(["prompt", "chosen", "rejected"])),
                                 sorted(set(extra_prompts)), CACHE_FORMAT])
@@ -86,7 +86,8 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
     import ray
     from tqdm.auto import tqdm
 
-    from latentpref.tasks.train.personalize import ChunkJob, fit_chunk, table_to_ipc
+    from latentpref.tasks.data.ipc import table_to_ipc
+    from latentpref.tasks.train.personalize import ChunkJob, fit_chunk
     logger = get_run_logger()
     t0 = time.perf_counter()
     with mlflow.start_run(run_name="personalize", parent_run_id=parent_run_id, nested=True):
@@ -110,11 +111,7 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         prompts_tbl = store.read_table(*data.prompts.path)
         cache_path = _ensure_cache(store, clap, data, pairs, prompts_tbl["prompt"].to_pylist(), data_cfg, logger)
 
-        # loss_type reaches every mode through FitConfig (head-only: fit_users; encoder modes: fit_encoder_users)
-        fit = {"steps": cfg.steps, "lr": cfg.lr, "beta": cfg.beta, "n_samples": cfg.n_samples,
-               "evidence_ratio": cfg.evidence_ratio, "loss_type": cfg.loss_type, "seed": cfg.seed,
-               "noise_draws": cfg.fit_noise_draws(),   # lr / noise_draws: the mode's defaults unless set
-               "code_evidence_ratio": cfg.code_evidence_ratio}
+        fit = cfg.fit_settings()   # the same payload the evaluation times its refit with
         remote_fit = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(fit_chunk)
 
         def jobs():

@@ -51,7 +51,8 @@ def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts)
     exclude = {"num_workers", "use_gpu", "checkpoint_every", "max_failures", "threads_per_worker"}
     if cfg.latent_type == "gaussian":
         exclude |= DISCRETE_FIELDS
-    inputs = {"pretrain": cfg.model_dump(exclude=exclude), "base": data.base_model_version,
+    from latentpref.tasks.models.clap import ADAPTER_LAYOUT
+    inputs = {"pretrain": cfg.model_dump(exclude=exclude), "base": data.base_model_version, "layout": ADAPTER_LAYOUT,
               "prompts": data.prompts.digest, "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
               "rt": data_cfg.response_tokens,
               # bf16 and fp32 training give different weights: the precision is part of what a CLaP is
@@ -130,9 +131,14 @@ def _use_gpu(setting: str) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+# test-only fault injection, never set in production: extra PretrainJob fields (e.g. {"fail_at_step": 3}) that a
+# test sets with monkeypatch.setitem(pipelines.pretrain.TEST_FAULT, ...), instead of a parameter of the flow
+TEST_FAULT: dict = {}
+
+
 @task(name="pretrain", cache_policy=NO_CACHE)
 def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts, store: Store,
-                   parent_run_id: str, fault: dict | None = None) -> ClapArtifact:
+                   parent_run_id: str) -> ClapArtifact:
     import mlflow
 
     from latentpref.tasks.train.pretrain import CODE_USAGE_FILE, PretrainJob, run_pretrain
@@ -166,13 +172,15 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                           prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
                           pairs_path=list(data.pairs.path) if _uses_pairs(cfg) else None,
                           prefix_init=_prefix_init(cfg, data_cfg),
+                          feature_norm=(_prefix_init(cfg, data_cfg) == "anchor" if cfg.feature_norm is None
+                                        else cfg.feature_norm),
                           threads_per_worker=cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers),
-                          **cfg.model_dump(include={"latent_dim", "n_query", "n_prefix", "encoder_layers",
+                          **cfg.model_dump(include={"latent_dim", "n_query", "n_prefix", "encoder_layers", "anchor_scale", "adapter_lr",
                                                     "stage1_steps", "stage2_steps", "prompts_per_batch",
                                                     "responses_per_prompt", "lr", "kl_samples", "kl_weight",
                                                     "contrastive_weight", "max_grad_norm", "checkpoint_every", "seed",
                                                     *DISCRETE_FIELDS}),
-                          **(fault or {}))
+                          **TEST_FAULT)
         logger.info("pretrain: CLaP %s on Ray Train, %d workers, gpu=%s, %d+%d steps", version, cfg.num_workers,
                     use_gpu, cfg.stage1_steps, cfg.stage2_steps)
         result = run_pretrain(job, storage_path=store.url("ray_train"), name=f"clap-{version}",

@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from latentpref.pipelines import config
 from latentpref.tasks.data.store import MANIFEST, Store
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "pretrain", "personalize", "evaluate")
+STAGES = tuple(s for s in config.STAGES if s != "report")   # the stages with an MLflow run of their own
 _HISTORY_KEYS = ("loss", "nll_per_token", "kl", "contrastive", "active_units", "stage")
 MAP_PROMPTS = 16          # fixed prompts (first of the test split) each user's mean latent is taken over
 MAP_MAX_USERS = 2000      # a bigger population is subsampled (deterministically) for the map
@@ -202,7 +203,7 @@ def prompt_features(store: Store, clap_version: str, prompts: list[str], model: 
     cache when it holds them all, else computed with the CLaP encoder."""
     import torch
 
-    from latentpref.tasks.train.personalize import LatentCache, text_key
+    from latentpref.tasks.policy.cache import LatentCache, text_key
     keys = [text_key(p) for p in prompts]
     for name in reversed(store.listdir("cache", clap_version)):
         if not name.startswith("latents-"):
@@ -217,14 +218,10 @@ def prompt_features(store: Store, clap_version: str, prompts: list[str], model: 
 
 def _policy_of_run(store: Store, record: dict[str, Any], clap_version: str):
     """The user's policy in the exact version the night recorded (else their current one, same CLaP only)."""
-    from safetensors.torch import load as st_load
-
-    from latentpref.tasks.train.personalize import HEAD_FILE, UserPolicy, load_user_policy, user_folder
-    folder = (*user_folder(record["user_id"]), record["version"])
-    if store.exists(*folder, "manifest.json"):
-        manifest = store.read_json(*folder, "manifest.json")
-        tensors = st_load(store.read_bytes(*folder, manifest.get("artifact", HEAD_FILE)))
-        return UserPolicy(manifest.get("mode", "head-only"), tensors, manifest)
+    from latentpref.tasks.policy.store import load_user_policy
+    policy = load_user_policy(store, record["user_id"], version=record["version"])
+    if policy is not None:
+        return policy
     policy = load_user_policy(store, record["user_id"])   # that version was pruned
     if policy is None or policy.manifest.get("clap_version") != clap_version:
         return None
@@ -261,7 +258,7 @@ def user_map(store: Store, clap_version: str, records: pa.Table, users: pa.Table
     for i, (_, policy) in enumerate(found):
         # trunk-frozen / faithful: the user's own encoder pass; discrete codes too (a cold start's delta = 0 is the
         # population prior p(k|x), whose expected code is not 0)
-        if z[i] is None and (not policy.cold_start or policy.mode == "codes"):
+        if z[i] is None and (not policy.cold_start or policy.discrete):
             clap, ids, mask = model.get()
             z[i] = policy.latent(clap.encoder, ids, mask)[0].float().mean(0)
     D = next((t.numel() for t in z if t is not None), 1)

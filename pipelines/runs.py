@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-STAGES = ("prepare", "pretrain", "personalize", "evaluate", "report")
+from latentpref.pipelines.config import STAGES
 # methods that are not a per-user baseline fitted on the user's pairs (references / the unpersonalised prior)
 NOT_BASELINES = {"latent_dpo", "base_lm", "clap_prior"}
 FALLBACK_METRIC = "win_rate"

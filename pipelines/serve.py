@@ -4,7 +4,9 @@
     GET  /v1/models        the served model id, CLaP version and release
     GET  /health           liveness + what is served (no token needed: for probes)
 
-Requests of different users are batched by `serve.batch` into one decode (`OnlineGenerator.complete`). Each
+Requests of different users are batched into one decode (`OnlineGenerator.complete`) by
+`tasks/evaluate/batcher.ModelBatcher`, which forms a batch when the model is free (every request queued meanwhile;
+`serve.batch` forms the next batch while the current one runs, a few requests wide under load). Each
 replica watches `serving/current.json`; a new release is loaded beside the old one and swapped in with one
 reference assignment: every batch reads the reference once, so in-flight requests finish on the old release
 and no batch mixes two. Config-file deployments (infra/serve/) use `app_builder`.
@@ -46,7 +48,8 @@ class ServeOptions(BaseModel):
     model_name: str = "latentpref"
     num_replicas: int = 1
     cpus_per_replica: float = 1.0      # also the replica's torch threads
-    max_batch_size: int = 32           # rows of one decode; Serve waits at most batch_wait_timeout_s to fill it
+    max_batch_size: int = 32           # rows of one decode: a free model takes every queued request up to this,
+    #                                    an idle one waits at most batch_wait_timeout_s to fill a batch
     batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int = 128    # per replica: must exceed max_batch_size or batches never fill
     cache_users: int = 1024            # user policies held per replica (LRU)
@@ -56,6 +59,8 @@ class ServeOptions(BaseModel):
     max_tokens_cap: int = 64
     default_max_tokens: int = 16
     token_file: str | None = None      # bearer token file; $LATENTPREF_SERVE_TOKEN wins; neither = no auth
+    onednn_cache: int = 128            # oneDNN kernels a replica keeps (one per bf16 matmul shape; oneDNN's
+    #                                    default 1024 lets RSS grow ~200 MB with the shapes seen: evaluate/memory.py)
 
     def limits(self) -> ServeLimits:
         return ServeLimits(max_prompt_chars=self.max_prompt_chars, max_tokens_cap=self.max_tokens_cap,
@@ -88,8 +93,9 @@ class Completions:
         self.state = self._load(current_release(self.store))
         self.reloads = 0
         self.served = 0
-        self._complete.set_max_batch_size(self.opts.max_batch_size)
-        self._complete.set_batch_wait_timeout_s(self.opts.batch_wait_timeout_s)
+        from latentpref.tasks.evaluate.batcher import ModelBatcher
+        self.batcher = ModelBatcher(self._complete_batch, max_batch_size=self.opts.max_batch_size,
+                                    wait_s=self.opts.batch_wait_timeout_s)
         self._stop = threading.Event()
         threading.Thread(target=self._watch_releases, name="release-watcher", daemon=True).start()
 
@@ -108,7 +114,9 @@ class Completions:
         return state
 
     def _watch_releases(self) -> None:
+        from latentpref.tasks.evaluate.memory import trim_memory
         while not self._stop.wait(self.opts.reload_interval_s):
+            trim_memory()      # freed batch tensors and replaced releases back to the OS: RSS stays flat
             try:
                 release = current_release(self.store)
                 if release.release_id != self.state.release.release_id:
@@ -122,10 +130,9 @@ class Completions:
     def __del__(self):
         self._stop.set()
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _complete(self, requests: list[CompletionRequest]):
+    def _complete_batch(self, requests: list[CompletionRequest]):   # runs in the batcher's worker thread
         state = self.state               # read once: the whole batch is served by one release
-        results = await asyncio.to_thread(state.complete, requests)
+        results = state.complete(requests)
         self.served += len(requests)
         return [(state, r) for r in results]
 
@@ -144,7 +151,9 @@ class Completions:
                                            self.limits, model=self.opts.model_name)
         except BadRequest as err:
             return self._refuse(err)
-        state, c = await self._complete(req)
+        if req.user is not None:   # load the user's policy into the LRU here, concurrently, not in the model's
+            await asyncio.to_thread(self.state.served_user, req.user)   # thread between two decodes
+        state, c = await self.batcher.submit(req)
         release = state.release
         return {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -172,7 +181,9 @@ class Completions:
     async def health(self):
         state = self.state
         return {"status": "ok", "release": state.release.release_id, "clap_version": state.release.clap_version,
-                "reloads": self.reloads, "served": self.served, "cached_users": len(state.users),
+                "reloads": self.reloads, "served": self.served, "batches": self.batcher.batches,
+                "mean_batch_size": round(self.batcher.items / max(self.batcher.batches, 1), 2),
+                "cached_users": len(state.users),
                 "cache_capacity": state.users.capacity, "pid": os.getpid(), "rss_mb": round(_rss_mb(), 1)}
 
 
@@ -180,7 +191,8 @@ def build_app(options: ServeOptions):
     """The Serve application (bind the deployment with its options)."""
     return Completions.options(
         num_replicas=options.num_replicas, max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.cpus_per_replica},
+        ray_actor_options={"num_cpus": options.cpus_per_replica, "runtime_env": {"env_vars": {
+            "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(options.onednn_cache)}}},   # read when the replica starts
     ).bind(options.model_dump())
 
 

@@ -34,9 +34,12 @@ __all__ = [
     "categorical_latent_dpo_loss",
     "contrastive_loss",
     "dg_kld",
+    "evidence_mask",
     "latent_dpo_loss",
     "latent_dpo_pair_terms",
+    "link_scale",
     "preference_loss",
+    "preference_loss_grad",
     "sequence_dpo_loss",
 ]
 
@@ -77,6 +80,58 @@ def preference_loss(chosen: Tensor, rejected: Tensor, *, loss_type: LossType, be
     if loss_type == "ipo":
         return (margin - 1 / (2 * beta)) ** 2            # IPO (arXiv 2310.12036) Eq. 17, tau = beta
     return -F.logsigmoid(beta * margin - gamma)          # SimPO (arXiv 2405.14734) Eq. 6; LPC Eq. 12
+
+
+def link_scale(loss_type: LossType, beta: float) -> float:
+    """The factor of the margin inside `preference_loss`'s link: beta for DPO / SimPO, 1 for IPO (whose beta only
+    sets the target margin 1/(2 beta)). A caller that folds it into its scores can use `preference_loss_grad`."""
+    return 1.0 if loss_type == "ipo" else beta
+
+
+def preference_loss_grad(scaled_margin: Tensor, *, loss_type: LossType, beta: float,
+                         gamma: float = 0.0) -> tuple[Tensor, Tensor]:
+    """`preference_loss` and its closed-form derivative, as functions of s = link_scale(loss_type, beta) * margin.
+
+    For callers that compute gradients by hand (the head-only fit, tasks/train/fit_user.py, has no autograd graph):
+        dpo:   l(s) = -log sigma(s)          = softplus(-s),          dl/ds = -sigma(-s)
+        simpo: l(s) = -log sigma(s - gamma)  = softplus(gamma - s),   dl/ds = -sigma(gamma - s)
+        ipo:   l(s) = (s - 1/(2 beta))^2,                              dl/ds = 2 (s - 1/(2 beta))
+    l(s) equals preference_loss(margin, 0) (softplus is the same function as -logsigmoid of the negation; tested
+    against autograd in tests/unit/test_objectives.py).
+
+    Args:
+        scaled_margin: any shape, s = link_scale * (chosen - rejected).
+        loss_type, beta, gamma: see `preference_loss`.
+    Returns:
+        (loss, dloss/ds), both of the input's shape.
+    """
+    if loss_type == "ipo":                                   # IPO (arXiv 2310.12036) Eq. 17
+        y = scaled_margin - 1.0 / (2.0 * beta)
+        return y * y, 2.0 * y
+    x = gamma - scaled_margin if loss_type == "simpo" else -scaled_margin   # SimPO Eq. 6 / DPO Eq. 7
+    return F.softplus(x), -torch.sigmoid(x)
+
+
+def evidence_mask(r: Tensor, evidence_ratio: float) -> tuple[Tensor, Tensor]:
+    """The evidence mask of latent DPO (spec latent-dpo.md §3.6; lpc.md §6.3 for codes) over K latent samples / codes.
+
+    C_ij = r_i - r_j is antisymmetric, so its strict upper triangle (i < j) determines everything: entry (i, j)
+    with C_ij > 0 is the ordered pair (i wins), C_ij < 0 the ordered pair (j wins), C_ij = 0 a tie. tau is the
+    per-row (1 - rho/2) quantile of the K (K - 1) OFF-diagonal entries (the reference also counts the K zero
+    diagonal entries, spec §9.11, which pulls tau down when many entries tie at zero).
+
+    Args:
+        r: (N, K) latent rewards in [0, 1] (no grad).
+        evidence_ratio: rho in (0, 1]; 1 keeps every positive gap.
+    Returns:
+        (c, keep): (N, K (K - 1) / 2) the upper-triangle differences and the bool mask of kept entries.
+    """
+    c = _pairwise_differences(r)
+    gap = c.abs()
+    tau = _antisymmetric_quantile(gap, 1.0 - evidence_ratio / 2.0).unsqueeze(-1)             # (N, 1)
+    # Departure from the reference mask [C_ij >= tau]: we also require C_ij > 0, so tied samples (e.g. both
+    # r = 1.0 after sigmoid saturation, which makes tau = 0 common) never count as "wins" (spec §9.11).
+    return c, (gap >= tau) & (gap > 0)
 
 
 class SequenceDPOOutput(NamedTuple):
@@ -296,16 +351,7 @@ def _evidence_pair_terms(R: Tensor, r: Tensor, *, evidence_ratio: float, beta: f
     N, K = R.shape
     if K < 2:
         raise ValueError(f"need >= 2 latent samples/codes per pair to form sample pairs; got K={K}")
-    # C_ij = r_i - r_j is antisymmetric, so the strict upper triangle determines everything: entry (i, j)
-    # with C_ij > 0 is the ordered pair (i wins), C_ij < 0 is the ordered pair (j wins), C_ij = 0 a tie.
-    c = _pairwise_differences(r.detach().to(R.dtype))                                         # (N, M)
-    # per-pair tau at the (1 - rho/2) quantile of the K(K-1) OFF-diagonal C entries; the reference also counts
-    # the K zero diagonal entries (spec §9.11), which pulls tau down when many entries tie at zero
-    gap = c.abs()
-    tau = _antisymmetric_quantile(gap, 1.0 - evidence_ratio / 2.0).unsqueeze(-1)             # (N, 1)
-    # Departure from the reference mask [C_ij >= tau]: we also require C_ij > 0, so tied samples (e.g. both
-    # r = 1.0 after sigmoid saturation, which makes tau = 0 common) never count as "wins" (spec §9.11).
-    keep = (gap >= tau) & (gap > 0)
+    c, keep = evidence_mask(r.detach().to(R.dtype), evidence_ratio)                           # (N, M)
     # margin of the winner over the loser, R_win - R_lose (sign(C) orients each triangle entry)
     margin = torch.sign(c) * _pairwise_differences(R)                                        # (N, M)
     losses = preference_loss(margin, torch.zeros((), dtype=R.dtype, device=R.device), loss_type=loss_type,

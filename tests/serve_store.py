@@ -7,7 +7,8 @@ import torch
 
 from latentpref.tasks.data.store import MANIFEST, Store
 from latentpref.tasks.evaluate.serve_core import Release, publish_release
-from latentpref.tasks.train.personalize import HEAD_FILE, _store_user, fit_version
+from latentpref.tasks.policy.store import HEAD_FILE, fit_version
+from latentpref.tasks.policy.store import store_user as _store_user
 
 BASE = ("models", "base", "tiny-gpt2-tokenizer")
 PROMPT_TOKENS = 32

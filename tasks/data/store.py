@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -223,6 +223,43 @@ class Store:
             self._retry("write", parts, lambda: fs.pipe_file(path, data))
         return self.url(*parts)
 
+    def write_many(self, items: Sequence[tuple[bytes, Sequence[str]]]) -> list[str]:
+        """Write several objects (data, path parts), each atomically as `write_bytes` does, visible in `items` order.
+
+        Locally every object is first written to a temp file beside its target, then one flush of the filesystem
+        (`sync_files`: syncfs(2) on Linux) makes all of them durable, then each is renamed into place: the same
+        guarantee as `write_bytes` (a target holds its old or its whole new bytes, never part) for one sync
+        instead of one fsync per file, which is what bounded a night writing 10^4 users' heads, manifests and
+        pointers (3 x 10^4 fsyncs, ~2-4 ms each). On a failure no temp file is left and targets not yet renamed
+        keep their old bytes. Remote stores: one whole-object PUT each, in order, with `write_bytes`' retries.
+        """
+        if not self.is_local:
+            return [self.write_bytes(data, *parts) for data, parts in items]
+        root = self._path()
+        staged: list[tuple[str, str]] = []
+        made: set[str] = set()
+        try:
+            for data, parts in items:
+                path = os.path.join(root, *parts)
+                folder = os.path.dirname(path)
+                if folder not in made:
+                    if not os.path.isdir(folder):   # a stat: far cheaper than a mkdir refused with EEXIST
+                        os.makedirs(folder, exist_ok=True)
+                    made.add(folder)
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+                staged.append((tmp, path))
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            sync_files([tmp for tmp, _ in staged], root)
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        except BaseException:
+            for tmp, _ in staged:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            raise
+        return [self.url(*parts) for _, parts in items]
+
     def create_bytes(self, data: bytes, *parts: str) -> bool:
         """Write only if absent; False when the object already exists (locks, commit markers).
 
@@ -250,7 +287,7 @@ class Store:
         return self._retry("read", parts, lambda: self.fs.cat_file(self._path(*parts)))
 
     def write_json(self, obj: Any, *parts: str) -> str:
-        return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+        return self.write_bytes(json_bytes(obj), *parts)
 
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts))
@@ -315,6 +352,49 @@ class Store:
                 shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         return target
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The bytes `Store.write_json` writes for `obj` (for `Store.write_many`)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
+def _libc_syncfs() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):   # not Linux / no syncfs in the C library
+        return None
+
+
+def sync_files(paths: Sequence[str], root: str) -> None:
+    """Make the data of `paths` (files on the local filesystem holding `root`) durable: one syncfs(2) of that
+    filesystem where the C library has it (Linux; it reports writeback errors since 5.8), else an fsync per file.
+
+    Raises:
+        OSError: the sync failed.
+    """
+    if not paths:
+        return
+    syncfs = _libc_syncfs()
+    if syncfs is not None:
+        import ctypes
+        import errno
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if syncfs(fd) == 0:
+                return
+            err = ctypes.get_errno()
+        finally:
+            os.close(fd)
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EACCES):   # those: no syncfs here
+            raise OSError(err, f"syncfs of {root}: {os.strerror(err)}")
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def stage_done(store: Store, *parts: str) -> dict[str, Any] | None:

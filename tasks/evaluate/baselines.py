@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple, get_args
 import torch
 from torch import Tensor, nn
 
+from latentpref.tasks.defaults import BASELINE_DEFAULTS
 from latentpref.tasks.objectives import LossType, sequence_dpo_loss
 from latentpref.tasks.models import precision
 
@@ -45,11 +46,7 @@ _DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "gptj": ["q_proj", "v_proj"],
 }
 # Spec §5 hyper-parameters, used by `BaselineConfig.for_method`; presets override lr for tiny random models.
-SPEC_DEFAULTS: dict[str, dict[str, float]] = {
-    "lora_dpo": {"lr": 1e-5, "beta": 0.1},
-    "full_dpo": {"lr": 1e-6, "beta": 0.1},
-    "ptuning_dpo": {"lr": 1e-4, "beta": 0.5},
-}
+SPEC_DEFAULTS = BASELINE_DEFAULTS
 
 
 # ----------------------------------------------------------------------------------------------------------

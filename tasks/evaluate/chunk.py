@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from latentpref.tasks.data.store import Store
-from latentpref.tasks.train.personalize import table_from_ipc, table_to_ipc  # noqa: F401  (re-exported for the flow)
+from latentpref.tasks.data.ipc import table_from_ipc, table_to_ipc  # noqa: F401  (re-exported for the flow)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _models(store_root: str, clap_path: tuple[str, ...], base_model_path: tuple[
 def evaluate_chunk(job: EvalChunkJob) -> bytes:
     """Evaluate `job.user_ids` (their stored latent policies and the configured baselines); per-user rows as IPC."""
     from latentpref.tasks.evaluate.evaluate import evaluate_users
-    from latentpref.tasks.train.personalize import load_user_policy
+    from latentpref.tasks.policy.store import load_user_policy
 
     import torch
     torch.set_num_threads(job.threads)   # Ray sets OMP_NUM_THREADS=1; the task owns this many CPUs

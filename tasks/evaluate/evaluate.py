@@ -19,7 +19,6 @@ compares against the prompt's real continuation.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +30,9 @@ from latentpref.tasks.data import scorers, users as users_lib
 from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
 from latentpref.tasks.evaluate import baselines, metrics
 from latentpref.tasks.models import latent
+from latentpref.tasks.policy.refit import time_user_refit
+from latentpref.tasks.policy.settings import FitSettings
+from latentpref.tasks.policy.store import is_discrete, prior_latent
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class EvalSettings:
     baseline_lr: dict[str, float]    # per method (spec §5: LoRA 1e-5, full 1e-6, P-Tuning 1e-4)
     baseline_beta: dict[str, float]  # per method (spec §5: 0.1; P-Tuning 0.5)
     baseline_batch_size: int
-    latent_fit: dict[str, Any]       # FitConfig fields, to time a one-user latent fit like-for-like
+    latent_fit: FitSettings          # the night's fit settings, to time a one-user latent fit like-for-like
     seed: int = 0
     oracle_k: int = 4                # samples per prompt of the un-personalised model for oracle_best_of_k
     # the night's P-Tuning-SFT prefix (baselines.fit_prefix_sft): init and reference of every P-Tuning-DPO fit
@@ -73,52 +75,27 @@ def _latent_implicit_reward(mu_p, logvar_p, mu_y) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _prior_latent(clap, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Population-prior z: 0 for a Gaussian CLaP (mean of N(0, I)), the expected prior code for a discrete one."""
-    if getattr(clap, "discrete", False):
-        return clap.prior_latent(ids, mask)
-    return torch.zeros(ids.shape[0], clap.cfg.latent_dim)
+def _latent_heldout_accuracy(clap, tokenizer, policy, held: list[tuple[str, str, str]], s: EvalSettings) -> float:
+    """Held-out preference accuracy of a latent policy in latent space (no LM pass).
 
-
-def _code_policy_checks(clap, tokenizer, policy, triples: list[tuple[str, str, str]],
-                        held: list[tuple[str, str, str]], s: EvalSettings) -> tuple[float | None, float | None]:
-    """Held-out preference accuracy and a like-for-like one-user fit time of a discrete-code policy.
-
-    Accuracy: a response's score is its expected implicit code reward under its CLaP posterior,
-    sum_k q(k|x,y) (log p_u(k|x) - log p(k|x)) (the categorical analogue of the Gaussian R_theta at the posterior
-    mean); the pair counts as correct when the chosen response scores higher. Timing: `fit_code_users` on the
-    user's train pairs alone, with the estimator the nightly fit used (recorded in the manifest).
+    Gaussian: a response's score is R_theta at its posterior mean (spec §3.6). Discrete: its expected implicit code
+    reward under its CLaP posterior, sum_k q(k|x,y) (log p_u(k|x) - log p(k|x)) (the categorical analogue); the pair
+    counts as correct when the chosen response scores higher.
     """
-    from latentpref.tasks.train.fit_codes import CodeFitConfig, fit_code_users
-
-    def encode(rows):
-        p_ids, p_mask = tokenize_prompts(tokenizer, [r[0] for r in rows], s.prompt_tokens)
-        c_ids, c_mask = tokenize_responses(tokenizer, [r[1] for r in rows], s.response_tokens)
-        r_ids, r_mask = tokenize_responses(tokenizer, [r[2] for r in rows], s.response_tokens)
-        with torch.no_grad():
-            prior = clap.prior_logits(p_ids, p_mask)
-            return (p_ids, p_mask, c_ids, c_mask, r_ids, r_mask, prior, clap.encode_logits(p_ids, p_mask, c_ids, c_mask),
-                    clap.encode_logits(p_ids, p_mask, r_ids, r_mask))
-
-    held_acc = fit_s = None
-    if held:
-        p_ids, p_mask, *_, prior, q_c, q_r = encode(held)
+    p_ids, p_mask = tokenize_prompts(tokenizer, [h[0] for h in held], s.prompt_tokens)
+    c_ids, c_mask = tokenize_responses(tokenizer, [h[1] for h in held], s.response_tokens)
+    r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], s.response_tokens)
+    if is_discrete(clap):
+        prior = clap.prior_logits(p_ids, p_mask)
+        q_c, q_r = clap.encode_logits(p_ids, p_mask, c_ids, c_mask), clap.encode_logits(p_ids, p_mask, r_ids, r_mask)
         reward = torch.log(policy.code_probs(clap.encoder, p_ids, p_mask)) - torch.log_softmax(prior, -1)   # (N, K)
-        held_acc = metrics.preference_accuracy((torch.softmax(q_c, -1) * reward).sum(-1).numpy(),
-                                               (torch.softmax(q_r, -1) * reward).sum(-1).numpy())
-    if triples and not policy.cold_start:
-        p_ids, p_mask, c_ids, c_mask, r_ids, r_mask, prior, q_c, q_r = encode(triples)
-        estimator = policy.manifest.get("estimator", "dpo")
-        pair_logits = None
-        if estimator == "mean_posterior":
-            with torch.no_grad():
-                pair_logits = clap.pair_logits(p_ids, p_mask, c_ids, c_mask, r_ids, r_mask)
-        fit = {k: v for k, v in s.latent_fit.items() if k in ("steps", "lr", "beta", "evidence_ratio", "loss_type")}
-        t0 = time.perf_counter()
-        fit_code_users(prior, q_c, q_r, torch.zeros(len(triples), dtype=torch.long), 1,
-                       CodeFitConfig(estimator=estimator, **fit), pair_logits=pair_logits)
-        fit_s = time.perf_counter() - t0
-    return held_acc, fit_s
+        return metrics.preference_accuracy((torch.softmax(q_c, -1) * reward).sum(-1).numpy(),
+                                           (torch.softmax(q_r, -1) * reward).sum(-1).numpy())
+    mu_h, logvar_h = policy.latent(clap.encoder, p_ids, p_mask)
+    mu_c, _ = clap.encode(p_ids, p_mask, c_ids, c_mask)
+    mu_r, _ = clap.encode(p_ids, p_mask, r_ids, r_mask)
+    return metrics.preference_accuracy(_latent_implicit_reward(mu_h, logvar_h, mu_c).numpy(),
+                                       _latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
 
 
 @torch.no_grad()
@@ -136,7 +113,7 @@ def _latent_lm_checks(clap, tokenizer, policy, held: list[tuple[str, str, str]],
     c_ids, c_mask = tokenize_responses(tokenizer, [h[1] for h in held], s.response_tokens)
     r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], s.response_tokens)
     z_user = policy.latent(clap.encoder, p_ids, p_mask)[0].float()
-    z_prior = _prior_latent(clap, p_ids, p_mask)
+    z_prior = prior_latent(clap, p_ids, p_mask)
     logp = {(who, side): clap.response_logps(z, p_ids, p_mask, ids, mask)
             for who, z in (("user", z_user), ("prior", z_prior))
             for side, ids, mask in (("chosen", c_ids, c_mask), ("rejected", r_ids, r_mask))}
@@ -152,8 +129,6 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                    progress: Callable[[int, int], None] | None = None) -> pa.Table:
     """One row per (user, method) with mean_reward, win_rate, heldout_accuracy, perplexity, fit_seconds,
     trainable_params, artifact_bytes, n_train_pairs."""
-    from latentpref.tasks.train.fit_user import FitConfig, fit_users
-
     torch.manual_seed(settings.seed)
     clap.eval()
     base_model.eval()
@@ -164,7 +139,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
     p_ids, p_mask = tokenize_prompts(tokenizer, prompts, settings.prompt_tokens)
 
     # user-independent generations, shared by every user (same prompts, same seed)
-    prior_z = _prior_latent(clap, p_ids, p_mask)   # computed once: a discrete CLaP runs its encoder for it
+    prior_z = prior_latent(clap, p_ids, p_mask)   # computed once: a discrete CLaP runs its encoder for it
     shared = {"base_lm": baselines.generate_texts(base_model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                                   do_sample=True, top_k=50, seed=settings.seed,
                                                   max_prompt_tokens=settings.prompt_tokens),
@@ -235,38 +210,15 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         manifest = policy.manifest
         mu_p, _ = policy.latent(clap.encoder, p_ids, p_mask)
         texts = _clap_generate(clap, tokenizer, prompts, mu_p, settings)
-        latent_acc = fit_s_codes = None
+        latent_acc = None
         lm_checks: dict[str, float | None] = {"heldout_accuracy": None, "z_sensitivity_nats": None}
         if held:
             lm_checks = _latent_lm_checks(clap, tokenizer, policy, held, settings)
-        if getattr(clap, "discrete", False):   # discrete codes: categorical checks; mode `codes` skips the rest
-            latent_acc, fit_s_codes = _code_policy_checks(clap, tokenizer, policy, triples, held, settings)
-        if held and not getattr(clap, "discrete", False):
-            hp_ids, hp_mask = tokenize_prompts(tokenizer, [h[0] for h in held], settings.prompt_tokens)
-            with torch.no_grad():
-                mu_h, logvar_h = policy.latent(clap.encoder, hp_ids, hp_mask)
-                c_ids, c_mask = tokenize_responses(tokenizer, [h[1] for h in held], settings.response_tokens)
-                r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], settings.response_tokens)
-                mu_c, _ = clap.encode(hp_ids, hp_mask, c_ids, c_mask)
-                mu_r, _ = clap.encode(hp_ids, hp_mask, r_ids, r_mask)
-            latent_acc = metrics.preference_accuracy(_latent_implicit_reward(mu_h, logvar_h, mu_c).numpy(),
-                                                     _latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
+            latent_acc = _latent_heldout_accuracy(clap, tokenizer, policy, held, settings)
         # like-for-like timing: one user fitted alone from the cache (the nightly batched cost is lower)
-        fit_s = manifest.get("fit_seconds", 0.0)
-        if getattr(clap, "discrete", False) and fit_s_codes is not None:
-            fit_s = fit_s_codes
-        if triples and policy.mode == "head-only":
-            tp_ids, tp_mask = tokenize_prompts(tokenizer, [t[0] for t in triples], settings.prompt_tokens)
-            c_ids, c_mask = tokenize_responses(tokenizer, [t[1] for t in triples], settings.response_tokens)
-            r_ids, r_mask = tokenize_responses(tokenizer, [t[2] for t in triples], settings.response_tokens)
-            with torch.no_grad():
-                f_t = clap.encoder.features(tp_ids, tp_mask).float()
-                mc, lc = clap.encode(tp_ids, tp_mask, c_ids, c_mask)
-                mr, lr_ = clap.encode(tp_ids, tp_mask, r_ids, r_mask)
-            t0 = time.perf_counter()
-            fit_users(f_t, mc.float(), lc.float(), mr.float(), lr_.float(), torch.zeros(len(triples), dtype=torch.long),
-                      1, FitConfig(**settings.latent_fit))
-            fit_s = time.perf_counter() - t0
+        refit_s = time_user_refit(clap, tokenizer, policy, triples, settings.latent_fit,
+                                  prompt_tokens=settings.prompt_tokens, response_tokens=settings.response_tokens)
+        fit_s = manifest.get("fit_seconds", 0.0) if refit_s is None else refit_s
         rows.append(row("latent_dpo", texts, **lm_checks, latent_heldout_accuracy=latent_acc,
                         latent_shift=float(mu_p.float().norm(dim=-1).mean()), fit_seconds=fit_s,
                         trainable_params=int(manifest.get("trainable_params")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 
 from latentpref.tasks.data.batching import tokenize_prompts
 from latentpref.tasks.data.store import Store
@@ -112,7 +111,7 @@ class OnlineGenerator(PersonalizedGenerator):
         hit = self.users.get(user_id)
         if hit is not None:
             return hit
-        from latentpref.tasks.train.personalize import HEAD_FILE, UserPolicy, user_folder
+        from latentpref.tasks.policy.store import read_policy
         if user_id is None:
             entry = ServedUser("no user id in the request", None)
         else:
@@ -122,10 +121,7 @@ class OnlineGenerator(PersonalizedGenerator):
             elif manifest.get("cold_start"):
                 entry = ServedUser("has too little feedback (cold start)", manifest["version"])
             else:
-                blob = self.store.read_bytes(*user_folder(user_id), manifest["version"],
-                                             manifest.get("artifact", HEAD_FILE))
-                entry = ServedUser(UserPolicy(manifest.get("mode", "head-only"), st_load(blob), manifest),
-                                   manifest["version"])
+                entry = ServedUser(read_policy(self.store, user_id, manifest), manifest["version"])
         self.users.put(user_id, entry)
         return entry
 

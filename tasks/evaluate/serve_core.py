@@ -272,7 +272,7 @@ def release_fit(store: Store, user_id: str, release: Release) -> tuple[dict[str,
     Raises:
         InvalidUserId: a malformed user id.
     """
-    from latentpref.tasks.train.personalize import current_fit, user_folder
+    from latentpref.tasks.policy.store import current_fit, user_folder
     current = current_fit(store, user_id)
     if current is None:
         return None, "has no fitted encoder"

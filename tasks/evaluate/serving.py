@@ -24,6 +24,7 @@ import torch
 
 from latentpref.tasks.data.batching import tokenize_prompts
 from latentpref.tasks.data.store import Store
+from latentpref.tasks.policy.store import latents, load_user_policy
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class PersonalizedGenerator:
     Args:
         clap: a loaded `CLaP` (put in eval mode here).
         tokenizer: its tokenizer (pad = eos).
-        store: where the per-user heads live (`tasks/train/personalize.py` layout).
+        store: where the per-user heads live (`tasks/policy/store.py` layout).
         clap_version: version of `clap`; heads fitted against another version are ignored (their latent space
             is another model's), and those users fall back to the prior with a notice.
         prompt_tokens: prompt truncation (keep the last tokens), as at training time (spec §9.10).
@@ -84,7 +85,6 @@ class PersonalizedGenerator:
     # ------------------------------------------------------------------------------------------ users
     def _policy(self, user_id: str):
         """The user's stored policy (`UserPolicy`), or a sentence saying why there is none (cached)."""
-        from latentpref.tasks.train.personalize import load_user_policy
         if user_id not in self._policies:
             found = load_user_policy(self.store, user_id)   # raises InvalidUserId for a malformed id
             if found is None:
@@ -114,41 +114,11 @@ class PersonalizedGenerator:
 
     def _latents(self, user_ids: list[str], ids: torch.Tensor, mask: torch.Tensor
                  ) -> tuple[torch.Tensor, list[str | None]]:
-        from latentpref.tasks.train.fit_user import predict_latent
-        z = torch.zeros(len(user_ids), self.clap.cfg.latent_dim)
         policies = [self._policy(u) for u in user_ids]
         notices = [f"user {u!r} {p}: using the population prior" if isinstance(p, str) else None
                    for u, p in zip(user_ids, policies)]
-        if self.clap.discrete:
-            return self._code_latents(policies, ids, mask), notices
-        heads = [i for i, p in enumerate(policies) if not isinstance(p, str) and p.mode == "head-only"]
-        if heads:
-            feats = self.clap.encoder.features(ids[heads], mask[heads]).float()                      # (n, Q, d)
-            weight = torch.stack([policies[i].tensors["weight"].float() for i in heads])          # (n, Q, d, 2D/Q)
-            bias = torch.stack([policies[i].tensors["bias"].float() for i in heads])              # (n, Q, 2D/Q)
-            z[heads] = predict_latent(weight, bias, feats[:, None])[:, 0].to(z.device)            # (n, D)
-        by_user: dict[str, list[int]] = {}
-        for i, p in enumerate(policies):
-            if not isinstance(p, str) and p.mode != "head-only":
-                by_user.setdefault(user_ids[i], []).append(i)
-        for user_id, rows in by_user.items():   # encoder-mode policies: their own weights, one pass per user
-            mu, _ = policies[rows[0]].latent(self.clap.encoder, ids[rows], mask[rows])
-            z[rows] = mu.float().to(z.device)
+        z = latents([None if isinstance(p, str) else p for p in policies], self.clap.encoder, ids, mask)
         return z, notices
-
-    def _code_latents(self, policies: list, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """z (B, latent_dim) of a discrete CLaP: one encoder pass, each row's delta (0 = population prior)."""
-        from latentpref.tasks.train.fit_codes import user_code_probs
-        from latentpref.tasks.train.personalize import CODES_MODE
-        K = self.clap.cfg.n_codes
-        for p in policies:
-            if not isinstance(p, str) and p.mode != CODES_MODE:
-                raise ValueError(f"the served CLaP is discrete but a user policy has mode {p.mode!r} (a Gaussian "
-                                 "fit of another CLaP version)")
-        delta = torch.stack([torch.zeros(K) if isinstance(p, str) else p.tensors["delta"].float() for p in policies])
-        encoder = self.clap.encoder
-        prior = encoder.code_logits(encoder.features(ids, mask))                                    # (B, K)
-        return encoder.code_latent(user_code_probs(delta.to(prior.device), prior)).float().cpu()
 
     # ------------------------------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -33,6 +33,9 @@ WEIGHTS_FILE = "clap.safetensors"
 CONFIG_FILE = "clap_config.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
+# bumped when the same config builds a differently shaped/initialised adapter (part of the CLaP version, so a
+# night retrains instead of loading a checkpoint of the old layout). 2: the anchored prefix lives after the norm.
+ADAPTER_LAYOUT = 2
 LATENT_TYPES = ("gaussian", "discrete")
 PREFIX_INITS = ("random", "anchor")
 
@@ -55,8 +58,19 @@ class CLaPConfig:
     # z-dependent part, so CLaP with any z starts at the base LM's NLL. Measured on SmolLM2-135M: "random"
     # starts at 14.9 nats/token against the plain LM's 3.62 (the LN'd random prefix gives keys of norm ~75 that
     # take the attention of every layer); "anchor" starts at 3.73.
+    # The anchored prefix lives in the *normalised* space (the K/V projections' input): SmolLM2's BOS residual
+    # stream has rms ~1,000 (max ~25,000: the attention-sink "massive activation") from layer 12 on, so a z-part
+    # added before the norm moved the normalised prefix by ~1e-5 there and Adam's steps could not change that:
+    # z reached layer 0 only and stage 1 ended with 0-2 active units.
     prefix_init: str = "random"
-    anchor_scale: float = 0.02  # "anchor" only: init std of the z-dependent part's last Linear
+    anchor_scale: float = 0.005  # "anchor" only: init std of the z-dependent part's last Linear
+    # "anchor" only: False rebuilds the layout-1 adapter (anchor before the norm) of CLaPs saved before it changed
+    anchor_normed: bool = True
+    # Standardise the encoder's query features per element with statistics of real inputs (`calibrate_features`,
+    # run once before CLaP training). On SmolLM2 the features' spread across different (x, y) is 7% of their
+    # scale (the copied blocks' queries mostly read the attention sink), so the zero-initialised head (spec §2.2)
+    # gives every response the same posterior for dozens of steps: stage 1 ended with 0 active units of 32.
+    feature_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "n_query", "n_prefix", "encoder_layers"):
@@ -163,9 +177,12 @@ class LatentEncoder(nn.Module):
             self.h2k = nn.Linear(d, cfg.n_codes)
             self.codebook = nn.Parameter(torch.randn(cfg.n_codes, cfg.latent_dim))   # (K, D)
         self.to(self.wte.weight.dtype)  # new parts follow the base dtype; the head still computes in fp32
+        if cfg.feature_norm:   # fp32 statistics, identity until `calibrate_features`
+            self.register_buffer("feature_mean", torch.zeros(cfg.n_query, d))
+            self.register_buffer("feature_std", torch.ones(cfg.n_query, d))
 
     def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Query outputs after LN_out, the input of the Gaussian head.
+        """Query outputs after LN_out (standardised when `feature_norm`), the input of the Gaussian head.
 
         Args:
             input_ids: (B, T) token ids, any padding layout (left, right or interior pads).
@@ -174,7 +191,23 @@ class LatentEncoder(nn.Module):
             (B, n_query, d) float32.
         """
         with precision.lm_autocast(input_ids.device):
-            return self._features(input_ids, attention_mask).float()
+            h = self._features(input_ids, attention_mask).float()
+        if self.cfg.feature_norm:
+            h = (h - self.feature_mean.float()) / self.feature_std.float()
+        return h
+
+    @torch.no_grad()
+    def calibrate_features(self, input_ids: Tensor, attention_mask: Tensor) -> None:
+        """Set the `feature_norm` statistics to the mean and std over these inputs (rows = real (x, y) sequences,
+        ideally a few dozen): afterwards their features have zero mean and unit spread per element."""
+        if not self.cfg.feature_norm:
+            raise ValueError("calibrate_features needs CLaPConfig.feature_norm=True")
+        if input_ids.shape[0] < 2:
+            raise ValueError(f"calibrate_features needs >= 2 rows to measure a spread; got {input_ids.shape[0]}")
+        with precision.lm_autocast(input_ids.device):
+            h = self._features(input_ids, attention_mask).float()
+        self.feature_mean.copy_(h.mean(0))
+        self.feature_std.copy_(h.std(0).clamp(min=1e-3))
 
     def _features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         B, T = input_ids.shape
@@ -266,10 +299,12 @@ class LatentAdapter(nn.Module):
         self.z2h = nn.ModuleList(
             nn.Sequential(nn.Linear(cfg.latent_dim, d), nn.GELU(), nn.Linear(d, P * d)) for _ in blocks
         )
-        if cfg.prefix_init == "anchor":
-            # the layer's own pre-attention norm (GPT-2 ln_1, Llama input_layernorm), so an anchored prefix is
-            # normalised exactly as the base normalises a real token before its K/V projections
+        if cfg.prefix_init == "anchor" and not cfg.anchor_normed:   # layout 1 (loading old checkpoints)
             self.ln = nn.ModuleList(copy.deepcopy(_pre_attention_norm(block, self.kind)) for block in blocks)
+        elif cfg.prefix_init == "anchor":
+            # no norm after the MLP: its bias starts at the anchor token's *normalised* state (see _anchor), so the
+            # z-dependent part is on the scale of what the K/V projections read, in every layer
+            self.ln = nn.ModuleList(nn.Identity() for _ in blocks)
         else:
             self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in blocks)
         self.k_proj = nn.ModuleList()
@@ -284,20 +319,24 @@ class LatentAdapter(nn.Module):
         self.rotary = copy.deepcopy(body.rotary_emb) if self.kind == "llama" else None
         self.to(next(base_lm.parameters()).dtype)
         if cfg.prefix_init == "anchor":
-            self._anchor(base_lm)
+            self._anchor(base_lm, blocks)
 
     @torch.no_grad()
-    def _anchor(self, base_lm: PreTrainedModel) -> None:
+    def _anchor(self, base_lm: PreTrainedModel, blocks: nn.ModuleList) -> None:
         """Start every layer's prefix at the base's hidden state of a lone BOS token entering that layer (the state
-        whose K/V the base itself attends to as its attention sink), plus a small z-dependent part."""
+        whose K/V the base itself attends to as its attention sink) after the layer's own pre-attention norm
+        (GPT-2 ln_1, Llama input_layernorm), plus a small z-dependent part."""
         c = base_lm.config
         token = c.bos_token_id if c.bos_token_id is not None else (c.eos_token_id or 0)
         p = next(base_lm.parameters())
         ids = torch.tensor([[int(token)]], device=p.device)
         out = base_lm.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
         P = self.cfg.n_prefix
-        for layer, z2h in enumerate(self.z2h):
-            anchor = out.hidden_states[layer][0, 0].to(z2h[2].bias.dtype)  # (d,) residual stream entering `layer`
+        for layer, (z2h, block) in enumerate(zip(self.z2h, blocks)):
+            entering = out.hidden_states[layer][0, 0]  # (d,) residual stream entering `layer`
+            if self.cfg.anchor_normed:
+                entering = _pre_attention_norm(block, self.kind)(entering)
+            anchor = entering.to(z2h[2].bias.dtype)
             z2h[2].bias.copy_(anchor.repeat(P))
             nn.init.normal_(z2h[2].weight, std=self.cfg.anchor_scale)
 
@@ -404,14 +443,21 @@ class CLaP(nn.Module):
                              "encode_logits (code posterior) and encoder.code_latent")
         return self.encoder.head(self.posterior_features(prompt_ids, prompt_mask, response_ids, response_mask))
 
+    def _posterior_input(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                         response_mask: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.cfg.posterior_reads_prompt:
+            return response_ids, response_mask
+        return torch.cat([prompt_ids, response_ids], dim=1), torch.cat([prompt_mask, response_mask], dim=1)
+
     def posterior_features(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                            response_mask: Tensor) -> Tensor:
         """Encoder query features (B, n_query, d) fp32 of [prompt; response] (or the response alone)."""
-        if not self.cfg.posterior_reads_prompt:
-            return self.encoder.features(response_ids, response_mask)
-        ids = torch.cat([prompt_ids, response_ids], dim=1)
-        mask = torch.cat([prompt_mask, response_mask], dim=1)
-        return self.encoder.features(ids, mask)
+        return self.encoder.features(*self._posterior_input(prompt_ids, prompt_mask, response_ids, response_mask))
+
+    def calibrate_posterior(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                            response_mask: Tensor) -> None:
+        """`feature_norm` statistics from the posterior's own inputs (training (x, y) rows), before training."""
+        self.encoder.calibrate_features(*self._posterior_input(prompt_ids, prompt_mask, response_ids, response_mask))
 
     def encode_logits(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                       response_mask: Tensor) -> Tensor:
@@ -826,7 +872,8 @@ def load_clap(folder: str | Path, base_spec: str | None = None, *, map_location:
         got, want = ({k: getattr(c, k, None) for k in keys} for c in (base.config, saved_config))
         if got != want:
             raise ValueError(f"base_spec {base_spec!r} has architecture {got}; the saved CLaP needs {want}")
-    cfg = CLaPConfig(**meta["clap_config"])
+    # CLaPs saved before `anchor_normed` existed used the layout-1 adapter (anchor before the norm)
+    cfg = CLaPConfig(**{"anchor_normed": False, "feature_norm": False, **meta["clap_config"]})
     model = CLaP(base.to(dtype), cfg, base_spec=base_spec or meta.get("base_spec"))
     missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=map_location)
     if missing or unexpected:  # strict=True raises first; kept as a guard for future safetensors versions

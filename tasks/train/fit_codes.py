@@ -37,12 +37,13 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from latentpref.tasks.models.lpc import mean_pair_posterior
+from latentpref.tasks.models.policy import user_code_probs
 # the mask helpers of `categorical_latent_dpo_pair_terms`, so the training loss is the same definition exactly
 from latentpref.tasks.objectives import (
     LossType,
-    _antisymmetric_quantile,
     _pairwise_differences,
     categorical_latent_dpo_pair_terms,
+    evidence_mask,
     preference_loss,
 )
 from latentpref.tasks.train.fit_user import reduce_per_user
@@ -98,18 +99,6 @@ class CodeFitResult:
     config: CodeFitConfig = field(default_factory=CodeFitConfig)
 
 
-def user_code_probs(delta: Tensor, prior_logits: Tensor) -> Tensor:
-    """p_u(k|x) = softmax(log p_ref(k|x) + delta_u) in fp32.
-
-    Args:
-        delta: (K,) one user, or (B, K) one row per prompt.
-        prior_logits: (B, K) population prior logits of the prompts.
-    Returns:
-        (B, K) float32 probabilities.
-    """
-    return torch.softmax(torch.log_softmax(prior_logits.float(), -1) + delta.float(), dim=-1)
-
-
 def mean_posterior_delta(pair_logits: Tensor, user_index: Tensor, n_users: int, *, alpha: float = 1.0,
                          pair_weight: Tensor | None = None) -> Tensor:
     """Zero-training deltas (lpc.md §6.3 option 1): delta_u = log pi_u - mean_k log pi_u, with pi_u the
@@ -134,11 +123,8 @@ def _code_pair_mask(chosen: Tensor, rejected: Tensor, evidence_ratio: float) -> 
     Returns sign, keep: (N, K (K - 1) / 2) float32."""
     with torch.no_grad():
         r = torch.sigmoid(F.log_softmax(chosen, -1) - F.log_softmax(rejected, -1))
-        c = _pairwise_differences(r)
-        gap = c.abs()
-        tau = _antisymmetric_quantile(gap, 1.0 - evidence_ratio / 2.0).unsqueeze(-1)
-        keep = ((gap >= tau) & (gap > 0)).float()
-        return torch.sign(c), keep
+        c, keep = evidence_mask(r, evidence_ratio)
+        return torch.sign(c), keep.float()
 
 
 def _per_user_terms(delta: Tensor, prior: Tensor, chosen: Tensor, rejected: Tensor, user_index: Tensor,

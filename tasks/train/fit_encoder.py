@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentpref.tasks.models.policy import policy_latent  # noqa: F401  (the encoder policy's forward)
 from latentpref.tasks.objectives import latent_dpo_pair_terms
 from latentpref.tasks.train.fit_user import (
     FitConfig,
@@ -225,16 +226,6 @@ class PolicyEncoder(nn.Module):
         out = F.linear(f, self.h2z.weight, self.h2z.bias)                                     # (P, Q, 2k)
         k = self.latent_dim // Q
         return out[..., :k].reshape(f.shape[0], -1), out[..., k:].reshape(f.shape[0], -1)
-
-
-def policy_latent(encoder: nn.Module, state: dict[str, Tensor], input_ids: Tensor,
-                  attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Serve a stored faithful / trunk-frozen policy: the CLaP encoder with the user's trained tensors swapped
-    in (functional, no copy of the encoder). Returns (mu, logvar) (B, latent_dim) float32."""
-    from torch.func import functional_call
-    params = {k: v.to(dtype=next(encoder.parameters()).dtype) for k, v in state.items()}
-    with torch.no_grad():
-        return functional_call(encoder, params, (input_ids, attention_mask), strict=False)
 
 
 @dataclass

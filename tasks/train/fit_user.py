@@ -38,16 +38,17 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # the evidence-mask helpers are shared with `latent_dpo_loss` so the mask is the same definition, bit for bit
 from latentpref.tasks.models.latent import LOG_2PI
+from latentpref.tasks.models.policy import predict_latent, user_latent  # noqa: F401  (the head's forward)
 from latentpref.tasks.objectives import (
     LossType,
-    _antisymmetric_quantile,
-    _pairwise_differences,
+    evidence_mask,
+    link_scale,
     preference_loss,
+    preference_loss_grad,
 )
 
 __all__ = ["FitConfig", "FitResult", "PairSamples", "draw_pair_samples", "fit_users", "init_params",
@@ -133,34 +134,6 @@ def init_params(n_users: int, n_query: int, d: int, latent_dim: int) -> tuple[Te
     return torch.zeros(n_users, n_query, d, e), torch.zeros(n_users, n_query, e)
 
 
-def user_latent(weight: Tensor, bias: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
-    """Apply Gaussian head(s) to query features, grouping latent dims per query like `h2z` (spec §2.2).
-
-    Query q emits out[q] = features[q] @ weight[q] + bias[q] of width 2D/Q; its first D/Q entries are means and
-    the rest log-variances, so latent dims q*D/Q .. (q+1)*D/Q - 1 come from query q. (The reference `h2z` is
-    one Linear shared by all queries; per-query weights generalise it, and a shared head is weight[q] equal.)
-
-    Args:
-        weight: (Q, d, 2D/Q) for one user, or stacked (U, Q, d, 2D/Q).
-        bias: (Q, 2D/Q), or (U, Q, 2D/Q).
-        features: (N, Q, d) (broadcast over users), or (U, N, Q, d) per user.
-    Returns:
-        (mu, logvar): (N, D) each, or (U, N, D); float32.
-    """
-    if weight.shape[-1] % 2:
-        raise ValueError(f"head width {weight.shape[-1]} must be even (means + log-variances)")
-    f = features.float()
-    out = torch.einsum("...nqd,...qde->...nqe", f, weight) + bias.unsqueeze(-3)       # (..., N, Q, 2D/Q)
-    half = weight.shape[-1] // 2
-    return out[..., :half].flatten(-2), out[..., half:].flatten(-2)
-
-
-def predict_latent(weight: Tensor, bias: Tensor, features: Tensor) -> Tensor:
-    """Serving latent z = mean of p_theta(z|x) (spec §9.12: generation uses mu, sigma ignored); shapes as
-    `user_latent`, returns mu only."""
-    return user_latent(weight, bias, features)[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Latent-DPO in two halves: parameter-free samples + mask, then the policy's part
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,10 +199,7 @@ def draw_pair_samples(chosen_mu: Tensor, chosen_logvar: Tensor, rejected_mu: Ten
         quad = (z.unsqueeze(1) - mus.unsqueeze(2)).square_().mul_(torch.exp(-lvs).unsqueeze(2)).sum(-1)
         log_q = -0.5 * (quad + lvs.sum(-1, keepdim=True) + D * LOG_2PI)                           # (n, 2, K)
         r = torch.sigmoid(log_q[:, 0] - log_q[:, 1])                                             # (n, K)
-        c = _pairwise_differences(r)                                                             # (n, M0)
-        gap = c.abs()
-        tau = _antisymmetric_quantile(gap, 1.0 - evidence_ratio / 2.0).unsqueeze(-1)
-        keep = (gap >= tau) & (gap > 0)                                                          # (n, M0)
+        c, keep = evidence_mask(r, evidence_ratio)                                              # (n, M0)
         # compact the kept entries of each row to its front, in row order: a kept entry's place is the running
         # count of kept entries before it; the others are scattered into a spare last column and cut off
         iu, ju = torch.triu_indices(K, K, offset=1, device=z.device)
@@ -310,9 +280,7 @@ def _fold_draw(samples: PairSamples, local_user: Tensor, n_users: int, weight: T
                  samples.win, samples.lose, samples.keep * (w / u_kept.index_select(0, local_user)).unsqueeze(-1))
 
 
-def _link_scale(loss_type: LossType, beta: float) -> float:
-    """The factor folded into theta: the DPO / SimPO links see beta * margin, IPO the raw margin."""
-    return 1.0 if loss_type == "ipo" else beta
+_link_scale = link_scale   # the factor folded into theta (objectives.link_scale)
 
 
 def _policy_theta(mu: Tensor, logvar: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -347,21 +315,12 @@ def _kept_pair_loss_grad(theta: Tensor, draw: _Draw, *, beta: float, loss_type: 
     R = torch.bmm(theta.unsqueeze(1), draw.phi.transpose(1, 2)).squeeze(1)
     M = draw.win.shape[1]
     r_lw = R.gather(1, draw.index)                                                             # (n, 2M)
-    if loss_type == "ipo":                      # (m - 1/(2 beta))^2, IPO (arXiv 2310.12036) Eq. 17
-        y = r_lw[:, M:] - r_lw[:, :M] - 1.0 / (2.0 * beta)
-        loss = torch.linalg.vecdot(y * y, draw.keepw)
-        g = y.mul_(draw.keepw).mul_(2.0)
-        pos, neg = draw.win, draw.lose          # dL/dR_win = +g, dL/dR_lose = -g
-    else:
-        # -logsigmoid(beta m - gamma) = softplus(x), x = beta (R_lose - R_win) + gamma: d/dx = sigmoid(x)
-        x = r_lw[:, :M] - r_lw[:, M:]
-        if loss_type == "simpo":
-            x.add_(gamma)
-        loss = torch.linalg.vecdot(F.softplus(x), draw.keepw)
-        g = torch.sigmoid(x).mul_(draw.keepw)
-        pos, neg = draw.lose, draw.win
-    g_R = torch.zeros_like(R).scatter_add_(1, pos, g)
-    g_R.sub_(torch.zeros_like(R).scatter_add_(1, neg, g))
+    # s = scale * (R_win - R_lose); the link's value and derivative come from objectives (one definition)
+    losses, g = preference_loss_grad(r_lw[:, M:] - r_lw[:, :M], loss_type=loss_type, beta=beta, gamma=gamma)
+    loss = torch.linalg.vecdot(losses, draw.keepw)
+    g = g.mul_(draw.keepw)                      # dL/dR_win = +g, dL/dR_lose = -g
+    g_R = torch.zeros_like(R).scatter_add_(1, draw.win, g)
+    g_R.sub_(torch.zeros_like(R).scatter_add_(1, draw.lose, g))
     return loss, torch.bmm(g_R.unsqueeze(1), draw.phi_t.transpose(1, 2)).squeeze(1)
 
 
@@ -371,10 +330,7 @@ def _kept_pair_metrics(theta: Tensor, draw: _Draw, *, beta: float, loss_type: Lo
     `objectives.latent_dpo_pair_terms`' loss_sum / n_correct reduced by `reduce_per_user`. (n,) each."""
     R = torch.bmm(theta.unsqueeze(1), draw.phi.transpose(1, 2)).squeeze(1)
     margin = R.gather(1, draw.win) - R.gather(1, draw.lose)    # scale > 0: the sign of the raw margin
-    if loss_type == "ipo":
-        losses = (margin - 1.0 / (2.0 * beta)).square()
-    else:
-        losses = F.softplus(gamma - margin if loss_type == "simpo" else -margin)
+    losses, _ = preference_loss_grad(margin, loss_type=loss_type, beta=beta, gamma=gamma)
     return torch.linalg.vecdot(losses, draw.keepw), torch.linalg.vecdot((margin > 0).float(), draw.keepw)
 
 

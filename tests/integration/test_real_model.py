@@ -69,6 +69,25 @@ def test_anchored_clap_starts_at_the_base_likelihood(smollm2, monkeypatch):
         assert abs(_nll_per_token(anchored, tok, latent) - plain) < 0.25
 
 
+def test_anchored_prefix_lets_z_reach_every_layer(smollm2, monkeypatch):
+    """SmolLM2's residual stream carries a ~25,000-sized attention-sink activation from layer 12 on; an anchor added
+    before the norm (adapter layout 1) moved deep layers' normalised prefix by ~1e-5 between two z, so z reached
+    layer 0 only. The layout-2 anchor lives after the norm: every layer's prefix K/V moves with z."""
+    monkeypatch.setenv(precision.ENV_VAR, "fp32")
+    base, _ = smollm2
+    z = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    for normed, lowest in ((True, 1e-2), (False, None)):
+        torch.manual_seed(0)
+        adapter = CLaP(base, CLaPConfig(prefix_init="anchor", anchor_normed=normed)).adapter
+        with torch.no_grad():
+            prefix = adapter(z)
+        moved = [float((v[0] - v[1]).norm() / v[0].norm()) for _, v in prefix]   # relative change of values
+        if lowest is not None:
+            assert min(moved) > lowest, moved
+        else:
+            assert min(moved[12:]) < 1e-3, moved   # the old layout's deep layers: z is invisible
+
+
 def test_clap_step_and_personalised_generation_write_english(smollm2, monkeypatch):
     monkeypatch.setenv(precision.ENV_VAR, "auto")   # bf16 autocast where the CPU has it, as a night runs
     base, tok = smollm2

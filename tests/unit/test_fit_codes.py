@@ -15,16 +15,10 @@ from latentpref.tasks.data.store import Store
 from latentpref.tasks.models.clap import CLaP, CLaPConfig, save_clap
 from latentpref.tasks.objectives import categorical_latent_dpo_loss
 from latentpref.tasks.train.fit_codes import CodeFitConfig, fit_code_users, mean_posterior_delta, user_code_probs
-from latentpref.tasks.train.personalize import (
-    CODES_FILE,
-    ChunkJob,
-    LatentCache,
-    build_latent_cache,
-    current_fit,
-    fit_chunk,
-    load_user_policy,
-    table_to_ipc,
-)
+from latentpref.tasks.data.ipc import table_to_ipc
+from latentpref.tasks.policy.cache import LatentCache, build_latent_cache
+from latentpref.tasks.policy.store import CODES_FILE, current_fit, load_user_policy
+from latentpref.tasks.train.personalize import ChunkJob, fit_chunk
 
 V = 101
 PROMPTS = [f"prompt {i} about the film" for i in range(6)]

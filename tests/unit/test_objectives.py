@@ -389,3 +389,27 @@ class TestCategoricalLatentDPO:
         torch.testing.assert_close(m["accuracy"], torch.tensor(2 / 3))
         loss.backward()
         assert p.grad[0, 0] < 0 < p.grad[0, 2]     # descent raises the chosen code, lowers the rejected one
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
+def test_preference_loss_grad_matches_preference_loss_and_autograd(loss_type):
+    """The closed-form link (head-only fit) is `preference_loss` of the unscaled margin, and its derivative is
+    autograd's: s = link_scale * margin, dl/ds checked in float64."""
+    from latentpref.tasks.objectives import link_scale, preference_loss_grad
+    beta, gamma = 0.3, 0.2
+    margin = torch.linspace(-4.0, 4.0, 17, dtype=torch.float64)
+    s = (link_scale(loss_type, beta) * margin).requires_grad_(True)
+    loss, grad = preference_loss_grad(s, loss_type=loss_type, beta=beta, gamma=gamma)
+    ref = preference_loss(margin, torch.zeros((), dtype=torch.float64), loss_type=loss_type, beta=beta, gamma=gamma)
+    torch.testing.assert_close(loss, ref)
+    (auto,) = torch.autograd.grad(loss.sum(), s)
+    torch.testing.assert_close(grad, auto)
+
+
+def test_evidence_mask_keeps_top_positive_gaps_and_never_ties():
+    """r = [0, 0.5, 1, 1]: upper-triangle gaps (0,1) -0.5, (0,2) -1, (0,3) -1, (1,2) -0.5, (1,3) -0.5, (2,3) 0;
+    rho = 1 keeps every non-zero gap, the tie (2,3) never counts."""
+    from latentpref.tasks.objectives import evidence_mask
+    c, keep = evidence_mask(torch.tensor([[0.0, 0.5, 1.0, 1.0]]), 1.0)
+    torch.testing.assert_close(c, torch.tensor([[-0.5, -1.0, -1.0, -0.5, -0.5, 0.0]]))
+    assert keep.tolist() == [[True, True, True, True, True, False]]

@@ -17,15 +17,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from latentpref.tasks.data.batching import tokenize_prompts
 from latentpref.tasks.data.store import Store
 from latentpref.tasks.models.clap import CLaP, CLaPConfig, save_clap
-from latentpref.tasks.train.personalize import (
-    ChunkJob,
-    build_latent_cache,
-    current_fit,
-    fit_chunk,
-    load_user_head,
-    load_user_policy,
-    table_to_ipc,
-)
+from latentpref.tasks.data.ipc import table_to_ipc
+from latentpref.tasks.policy.cache import build_latent_cache
+from latentpref.tasks.policy.store import current_fit, load_user_head, load_user_policy
+from latentpref.tasks.train.personalize import ChunkJob, fit_chunk
 
 V = 101
 PROMPTS = [f"prompt {i} about the film" for i in range(6)]

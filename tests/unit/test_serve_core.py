@@ -21,7 +21,8 @@ from latentpref.tasks.evaluate.serve_core import (
     publish_release,
     release_fit,
 )
-from latentpref.tasks.train.personalize import HEAD_FILE, _store_user, fit_version
+from latentpref.tasks.policy.store import HEAD_FILE, fit_version
+from latentpref.tasks.policy.store import store_user as _store_user
 
 LIMITS = ServeLimits(max_prompt_chars=100, max_tokens_cap=20, default_max_tokens=16, max_body_bytes=2000)
 JSON = "application/json"
@@ -171,7 +172,7 @@ def test_releases_bind_the_clap_to_its_own_users_fits(tmp_path):
 
 
 def _key(store, user):
-    from latentpref.tasks.train.personalize import user_folder
+    from latentpref.tasks.policy.store import user_folder
     return user_folder(user)[1:]
 
 

@@ -39,6 +39,46 @@ def test_failed_write_keeps_previous_version(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["a.bin"]
 
 
+def test_write_many_writes_every_object_with_one_sync(tmp_path, monkeypatch):
+    import latentpref.tasks.data.store as store_mod
+    store = Store(str(tmp_path / "s"))
+    store.write_bytes(b"old", "u", "a", "current.json")
+    calls = []
+    real = store_mod.sync_files
+    monkeypatch.setattr(store_mod, "sync_files", lambda paths, root: (calls.append(len(paths)), real(paths, root)))
+    urls = store.write_many([(b"head", ("u", "a", "v1", "head.bin")), (b'{"k": 1}', ("u", "a", "v1", "m.json")),
+                             (b"new", ("u", "a", "current.json"))])
+    assert calls == [3] and urls == [store.url("u", "a", "v1", "head.bin"), store.url("u", "a", "v1", "m.json"),
+                                     store.url("u", "a", "current.json")]
+    assert store.read_bytes("u", "a", "current.json") == b"new"
+    assert store.read_json("u", "a", "v1", "m.json") == {"k": 1}
+    assert sorted(os.listdir(tmp_path / "s" / "u" / "a")) == ["current.json", "v1"]     # no temp files
+
+
+def test_write_many_that_fails_keeps_every_previous_version(tmp_path, monkeypatch):
+    import latentpref.tasks.data.store as store_mod
+    store = Store(str(tmp_path / "s"))
+    store.write_bytes(b"old", "a.bin")
+
+    def boom(paths, root):
+        raise OSError("disk full")
+    monkeypatch.setattr(store_mod, "sync_files", boom)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_many([(b"new", ("a.bin",)), (b"x", ("d", "b.bin"))])
+    assert store.read_bytes("a.bin") == b"old" and not store.exists("d", "b.bin")
+    assert os.listdir(tmp_path / "s" / "d") == [] and sorted(os.listdir(tmp_path / "s")) == ["a.bin", "d"]
+
+
+def test_sync_files_falls_back_to_fsync_without_syncfs(tmp_path, monkeypatch):
+    import latentpref.tasks.data.store as store_mod
+    monkeypatch.setattr(store_mod, "_libc_syncfs", lambda: None)
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    Store(str(tmp_path)).write_many([(b"1", ("a",)), (b"2", ("b",))])
+    assert len(synced) == 2 and (tmp_path / "b").read_bytes() == b"2"
+
+
 def test_lock_refuses_a_second_holder_with_a_clear_message(tmp_path):
     store = Store(str(tmp_path))
     with store_lock(store, "nightly"):

@@ -1,0 +1,70 @@
+"""Smoke test of the few-shot benchmark (issue 15 item 6) on the session's tiny night.
+
+`benchmarks/fewshot.py` only reads the store (CLaP, base LM, pairs, users, prompts), so it runs on the finished store
+of `test_generate.tiny_night` directly, with that night's overrides: 2 users, N in {1, 2}, every method.
+"""
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_generate import SMALLER, tiny_night   # tests/integration is on sys.path (pytest's default rootdir imports)
+
+pytestmark = pytest.mark.slow
+
+FEWSHOT = Path(__file__).resolve().parents[2] / "benchmarks" / "fewshot.py"
+
+
+def _fewshot():
+    spec = importlib.util.spec_from_file_location("fewshot_bench", FEWSHOT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def curve(session_dir, tmp_path_factory):
+    _, _, store = tiny_night(session_dir)
+    out = tmp_path_factory.mktemp("fewshot") / "fewshot.json"
+    overrides = [o for o in SMALLER if not o.startswith("runtime.")]
+    t0 = time.perf_counter()
+    argv = ["--out", str(out), "--store", store, "--preset", "tiny", "--users", "2", "--n-pairs", "1,2"]
+    for o in overrides:
+        argv += ["--set", o]
+    assert _fewshot().main(argv) == 0
+    return json.loads(out.read_text()), time.perf_counter() - t0
+
+
+def test_curve_has_every_method_and_point(curve):
+    result, seconds = curve
+    assert result["n_pairs"] == [1, 2] and result["preset"] == "tiny"
+    assert set(result["methods"]) == {"latent_dpo", "latent_dpo_faithful", "lora_dpo", "clap_prior"}
+    for name, m in result["methods"].items():
+        for metric in ("heldout_accuracy", "win_rate_vs_prior", "seconds_per_user"):
+            assert len(m[metric]) == 2, (name, metric)
+            assert len(m[f"{metric}_ci"]) == 2 and all(len(ci) == 2 for ci in m[f"{metric}_ci"])
+        assert all(0.0 <= v <= 1.0 for v in m["heldout_accuracy"] + m["win_rate_vs_prior"]), name
+        assert m["users"] == 2
+    assert result["methods"]["clap_prior"]["heldout_accuracy"] == [0.5, 0.5]
+    assert result["methods"]["clap_prior"]["win_rate_vs_prior"] == [0.5, 0.5]
+    for name in ("latent_dpo", "latent_dpo_faithful", "lora_dpo"):
+        assert all(s > 0 for s in result["methods"][name]["seconds_per_user"]), name
+    assert result["n_pairs_used"] == [[1, 1], [2, 2]]
+    # the night's settings, read from the config with the night's overrides
+    assert result["settings"]["lora_dpo"]["steps"] == 4
+    assert result["settings"]["latent"]["head-only"]["steps"] == 30
+    # budget: well under 2 minutes on an idle 2-core box; 143 s measured at load average ~35 (shared box), so only a
+    # runaway fails here
+    assert seconds < 600, f"the smoke run took {seconds:.0f}s"
+
+
+def test_renders(curve, tmp_path):
+    sys.path.insert(0, str(FEWSHOT.parent))
+    import render
+    result, _ = curve
+    (tmp_path / "fewshot.json").write_text(json.dumps(result))
+    text = render.fewshot_table(render.Results(tmp_path))
+    assert "N = 1" in text and "latent_dpo_faithful" in text
