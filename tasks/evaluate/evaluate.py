@@ -112,7 +112,7 @@ def _latent_lm_checks(clap, tokenizer, policy, held: list[tuple[str, str, str]],
     p_ids, p_mask = tokenize_prompts(tokenizer, [h[0] for h in held], s.prompt_tokens)
     c_ids, c_mask = tokenize_responses(tokenizer, [h[1] for h in held], s.response_tokens)
     r_ids, r_mask = tokenize_responses(tokenizer, [h[2] for h in held], s.response_tokens)
-    z_user = policy.latent(clap.encoder, p_ids, p_mask)[0].float()
+    z_user = policy.serving_latent(clap.encoder, p_ids, p_mask).float()
     z_prior = prior_latent(clap, p_ids, p_mask)
     logp = {(who, side): clap.response_logps(z, p_ids, p_mask, ids, mask)
             for who, z in (("user", z_user), ("prior", z_prior))
@@ -208,8 +208,8 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         # latent DPO: the user's stored policy from the nightly fit (any mode: head-only, trunk-frozen, faithful)
         policy = user_policies[user_id]
         manifest = policy.manifest
-        mu_p, _ = policy.latent(clap.encoder, p_ids, p_mask)
-        texts = _clap_generate(clap, tokenizer, prompts, mu_p, settings)
+        mu_p, _ = policy.latent(clap.encoder, p_ids, p_mask)        # the fit itself (latent_shift below)
+        texts = _clap_generate(clap, tokenizer, prompts, policy.serving_latent(clap.encoder, p_ids, p_mask), settings)
         latent_acc = None
         lm_checks: dict[str, float | None] = {"heldout_accuracy": None, "z_sensitivity_nats": None}
         if held:

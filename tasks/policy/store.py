@@ -104,7 +104,15 @@ class UserPolicy:
             mu, logvar = user_latent(self.tensors["weight"], self.tensors["bias"], features)
         else:
             mu, logvar = policy_latent(encoder, self.tensors, input_ids, attention_mask)
-        return within_prior(mu), logvar   # the served z stays where the adapter was trained (latent.within_prior)
+        return mu, logvar
+
+    @torch.no_grad()
+    def serving_latent(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The z this user is served with (B, latent_dim) float32: the policy mean, for Gaussian fits scaled back
+        onto the prior's ball (`latent.within_prior`: the adapter never saw latents beyond it); discrete: the
+        expected code. `latent` keeps the fitted distribution itself, for the latent-space diagnostics."""
+        mu, _ = self.latent(encoder, input_ids, attention_mask)
+        return mu if self.discrete else within_prior(mu)
 
     @torch.no_grad()
     def code_probs(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -152,7 +160,7 @@ def latents(policies: Sequence[UserPolicy | None], encoder, ids: torch.Tensor,
         feats = encoder.features(ids[heads], mask[heads]).float()                               # (n, Q, d)
         weight = torch.stack([live[i].tensors["weight"].float() for i in heads])                # (n, Q, d, 2D/Q)
         bias = torch.stack([live[i].tensors["bias"].float() for i in heads])                    # (n, Q, 2D/Q)
-        z[heads] = within_prior(predict_latent(weight, bias, feats[:, None])[:, 0]).to(z.device)              # (n, D)
+        z[heads] = predict_latent(weight, bias, feats[:, None])[:, 0].to(z.device)              # (n, D)
     by_policy: dict[int, list[int]] = {}
     for i, p in enumerate(live):
         if p is not None and p.mode != "head-only":
@@ -160,7 +168,7 @@ def latents(policies: Sequence[UserPolicy | None], encoder, ids: torch.Tensor,
     for rows in by_policy.values():   # encoder-mode policies: their own weights, one pass per user
         mu, _ = live[rows[0]].latent(encoder, ids[rows], mask[rows])
         z[rows] = mu.float().to(z.device)
-    return z
+    return within_prior(z)   # as UserPolicy.serving_latent (cold-start rows are 0 and stay 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
