@@ -167,12 +167,14 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
             return ClapArtifact(version, folder, done.get("final_metrics", {}), skipped=True,
                                 model_name=CLAP_MODEL_NAME, model_version=model_version)
         use_gpu = _use_gpu(cfg.use_gpu)
+        prefix_init = _prefix_init(cfg, data_cfg)
         job = PretrainJob(store_root=store.root, base_model_path="/".join(data.base_model_path),
                           prompts_path=list(data.prompts.path), candidates_path=list(data.candidates.path),
                           prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
                           pairs_path=list(data.pairs.path) if _uses_pairs(cfg) else None,
-                          prefix_init=_prefix_init(cfg, data_cfg),
-                          feature_norm=(_prefix_init(cfg, data_cfg) == "anchor" if cfg.feature_norm is None
+                          prefix_init=prefix_init,
+                          # auto: standardise the encoder's features exactly where the adapter is anchored
+                          feature_norm=(prefix_init == "anchor" if cfg.feature_norm is None
                                         else cfg.feature_norm),
                           threads_per_worker=cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers),
                           **cfg.model_dump(include={"latent_dim", "n_query", "n_prefix", "encoder_layers", "anchor_scale", "adapter_lr",
