@@ -6,6 +6,10 @@
 Reuses a finished night's store (prepare + pretrain done: `models/clap/current.json`, `data/population/*/`,
 `data/prompts/*/`); `--preset` must be the one that night ran (its evaluate / personalize settings are used).
 Without `--store` a tiny world is built first (`latentpref pretrain --preset tiny` into a temporary folder).
+The store is only read while the curve runs; with `--store`, the finished result (the same JSON as `--out`, written
+there first) is also written to `reports/fewshot/<clap_version>.json` in it, where the night's HTML report
+(`latentpref report`) finds and plots it. Partial results (after each N) go to `--out` only, so a run that dies
+never replaces a finished curve of the same CLaP in the store.
 
 For every N, each of `--users` users (sorted ids, those with held-out pairs) keeps the first N of its train pairs
 (a fixed per-user shuffle, so the N-sets are nested; N is capped at what the user has, `n_pairs_used` says so), and:
@@ -324,6 +328,18 @@ def _summary(per, methods, modes, user_ids, lora_users, used, pcfg, cfg, seed) -
 
 
 # ------------------------------------------------------------------------------------------------ main
+def store_path(clap_version: str) -> tuple[str, ...]:
+    """Where the curve of a CLaP version lives in a store (path parts; pipelines/report.py reads it there): keyed by
+    the CLaP version because the curve measures that CLaP, so a night's report shows the curve of its own CLaP."""
+    return ("reports", "fewshot", f"{clap_version}.json")
+
+
+def store_result(store_dir: str, result: dict) -> str:
+    """Write `result` into the store at `store_path` (atomically, as the Store writes); returns its URL."""
+    from latentpref.tasks.data.store import Store
+    return Store(store_dir).write_json(result, *store_path(result["clap_version"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -377,12 +393,21 @@ def main(argv: list[str] | None = None) -> int:
             "notes": args.note + ([] if complete else [f"partial: N = {done} of {n_pairs} done when this was written"]),
         }
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        return result
 
     curve = run_curve(night, cfg, user_ids, n_pairs, seed=cfg.evaluate.seed, faithful=not args.no_faithful,
                       lora_users=None if args.lora_users is None else user_ids[:args.lora_users],
                       overrides=args.overrides, on_point=lambda partial: write(partial, complete=False))
-    write(curve, complete=True)
+    result = write(curve, complete=True)
     log.info("wrote %s (%.0fs)", args.out, time.perf_counter() - t0)
+    if args.store is not None:
+        try:
+            log.info("wrote %s", store_result(night.store, result))
+        except Exception as err:  # noqa: BLE001 - the --out file is written already: say where it is, exit 1
+            log.error("the result is in %s, but its store copy could not be written (%s: %s); copy it to "
+                      "reports/fewshot/%s.json in the store for the night's report", args.out,
+                      type(err).__name__, err, night.clap_version)
+            return 1
     return 0
 
 

@@ -3,6 +3,7 @@
 Sections (stable element ids, checked by tests/integration/test_report.py):
     comparison     per-method quality and per-user fit time side by side, means with 95% bootstrap intervals
     win-rates      distribution of per-user win rates, per method
+    few-shot       quality as a user's pairs grow (benchmarks/fewshot.py's curve of this CLaP, when it was run)
     training       CLaP pretraining curves (stage 1, then stage 2)
     user-latents   2-D PCA map of users' mean latents, coloured by cohort
     code-usage     codebook usage; only for runs with discrete latents
@@ -24,12 +25,14 @@ import pyarrow as pa
 
 from latentpref.dashboards.user_map import UserMap
 
-SECTIONS = ("comparison", "generations", "win-rates", "training", "user-latents", "code-usage", "lineage",
-            "per-user")
+SECTIONS = ("comparison", "generations", "win-rates", "few-shot", "training", "user-latents", "code-usage",
+            "lineage", "per-user")
 # the methods a generation table shows, in this order: un-personalised first, then the personalised ones
 _GENERATION_METHODS = ("clap_prior", "latent_dpo", "lora_dpo", "ptuning_dpo", "full_dpo", "oracle_best_of_k",
                        "base_lm")
 _TRAINING_METRICS = ("loss", "nll_per_token", "kl", "contrastive", "active_units")
+# the few-shot curve's panels: (metric of benchmarks/fewshot.py, axis label)
+_FEWSHOT_PANELS = (("heldout_accuracy", "held-out accuracy (LM-based)"), ("win_rate_vs_prior", "win rate vs the prior"))
 
 
 @dataclass
@@ -46,6 +49,7 @@ class ReportData:
     user_map: UserMap | None = None
     latent_type: str = "gaussian"
     code_usage: list[int] | None = None      # discrete latents: how often each code is chosen
+    fewshot: dict | None = None              # benchmarks/fewshot.py's result JSON for this CLaP version
     notes: dict[str, str] = field(default_factory=dict)          # section id -> why it is empty / caveats
 
 
@@ -181,6 +185,55 @@ def plot_user_map(user_map: UserMap, out_dir: str) -> str:
     return _save(fig, out_dir, "user_latents.png")
 
 
+def _curve_points(ns: list[int], values: list[Any], cis: list[Any] | None
+                  ) -> tuple[list[int], list[float], list[int], list[float], list[float]]:
+    """(N, value) of the points that have a value, and (N, lo, hi) of those with a whole interval: a method can
+    miss a point (no user had a value there) and an older result may carry no `<metric>_ci`."""
+    xs, ys, bx, lo, hi = [], [], [], [], []
+    for k, (n, v) in enumerate(zip(ns, values)):
+        if math.isnan(_num(v)):
+            continue
+        xs.append(n)
+        ys.append(_num(v))
+        ci = cis[k] if cis is not None and k < len(cis) else None
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(math.isnan(_num(c)) for c in ci):
+            bx.append(n)
+            lo.append(_num(ci[0]))
+            hi.append(_num(ci[1]))
+    return xs, ys, bx, lo, hi
+
+
+def plot_fewshot(result: dict[str, Any], out_dir: str) -> str:
+    """Two panels sharing N (pairs per user, log2 axis): held-out accuracy and win rate vs the prior, one line per
+    method with its 95% bootstrap band over users; the dashed line at 0.5 is chance / the prior's own value."""
+    plt = _pyplot()
+    ns = [int(n) for n in result.get("n_pairs", [])]
+    methods = result.get("methods", {})
+    colors = _method_colors(list(methods))
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.9), sharex=True)
+    for ax, (metric, label) in zip(axes, _FEWSHOT_PANELS):
+        for name, m in methods.items():
+            xs, ys, bx, lo, hi = _curve_points(ns, m.get(metric) or [], m.get(f"{metric}_ci"))
+            if not xs:
+                continue
+            ax.plot(xs, ys, marker="o", ms=4, lw=1.5, color=colors[name], label=name)
+            if bx:
+                ax.fill_between(bx, lo, hi, color=colors[name], alpha=0.15, lw=0)
+        ax.axhline(0.5, color="#aaa", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        if ns:
+            from matplotlib.ticker import NullFormatter
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("pairs per user N")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if any(ax.get_legend_handles_labels()[0] for ax in axes):
+        axes[1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, out_dir, "fewshot.png")
+
+
 def plot_code_usage(counts: list[int], out_dir: str) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(counts) + 3), 3.0))
@@ -300,6 +353,54 @@ def generations_html(per_user: pa.Table | None) -> str:
     return "".join(out)
 
 
+def _fmt(v: Any, spec: str) -> str:
+    x = _num(v)
+    return "–" if math.isnan(x) else format(x, spec)
+
+
+def _at(values: Any, k: int) -> Any:
+    return values[k] if isinstance(values, list) and k < len(values) else None
+
+
+def fewshot_table_html(result: dict[str, Any]) -> str:
+    """Rows = methods, columns = N; a cell is "held-out accuracy / win rate vs prior (seconds per user)"."""
+    ns = result.get("n_pairs", [])
+    head = "<th>method</th>" + "".join(f"<th>N = {_esc(n)}</th>" for n in ns)
+    rows = []
+    for name, m in result.get("methods", {}).items():
+        cells = "".join(
+            f"<td>{_fmt(_at(m.get('heldout_accuracy'), k), '.2f')} / {_fmt(_at(m.get('win_rate_vs_prior'), k), '.2f')}"
+            f" ({_fmt(_at(m.get('seconds_per_user'), k), '.3g')} s)</td>" for k in range(len(ns)))
+        rows.append(f"<tr><th>{_esc(name)}</th>{cells}</tr>")
+    return (f"<table class='fewshot'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            "<p class='note'>Cell: held-out accuracy / win rate vs the prior (seconds per user: encoding + fit, one "
+            "user alone).</p>")
+
+
+def fewshot_note(result: dict[str, Any], extra: str | None) -> str:
+    """Who and what the curve measured: users, preset, CLaP version, partial runs and capped N."""
+    parts = []
+    users = result.get("users")
+    n_users = len(users) if isinstance(users, list) else users
+    if n_users:
+        per = {name: m.get("users") for name, m in result.get("methods", {}).items()}
+        fewer = ", ".join(f"{name} on {u}" for name, u in per.items() if isinstance(u, int) and u != n_users)
+        parts.append(f"{n_users} users" + (f" ({fewer})" if fewer else "") + ".")
+    facts = [f"{k} {result[k]}" for k in ("preset", "clap_version") if result.get(k)]
+    if facts:
+        parts.append("Benchmark run with " + ", ".join(facts) + ".")
+    used = result.get("n_pairs_used") or []
+    if any(isinstance(u, list) and any(isinstance(x, int) and x < n for x in u)
+           for n, u in zip(result.get("n_pairs", []), used)):
+        parts.append("Users with fewer train pairs than N use all they have (n_pairs_used in the JSON).")
+    if result.get("complete") is False:
+        done, planned = (", ".join(map(str, result.get(k) or [])) for k in ("n_pairs", "n_pairs_planned"))
+        parts.append(f"Partial: only N = {done} of {planned or '?'} finished.")
+    if extra:
+        parts.append(extra)
+    return " ".join(parts)
+
+
 def render_report(out_dir: str, data: ReportData) -> str:
     """Write index.html and its PNGs into `out_dir`; returns the path of index.html."""
     os.makedirs(out_dir, exist_ok=True)
@@ -330,6 +431,16 @@ def render_report(out_dir: str, data: ReportData) -> str:
     else:
         body = _missing("per-user evaluation results")
     parts.append(_section("win-rates", "Distribution of per-user win rates", body, notes.get("win-rates")))
+
+    if data.fewshot and data.fewshot.get("n_pairs") and data.fewshot.get("methods"):
+        body = _img(plot_fewshot(data.fewshot, out_dir), "few-shot curve") + fewshot_table_html(data.fewshot)
+        note = fewshot_note(data.fewshot, notes.get("few-shot")) or None
+    else:
+        body = _missing("the few-shot benchmark for this CLaP (python benchmarks/fewshot.py --store STORE "
+                        "--preset P --out F)")
+        note = notes.get("few-shot")
+    parts.append(_section("few-shot", "Few-shot curve: quality as a user's pairs grow (mean [95% CI] over users)",
+                          body, note))
 
     body = (_img(plot_training(data.history, data.stage_boundary, out_dir), "CLaP training curves")
             if data.history else _missing("CLaP training metrics"))

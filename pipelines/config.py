@@ -102,6 +102,12 @@ class PretrainConfig(_Section):
     # standardise the posterior encoder's features with statistics of real (x, y) rows before training
     # (CLaPConfig.feature_norm); None = auto: on for pretrained bases (same rule as prefix_init auto)
     feature_norm: bool | None = None
+    # add the pooled token states to the posterior encoder's query features (CLaPConfig.pool_tokens)
+    pool_tokens: bool = False
+    # weight of the bag-of-words loss (ClapObjective: predict every response token from z; the CLaP gets a BoW
+    # head); 0 = off, the spec's objective
+    bow_weight: Annotated[float, Field(ge=0)] = 0.0
+    bow_lr: Annotated[float, Field(gt=0)] = 1e-2     # the BoW head's own learning rate (bow_weight > 0)
     # learning rate of the latent adapter (None = lr): anchored prefixes need a smaller one than the encoder
     adapter_lr: Annotated[float, Field(gt=0)] | None = None
     use_gpu: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_to_str)] = "auto"  # auto: GPUs if the cluster has them
@@ -133,7 +139,10 @@ class PersonalizeConfig(_Section):
     mode: Literal["head-only", "trunk-frozen", "faithful"] = "head-only"
     loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
     steps: Annotated[int, Field(ge=0)] | None = None   # None = MODE_STEPS[mode] (filled in when the config loads)
-    lr: Annotated[float, Field(gt=0)] | None = None   # None = MODE_LR[mode] (filled in when the config loads)
+    lr: Annotated[float, Field(gt=0)] | None = None   # None = mode_lr / MODE_LR[mode] (filled in at load)
+    # per-mode default rates of this preset, over MODE_LR (an explicit `lr` wins): a preset can retune one mode
+    # without pinning the rate of the others when `mode` is changed on the command line
+    mode_lr: dict[Literal["head-only", "trunk-frozen", "faithful"], Annotated[float, Field(gt=0)]] = {}
     # k = reuse k latent-sample draws cyclically (the samples + evidence mask are computed k times per fit, not
     # `steps` times: ~5x cheaper head-only); "fresh" = new samples every step; None = MODE_NOISE_DRAWS[mode]
     noise_draws: Annotated[int, Field(ge=1)] | Literal["fresh"] | None = None
@@ -160,7 +169,7 @@ class PersonalizeConfig(_Section):
             if data.get("steps") is None:
                 data["steps"] = MODE_STEPS[mode]
             if data.get("lr") is None:
-                data["lr"] = MODE_LR[mode]
+                data["lr"] = (data.get("mode_lr") or {}).get(mode, MODE_LR[mode])
             if data.get("noise_draws") is None:
                 data["noise_draws"] = MODE_NOISE_DRAWS[mode]
         return data

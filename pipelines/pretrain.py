@@ -51,6 +51,11 @@ def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts)
     exclude = {"num_workers", "use_gpu", "checkpoint_every", "max_failures", "threads_per_worker"}
     if cfg.latent_type == "gaussian":
         exclude |= DISCRETE_FIELDS
+    # encoder options added later are hashed only when on, so CLaPs trained before they existed keep their version
+    if not cfg.pool_tokens:
+        exclude.add("pool_tokens")
+    if cfg.bow_weight == 0:
+        exclude |= {"bow_weight", "bow_lr"}
     from latentpref.tasks.models.clap import ADAPTER_LAYOUT
     inputs = {"pretrain": cfg.model_dump(exclude=exclude), "base": data.base_model_version, "layout": ADAPTER_LAYOUT,
               "prompts": data.prompts.digest, "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
@@ -177,7 +182,8 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                           feature_norm=(prefix_init == "anchor" if cfg.feature_norm is None
                                         else cfg.feature_norm),
                           threads_per_worker=cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers),
-                          **cfg.model_dump(include={"latent_dim", "n_query", "n_prefix", "encoder_layers", "anchor_scale", "adapter_lr",
+                          **cfg.model_dump(include={"latent_dim", "n_query", "n_prefix", "encoder_layers", "anchor_scale", "adapter_lr", "pool_tokens",
+                                                    "bow_weight", "bow_lr",
                                                     "stage1_steps", "stage2_steps", "prompts_per_batch",
                                                     "responses_per_prompt", "lr", "kl_samples", "kl_weight",
                                                     "contrastive_weight", "max_grad_norm", "checkpoint_every", "seed",

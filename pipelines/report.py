@@ -30,6 +30,7 @@ STAGES = tuple(s for s in config.STAGES if s != "report")   # the stages with an
 _HISTORY_KEYS = ("loss", "nll_per_token", "kl", "contrastive", "active_units", "stage")
 MAP_PROMPTS = 16          # fixed prompts (first of the test split) each user's mean latent is taken over
 MAP_MAX_USERS = 2000      # a bigger population is subsampled (deterministically) for the map
+FEWSHOT_DIR = ("reports", "fewshot")   # <clap_version>.json: benchmarks/fewshot.py --store writes the curve there
 
 
 class RunNotFound(ValueError):
@@ -286,6 +287,25 @@ def code_usage(store: Store, clap_version: str | None, latent_type: str) -> tupl
     return [int(c) for c in counts], ""
 
 
+def fewshot_result(store: Store, clap_version: str | None) -> tuple[dict[str, Any] | None, str]:
+    """The few-shot curve of this CLaP version (benchmarks/fewshot.py's result, which it copies into the store), and
+    a note when there is none. The benchmark is run by hand, not by the night, so a missing or unreadable file only
+    empties the report's few-shot section; the note says which it was."""
+    if not clap_version:
+        return None, "The night recorded no CLaP version, so no few-shot curve can be matched to it."
+    path = (*FEWSHOT_DIR, f"{clap_version}.json")
+    try:
+        if not store.exists(*path):
+            return None, f"No few-shot result at {store.url(*path)}."
+        result = store.read_json(*path)
+    except Exception as err:  # noqa: BLE001 - one empty section, never a failed report
+        log.warning("report: few-shot result %s unreadable: %s", store.url(*path), err)
+        return None, f"The few-shot result at {store.url(*path)} could not be read: {type(err).__name__}: {err}"
+    if not isinstance(result, dict) or not result.get("n_pairs") or not isinstance(result.get("methods"), dict):
+        return None, f"The few-shot result at {store.url(*path)} has no n_pairs / methods: not a fewshot.py result."
+    return result, ""
+
+
 # ------------------------------------------------------------------------------------------------ assemble
 def _fmt_time(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000)) if ms else "–"
@@ -388,6 +408,9 @@ def collect(client, run_id: str, fallback_store: Store | None = None):
     usage, usage_note = code_usage(store, clap_version, latent_type)
     if usage_note:
         notes["code-usage"] = usage_note
+    fewshot, fewshot_note = fewshot_result(store, clap_version)
+    if fewshot_note:
+        notes["few-shot"] = fewshot_note
 
     summary = night_summary(client, root, store, per_user=per_user)
     mlflow_rows = [("tracking URI", client.tracking_uri), ("experiment id", root.info.experiment_id),
@@ -413,7 +436,7 @@ def collect(client, run_id: str, fallback_store: Store | None = None):
     return ReportData(run_id=rid, title=f"latentpref nightly run {root.info.run_name or rid}", summary=summary,
                       lineage=lineage, comparison=comparison, per_user=per_user, history=history,
                       history_source=history_source, stage_boundary=boundary, user_map=umap, latent_type=latent_type,
-                      code_usage=usage, notes=notes)
+                      code_usage=usage, fewshot=fewshot, notes=notes)
 
 
 def build_report(run_id: str, out_dir: str, *, tracking_uri: str | None = None, store: Store | None = None,

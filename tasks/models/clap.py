@@ -71,6 +71,17 @@ class CLaPConfig:
     # scale (the copied blocks' queries mostly read the attention sink), so the zero-initialised head (spec §2.2)
     # gives every response the same posterior for dozens of steps: stage 1 ended with 0 active units of 32.
     feature_norm: bool = False
+    # Add the masked mean of the encoder's (normalised) token states to every query's output. The spec's queries
+    # sit after the last token and, two copied blocks deep, mostly read the attention sink: on SmolLM2 a ridge probe
+    # from the trained posterior's features to a response's sentiment (within a prompt) reached corr 0.10, from
+    # the mean-pooled token states of the same depth 0.39. What a user prefers (tone, length, wording) is spread
+    # over the response, so the posterior needs the pooled view to carry it.
+    pool_tokens: bool = False
+    # Bag-of-words head z -> vocabulary logits (Zhao et al. 2017, "Learning discourse-level diversity ... CVAE"),
+    # trained by ClapObjective's `bow_weight` term: predicting every response token from z alone. With the LM NLL
+    # only, KL pressure leaves z with whatever helps the *next* tokens most: on SmolLM2 the stage-1 posterior
+    # encoded the response's first token, while what a user prefers (tone, wording) is spread over all of it.
+    bow_head: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "n_query", "n_prefix", "encoder_layers"):
@@ -168,6 +179,7 @@ class LatentEncoder(nn.Module):
         self.queries = nn.Parameter(torch.randn(cfg.n_query, d) * 0.02)  # (Q, C), spec §2.2 N(0, 0.02)
         self.ln_in = nn.LayerNorm(d)
         self.ln_out = nn.LayerNorm(d)
+        self.ln_pool = nn.LayerNorm(d) if cfg.pool_tokens else None
         if cfg.latent_type == "gaussian":
             self.h2z = nn.Linear(d, 2 * cfg.latent_dim // cfg.n_query)
         else:
@@ -234,7 +246,13 @@ class LatentEncoder(nn.Module):
             rope = self.rotary(h, pos)
             for block in self.blocks:
                 h = block(h, attention_mask=bias, position_ids=pos, position_embeddings=rope)
-        return self.ln_out(h[:, -Q:])
+        out = self.ln_out(h[:, -Q:])
+        if self.ln_pool is not None:
+            # per-token LayerNorm first: the pooled view is not dominated by a few high-norm (attention-sink) states
+            real = attention_mask[..., None].to(h.dtype)                                     # (B, T, 1)
+            pooled = (self.ln_pool(h[:, :T]) * real).sum(1) / real.sum(1).clamp(min=1.0)     # (B, C)
+            out = out + pooled[:, None]
+        return out
 
     @property
     def discrete(self) -> bool:
@@ -414,12 +432,27 @@ class CLaP(nn.Module):
         self.skip = SkipMLP(self.cfg.latent_dim, d) if self.cfg.skip_connection else None
         # LPC pair posterior q(k|x, y_w > y_l) (lpc.md §2.4), trained by the LPC pair objective in pretraining
         self.pair_posterior = PairPosterior(d, self.cfg.n_codes) if self.discrete else None
+        vocab = base_lm.get_output_embeddings().weight.shape[0]
+        self.bow = nn.Linear(self.cfg.latent_dim, vocab) if self.cfg.bow_head else None
         p = next(base_lm.parameters())
         self.to(device=p.device, dtype=p.dtype)
 
     @property
     def discrete(self) -> bool:
         return self.cfg.latent_type == "discrete"
+
+    def bow_nll(self, z: Tensor, response_ids: Tensor, response_mask: Tensor) -> Tensor:
+        """Bag-of-words NLL, fp32: -sum_t log softmax(W z)[y_t] over each response's real tokens -> (B,).
+
+        Raises:
+            ValueError: the CLaP was built without `bow_head`.
+        """
+        if self.bow is None:
+            raise ValueError("bow_nll needs CLaPConfig.bow_head=True (this CLaP has no bag-of-words head)")
+        with precision.fp32():
+            logp = F.linear(z.float(), self.bow.weight.float(), self.bow.bias.float()).log_softmax(-1)  # (B, V)
+        picked = logp.gather(1, response_ids)                                                           # (B, T)
+        return -(picked * response_mask.to(picked.dtype)).sum(1)
 
     @property
     def max_positions(self) -> int | None:
@@ -456,8 +489,29 @@ class CLaP(nn.Module):
 
     def calibrate_posterior(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                             response_mask: Tensor) -> None:
-        """`feature_norm` statistics from the posterior's own inputs (training (x, y) rows), before training."""
-        self.encoder.calibrate_features(*self._posterior_input(prompt_ids, prompt_mask, response_ids, response_mask))
+        """Before training, from real training (x, y) rows: the `feature_norm` statistics of the posterior's inputs,
+        and the bag-of-words head's bias (when there is one) at the rows' smoothed unigram log-frequencies."""
+        if not self.encoder.cfg.feature_norm and self.bow is None:
+            raise ValueError("calibrate_posterior needs CLaPConfig.feature_norm=True or bow_head=True (nothing to "
+                             "calibrate)")
+        if self.encoder.cfg.feature_norm:
+            self.encoder.calibrate_features(*self._posterior_input(prompt_ids, prompt_mask, response_ids,
+                                                                   response_mask))
+        if self.bow is not None:
+            self.calibrate_bow(response_ids, response_mask)
+
+    @torch.no_grad()
+    def calibrate_bow(self, response_ids: Tensor, response_mask: Tensor, smoothing: float = 0.01) -> None:
+        """BoW bias = log unigram frequency of these responses' tokens (add-`smoothing`): z then only has to explain
+        how a response's words differ from the average, and the loss starts near the unigram entropy, not at
+        log(vocab). (At the encoder's lr a zero bias would need thousands of steps to learn the unigram.)"""
+        if self.bow is None:
+            raise ValueError("calibrate_bow needs CLaPConfig.bow_head=True")
+        counts = torch.zeros(self.bow.bias.shape[0], dtype=torch.float64)
+        counts.index_add_(0, response_ids[response_mask.bool()].long().cpu(),
+                          torch.ones(int(response_mask.sum()), dtype=torch.float64))
+        freq = (counts + smoothing) / (counts.sum() + smoothing * counts.numel())
+        self.bow.bias.copy_(freq.log().to(self.bow.bias))
 
     def encode_logits(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                       response_mask: Tensor) -> Tensor:

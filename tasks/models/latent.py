@@ -19,6 +19,8 @@ __all__ = [
     "LOG_2PI",
     "gaussian_log_prob",
     "gaussian_log_prob_dims",
+    "POLICY_LOGVAR_BOUND",
+    "bounded_logvar",
     "kl_to_standard",
     "sample",
     "standard_normal_log_prob",
@@ -28,6 +30,16 @@ __all__ = [
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
+# A fitted user policy's log-variance lives in [-10, 10] (sigma 0.0067..148). Latent DPO rewards a policy variance
+# that shrinks around the winners' side (the margin grows like e^-logvar), and nothing else holds it: on SmolLM2
+# (standardised encoder features, a 2,304-input head at lr 1e-2) one pair drove logvar to +-80 in 30 steps and
+# e^-logvar overflowed to NaN weights at step ~40. Outside the bound the fit gets no gradient along logvar.
+POLICY_LOGVAR_BOUND = 10.0
+
+
+def bounded_logvar(logvar: Tensor) -> Tensor:
+    """A policy's effective log-variance: `logvar` clamped to +-POLICY_LOGVAR_BOUND (zero gradient outside)."""
+    return logvar.clamp(-POLICY_LOGVAR_BOUND, POLICY_LOGVAR_BOUND)
 
 
 def to_latent_dtype(x: Tensor) -> Tensor:

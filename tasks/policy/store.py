@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 from latentpref.tasks.data.store import Store, json_bytes, json_digest
 from latentpref.tasks.data.validate import user_storage_key
 from latentpref.tasks.models.policy import policy_latent, predict_latent, user_code_probs, user_latent
-from latentpref.tasks.models.latent import within_prior
+from latentpref.tasks.models.latent import bounded_logvar, within_prior
 
 __all__ = ["CODES_FILE", "CODES_MODE", "ENCODER_MODES", "HEAD_FILE", "MODES", "POLICY_FILE", "UserPolicy",
            "current_fit", "fit_version", "is_discrete", "latents", "load_user_head", "load_user_policy",
@@ -104,7 +104,7 @@ class UserPolicy:
             mu, logvar = user_latent(self.tensors["weight"], self.tensors["bias"], features)
         else:
             mu, logvar = policy_latent(encoder, self.tensors, input_ids, attention_mask)
-        return mu, logvar
+        return mu, bounded_logvar(logvar)    # the variance the fit itself used
 
     @torch.no_grad()
     def serving_latent(self, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 # the evidence-mask helpers are shared with `latent_dpo_loss` so the mask is the same definition, bit for bit
-from latentpref.tasks.models.latent import LOG_2PI
+from latentpref.tasks.models.latent import LOG_2PI, POLICY_LOGVAR_BOUND, bounded_logvar
 from latentpref.tasks.models.policy import predict_latent, user_latent  # noqa: F401  (the head's forward)
 from latentpref.tasks.objectives import (
     LossType,
@@ -234,7 +234,7 @@ def pair_loss_terms(mu: Tensor, logvar: Tensor, samples: PairSamples, *, beta: f
         (loss_sum (n,), n_kept (n,) float): sum_kept loss and the number of kept sample pairs, as
         `objectives.PairTerms.loss_sum` / `n_kept`.
     """
-    prec = torch.exp(-logvar.float())
+    prec = torch.exp(-bounded_logvar(logvar.float()))
     theta = torch.cat([0.5 * (1.0 - prec), mu.float() * prec], dim=-1)                          # (n, 2D)
     # broadcast-multiply + sum: 2x faster than a batched matvec (bmm of (K, 2D) @ (2D, 1)) on CPU
     R = (samples.phi * theta.unsqueeze(1)).sum(-1)                                               # (n, K)
@@ -283,19 +283,22 @@ def _fold_draw(samples: PairSamples, local_user: Tensor, n_users: int, weight: T
 _link_scale = link_scale   # the factor folded into theta (objectives.link_scale)
 
 
-def _policy_theta(mu: Tensor, logvar: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """scale * theta (n, 2D) with R(z) = [z^2, z] . theta + const (see `pair_loss_terms`), and prec = e^-lv."""
-    prec = torch.exp(-logvar)
-    return torch.cat([(0.5 * scale) * (1.0 - prec), (scale * mu) * prec], dim=-1), prec
+def _policy_theta(mu: Tensor, logvar: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """scale * theta (n, 2D) with R(z) = [z^2, z] . theta + const (see `pair_loss_terms`), prec = e^-lv of the
+    bounded log-variance, and where logvar lies inside the bound (where it gets a gradient)."""
+    prec = torch.exp(-bounded_logvar(logvar))
+    inside = logvar.abs() <= POLICY_LOGVAR_BOUND
+    return torch.cat([(0.5 * scale) * (1.0 - prec), (scale * mu) * prec], dim=-1), prec, inside
 
 
-def _policy_theta_backward(g_theta: Tensor, theta: Tensor, prec: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _policy_theta_backward(g_theta: Tensor, theta: Tensor, prec: Tensor, inside: Tensor,
+                           scale: float) -> tuple[Tensor, Tensor]:
     """(d/d mu, d/d logvar) (n, D) from d/d(scale * theta): d theta_A/d lv = prec / 2, d theta_B/d mu = prec,
-    d theta_B/d lv = -theta_B."""
+    d theta_B/d lv = -theta_B; zero along logvar outside the bound (as autograd through the clamp)."""
     D = prec.shape[-1]
     g_a, g_b = g_theta[:, :D], g_theta[:, D:]
     g_mu = (scale * g_b) * prec
-    g_lv = (0.5 * scale) * g_a * prec - g_b * theta[:, D:]
+    g_lv = ((0.5 * scale) * g_a * prec - g_b * theta[:, D:]) * inside
     return g_mu, g_lv
 
 
@@ -357,10 +360,10 @@ def _head_loss_grad(W: Tensor, Bb: Tensor, feats_q: Tensor, rows: Tensor | None,
     uc, Q, d, E = W.shape
     pm = feats_q.shape[1]
     mu, logvar = _head_latent(W, Bb, feats_q, rows)                                         # (n, D)
-    theta, prec = _policy_theta(mu, logvar, scale)
+    theta, prec, inside = _policy_theta(mu, logvar, scale)
     loss, g_theta = _kept_pair_loss_grad(theta, draw, beta=beta, loss_type=loss_type, gamma=gamma)
     # backward: theta -> (mu, logvar) -> head, undoing the forward's layout changes
-    g_mu, g_lv = _policy_theta_backward(g_theta, theta, prec, scale)
+    g_mu, g_lv = _policy_theta_backward(g_theta, theta, prec, inside, scale)
     if rows is not None:                  # padding rows get zero gradient
         g_mu = g_mu.new_zeros(uc * pm, g_mu.shape[1]).index_copy_(0, rows, g_mu)
         g_lv = g_lv.new_zeros(uc * pm, g_lv.shape[1]).index_copy_(0, rows, g_lv)
@@ -539,7 +542,7 @@ def fit_users(features: Tensor, chosen_mu: Tensor, chosen_logvar: Tensor, reject
         noise = step_noise(cfg.seed, cfg.steps, pm, cfg.n_samples, D, device).index_select(0, r)
         draw = _fold_draw(draw_pair_samples(*chunk.post, noise, evidence_ratio=cfg.evidence_ratio), local_user,
                           uc, chunk.weight)
-        theta, _ = _policy_theta(*_head_latent(W, Bb, feats_q, rows), scale)
+        theta, _, _ = _policy_theta(*_head_latent(W, Bb, feats_q, rows), scale)
         loss, correct = _kept_pair_metrics(theta, draw, beta=cfg.beta, loss_type=cfg.loss_type, gamma=cfg.gamma)
         final_loss[users] = loss.new_zeros(uc).index_add_(0, local_user, loss)
         final_acc[users] = loss.new_zeros(uc).index_add_(0, local_user, correct)

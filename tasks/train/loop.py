@@ -102,8 +102,11 @@ class ClapObjective(nn.Module):
     """L_CLaP = L_lm + w_kl * DG-KLD (+ w_con * contrastive in stage 2); G-skip in stage 1 (spec §3.5)."""
 
     def __init__(self, clap: nn.Module, *, kl_samples: int = 16, kl_weight: float = 1.0,
-                 contrastive_weight: float = 1.0, shared_prompt_cache: bool = True):
+                 contrastive_weight: float = 1.0, shared_prompt_cache: bool = True, bow_weight: float = 0.0):
         super().__init__()
+        if bow_weight > 0 and getattr(clap, "bow", None) is None:
+            raise ValueError(f"bow_weight={bow_weight} needs a CLaP built with CLaPConfig.bow_head=True")
+        self.bow_weight = bow_weight
         self.clap = clap
         # stage 2: True = one prompt pass per latent + B response passes (CLaP.shifted_response_logps); False = B
         # full passes with rolled latents (same values; kept as the benchmark's "before")
@@ -149,6 +152,11 @@ class ClapObjective(nn.Module):
                                              batch.response_mask, skip_z=skip_z)      # (P*B,)
         nll = -logps.mean()   # spec §3.1: per-sequence token sum, mean over sequences
         loss = nll + self.kl_weight * kl
+        bow = torch.zeros((), device=nll.device)
+        if self.bow_weight > 0:
+            # per-sequence token sum like the NLL; the gradient reaches only the encoder and the BoW head
+            bow = self.clap.bow_nll(z, batch.response_ids, batch.response_mask).mean()
+            loss = loss + self.bow_weight * bow
         contrastive = torch.zeros((), device=nll.device)
         contrastive_acc = torch.zeros((), device=nll.device)
         if contrastive_on:
@@ -159,7 +167,8 @@ class ClapObjective(nn.Module):
             # active units (posterior-collapse detector): dims whose posterior mean varies across the batch
             active_units = (mu.float().var(dim=0) > 0.01).sum().float() if mu.shape[0] > 1 else torch.zeros(())
         metrics = {"loss": loss.detach(), "nll_per_token": (-logps.sum() / n_tokens).detach(),
-                   "kl": kl.detach(), "contrastive": contrastive.detach(), "contrastive_acc": contrastive_acc,
+                   "kl": kl.detach(), "bow_per_token": (bow * logps.shape[0] / n_tokens).detach(),
+                   "contrastive": contrastive.detach(), "contrastive_acc": contrastive_acc,
                    "active_units": active_units, "tokens": n_tokens.detach().float()}
         return loss, metrics
 

@@ -25,6 +25,7 @@ import torch
 
 from latentpref.tasks.data.ipc import table_from_ipc, table_to_ipc  # noqa: F401  (table_to_ipc: for the flow)
 from latentpref.tasks.data.store import Store
+from latentpref.tasks.models.latent import POLICY_LOGVAR_BOUND
 # the policy's home: re-exported here for the callers of the old paths
 from latentpref.tasks.policy.cache import CACHE_FORMAT, LatentCache, build_latent_cache, text_key  # noqa: F401
 from latentpref.tasks.policy.settings import FitSettings
@@ -284,8 +285,10 @@ def _pair_weights(sub: pa.Table) -> torch.Tensor:
 
 def _version_settings(job: ChunkJob) -> dict[str, Any]:
     """What a chunk's fits are a function of besides the CLaP, mode and data: part of every fit's version and
-    manifest (`fit_settings`), so lineage can tell which settings produced an artifact."""
-    return {**job.fit.as_dict(), "min_pairs": job.min_pairs, "discrete_estimator": job.discrete_estimator}
+    manifest (`fit_settings`), so lineage can tell which settings produced an artifact. `policy_logvar_bound`: the
+    fit's log-variance bound changed what a fit computes when it came in, so fits from before it are refitted."""
+    return {**job.fit.as_dict(), "min_pairs": job.min_pairs, "discrete_estimator": job.discrete_estimator,
+            "policy_logvar_bound": POLICY_LOGVAR_BOUND}
 
 
 def _fault_point() -> None:

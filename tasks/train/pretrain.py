@@ -47,6 +47,9 @@ class PretrainJob(BaseModel):
     prefix_init: Literal["random", "anchor"] = "random"
     anchor_scale: float = 0.005
     feature_norm: bool = False
+    pool_tokens: bool = False         # CLaPConfig.pool_tokens
+    bow_weight: float = 0.0           # > 0: CLaP gets a bag-of-words head, trained with this weight
+    bow_lr: float = 1e-2
     adapter_lr: float | None = None   # None = lr
     feature_norm_batches: int = 4   # training batches whose (x, y) rows set the encoder's feature statistics
     threads_per_worker: int = 1
@@ -114,7 +117,8 @@ def _build_clap(job: PretrainJob):
     cfg = clap_lib.CLaPConfig(latent_dim=job.latent_dim, n_query=job.n_query, n_prefix=job.n_prefix,
                               encoder_layers=job.encoder_layers, latent_type=job.latent_type, n_codes=job.n_codes,
                               prefix_init=job.prefix_init, anchor_scale=job.anchor_scale,
-                              feature_norm=job.feature_norm)
+                              feature_norm=job.feature_norm, pool_tokens=job.pool_tokens,
+                              bow_head=job.bow_weight > 0)
     model = clap_lib.CLaP(base, cfg)
     return model, tokenizer
 
@@ -320,11 +324,16 @@ def _param_groups(model: nn.Module, job: PretrainJob) -> list[dict[str, Any]]:
     the base's normalised states (rms ~0.1-0.2), where Adam's ~lr-sized steps at the encoder's 1e-3 are a 1%
     change per step: SmolLM2's NLL drifted up from 2.9 to 3.4-4.2 nats/token in 40 steps."""
     adapter = [p for p in model.adapter.parameters() if p.requires_grad]
-    ids = {id(p) for p in adapter}
+    # the bag-of-words head is a plain softmax regression on z: at the encoder's lr it would barely move in a
+    # CPU-sized stage 1, and its gradient is what teaches the encoder to carry the response's words
+    bow = [p for p in model.bow.parameters() if p.requires_grad] if getattr(model, "bow", None) is not None else []
+    ids = {id(p) for p in (*adapter, *bow)}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": rest, "lr": job.lr}]
     if adapter:
         groups.append({"params": adapter, "lr": job.adapter_lr if job.adapter_lr is not None else job.lr})
+    if bow:
+        groups.append({"params": bow, "lr": job.bow_lr})
     return groups
 
 
@@ -375,7 +384,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                   max_prompt_tokens=job.prompt_tokens, max_response_tokens=job.response_tokens,
                                   seed=job.seed * 1000 + rank + 7919 * start_step)
     generator = torch.Generator().manual_seed(job.seed * 1000 + rank + start_step)
-    if job.feature_norm and start_step == 0:
+    if (job.feature_norm or job.bow_weight > 0) and start_step == 0:
         # own sampler: the training batches (and so runs without feature_norm) keep their order; a resumed run has
         # the statistics in its checkpoint. DDP broadcasts rank 0's buffers, so every rank uses the same ones
         n_prompts = min(len(prompts), job.prompts_per_batch * max(1, job.feature_norm_batches))
@@ -404,7 +413,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     lpc_loss_type=job.lpc_loss_type, lpc_beta=job.lpc_beta, lpc_gamma=job.lpc_gamma)
             else:
                 objective = ClapObjective(model, kl_samples=job.kl_samples, kl_weight=job.kl_weight,
-                                          contrastive_weight=job.contrastive_weight)
+                                          contrastive_weight=job.contrastive_weight, bow_weight=job.bow_weight)
             # re-wrap on a stage switch: DDP registers hooks only for parameters trainable at wrap time
             wrapped = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": False})
             opt = torch.optim.AdamW(_param_groups(model, job), weight_decay=0.0)

@@ -1,7 +1,8 @@
 """Smoke test of the few-shot benchmark (issue 15 item 6) on the session's tiny night.
 
-`benchmarks/fewshot.py` only reads the store (CLaP, base LM, pairs, users, prompts), so it runs on the finished store
-of `test_generate.tiny_night` directly, with that night's overrides: 2 users, N in {1, 2}, every method.
+`benchmarks/fewshot.py` reads the store (CLaP, base LM, pairs, users, prompts) and writes only its finished result
+into it (`reports/fewshot/<clap_version>.json`, for the report), so it runs on the finished store of
+`test_generate.tiny_night` directly, with that night's overrides: 2 users, N in {1, 2}, every method.
 """
 import importlib.util
 import json
@@ -35,11 +36,11 @@ def curve(session_dir, tmp_path_factory):
     for o in overrides:
         argv += ["--set", o]
     assert _fewshot().main(argv) == 0
-    return json.loads(out.read_text()), time.perf_counter() - t0
+    return json.loads(out.read_text()), time.perf_counter() - t0, store
 
 
 def test_curve_has_every_method_and_point(curve):
-    result, seconds = curve
+    result, seconds, _ = curve
     assert result["n_pairs"] == [1, 2] and result["preset"] == "tiny"
     assert set(result["methods"]) == {"latent_dpo", "latent_dpo_faithful", "lora_dpo", "clap_prior"}
     for name, m in result["methods"].items():
@@ -64,7 +65,21 @@ def test_curve_has_every_method_and_point(curve):
 def test_renders(curve, tmp_path):
     sys.path.insert(0, str(FEWSHOT.parent))
     import render
-    result, _ = curve
+    result, _, _ = curve
     (tmp_path / "fewshot.json").write_text(json.dumps(result))
     text = render.fewshot_table(render.Results(tmp_path))
     assert "N = 1" in text and "latent_dpo_faithful" in text
+
+
+def test_the_store_gets_the_same_result(curve):
+    """--store: the finished result is also in the store, keyed by the CLaP version, where the report finds it."""
+    from latentpref.pipelines.report import fewshot_result
+    from latentpref.tasks.data.store import Store
+    result, _, store = curve
+    copy = Path(store, "reports", "fewshot", f"{result['clap_version']}.json")
+    assert copy.exists()
+    canonical = (lambda obj: json.dumps(obj, sort_keys=True))   # NaN-safe equality
+    assert canonical(json.loads(copy.read_text())) == canonical(result)
+    assert result["complete"] is True   # partial results go to --out only
+    found, note = fewshot_result(Store(store), result["clap_version"])
+    assert note == "" and canonical(found) == canonical(result)

@@ -159,3 +159,21 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, store, tmp_path
     # rows 1-4 come from the first worker group (fresh start) via the step-4 checkpoint; rows 5-6 from the
     # restarted group, which started from that checkpoint (not from scratch, not from step 5)
     assert [r["resumed_from_step"] for r in history] == [0, 0, 0, 0, 4, 4]
+
+
+def test_pooled_encoder_and_bag_of_words_train_through_ray(ray_cluster, store, tmp_path):
+    """The encoder options reach the worker: the checkpointed CLaP has the pooled view and a BoW head whose bias was
+    calibrated on real responses before step 1 (no feature_norm here), and every step logs a finite BoW term."""
+    result = run_pretrain(_job(store, pool_tokens=True, bow_weight=0.5, bow_lr=1e-2),
+                          storage_path=str(tmp_path / "ray"), name="bow", num_workers=1, use_gpu=False,
+                          max_failures=0)
+    assert result.error is None
+    history = _history(result)
+    assert len(history) == STAGE1 + STAGE2
+    assert all(math.isfinite(r["bow_per_token"]) and r["bow_per_token"] > 0 for r in history)
+    with result.checkpoint.as_directory() as d:
+        model = load_clap(os.path.join(d, "clap"))
+    assert model.cfg.pool_tokens and model.cfg.bow_head and model.encoder.ln_pool is not None
+    # calibrated: log unigram frequencies (below 0, not the zero init), sharper than log(1 / vocab) for seen tokens
+    vocab = model.bow.bias.shape[0]
+    assert model.bow.bias.max() < 0 and model.bow.bias.max() > math.log(1.0 / vocab)

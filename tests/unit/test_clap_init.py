@@ -107,3 +107,68 @@ def test_within_prior_bounds_the_norm_and_keeps_the_direction():
     assert torch.equal(out[1], z[1])                   # inside the ball: unchanged
     with pytest.raises(ValueError, match="radius"):
         within_prior(z, radius=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ pooled view, BoW
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-llama"])
+def test_pooled_token_view_reads_every_real_token_and_ignores_pads(spec):
+    base, _ = load_base_model(spec)
+    torch.manual_seed(0)
+    clap = CLaP(base, CLaPConfig(pool_tokens=True)).eval()
+    p_ids, p_mask, r_ids, r_mask = _rows(2)
+    feats = clap.posterior_features(p_ids, p_mask, r_ids, r_mask)
+    # a changed *early* token moves the pooled part of every query (the spec's queries see it only through attention)
+    early = p_ids.clone()
+    early[:, 0] = (early[:, 0] + 1) % 1000
+    assert not torch.allclose(clap.posterior_features(early, p_mask, r_ids, r_mask), feats)
+    # extra left pads (masked) change nothing: pooling counts real tokens only
+    pad = torch.zeros(2, 3, dtype=p_ids.dtype)
+    padded = clap.posterior_features(torch.cat([pad + 7, p_ids], 1), torch.cat([pad, p_mask], 1), r_ids, r_mask)
+    assert torch.allclose(padded, feats, atol=1e-5)
+    plain = CLaP(base, CLaPConfig()).eval()
+    assert plain.encoder.ln_pool is None
+
+
+def test_bow_head_calibration_gradients_and_save_load(tmp_path):
+    base, _ = load_base_model("tiny-llama")
+    clap = CLaP(base, CLaPConfig(bow_head=True)).eval()
+    p_ids, p_mask, r_ids, r_mask = _rows(6)
+    r_mask[:, -2:] = 0                                          # right pads are not counted
+    clap.calibrate_posterior(p_ids, p_mask, r_ids, r_mask)
+    counts = torch.bincount(r_ids[r_mask.bool()], minlength=clap.bow.bias.shape[0]).double()
+    freq = (counts + 0.01) / (counts.sum() + 0.01 * counts.numel())
+    assert torch.allclose(clap.bow.bias.double(), freq.log(), atol=1e-5)
+    # with z = 0 the BoW NLL is the unigram cross-entropy of each response's real tokens, known value
+    z = torch.zeros(6, clap.cfg.latent_dim, requires_grad=True)
+    nll = clap.bow_nll(z, r_ids, r_mask)
+    expected = -(freq.log().float()[r_ids] * r_mask).sum(1)
+    assert nll.shape == (6,) and torch.allclose(nll, expected, atol=1e-4)
+    nll.sum().backward()
+    assert z.grad.abs().sum() > 0                               # the BoW loss teaches the encoder
+    save_clap(clap, tmp_path / "clap")
+    loaded = load_clap(tmp_path / "clap")
+    assert loaded.cfg.bow_head and torch.equal(loaded.bow.bias, clap.bow.bias)
+    with pytest.raises(ValueError, match="bow_head=True"):
+        CLaP(base, CLaPConfig()).bow_nll(z, r_ids, r_mask)
+
+
+def test_clap_objective_adds_the_bow_term_and_the_head_gets_its_own_lr():
+    from latentpref.tasks.train.loop import ClapObjective, ClapBatch
+    base, _ = load_base_model("tiny-llama")
+    clap = CLaP(base, CLaPConfig(bow_head=True))
+    with pytest.raises(ValueError, match="bow_head=True"):
+        ClapObjective(CLaP(base, CLaPConfig()), bow_weight=1.0)
+    p_ids, p_mask, r_ids, r_mask = _rows(4)
+    batch = ClapBatch(prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, response_mask=r_mask,
+                      n_prompts=2, n_responses=2)
+    g = lambda: torch.Generator().manual_seed(0)   # noqa: E731
+    loss0, m0 = ClapObjective(clap, bow_weight=0.0)(batch, 1, g())
+    loss1, m1 = ClapObjective(clap, bow_weight=0.5)(batch, 1, g())
+    assert m1["bow_per_token"] > 0 and m0["bow_per_token"] == 0
+    bow_sum = m1["bow_per_token"] * r_mask.sum() / 4          # mean over sequences of the per-sequence sum
+    assert torch.allclose(loss1 - loss0, 0.5 * bow_sum, rtol=1e-4)
+    job = PretrainJob(store_root="x", base_model_path="b", prompts_path=["p"], candidates_path=["c"],
+                      prompt_tokens=6, response_tokens=5, lr=1e-3, adapter_lr=1e-4, bow_weight=1.0, bow_lr=1e-2)
+    groups = _param_groups(clap, job)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4, 1e-2]
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in clap.bow.parameters()}

@@ -68,3 +68,18 @@ def test_discrete_clap_with_an_encoder_mode_fails_at_load_time():
     with pytest.raises(ValueError, match="personalize.mode='faithful' needs a Gaussian CLaP"):
         load_config("tiny", overrides=["pretrain.latent_type=discrete", "personalize.mode=faithful"])
     assert load_config("tiny", overrides=["pretrain.latent_type=discrete"]).personalize.code_evidence_ratio == 1.0
+
+
+def test_preset_mode_lr_retunes_one_mode_only():
+    """A preset's `personalize.mode_lr` sets that mode's default rate; another mode keeps MODE_LR's, an explicit
+    `lr` wins, and an unknown mode is refused naming it."""
+    import pydantic
+
+    from latentpref.pipelines.config import MODE_LR, load_config
+    small = load_config("small")
+    assert small.personalize.mode == "head-only" and small.personalize.lr == 1e-3
+    assert load_config("small", overrides=["personalize.mode=faithful"]).personalize.lr == MODE_LR["faithful"]
+    assert load_config("small", overrides=["personalize.lr=0.05"]).personalize.lr == 0.05
+    assert load_config("tiny").personalize.lr == MODE_LR["head-only"]
+    with pytest.raises((ValueError, pydantic.ValidationError), match="mode_lr"):
+        load_config("tiny", overrides=["personalize.mode_lr={fast: 0.1}"])
