@@ -51,9 +51,10 @@ LATENT_METHODS = ("latent_dpo", "clap_prior")
 
 
 def run(preset: str, store: str, users: int, latent_types: list[str], overrides: list[str],
-        modes: list[str] | None = None, baselines: list[str] | None = list(BASELINES)) -> dict:
+        modes: list[str] | None = None, baselines: list[str] | None = list(BASELINES), on_night=None) -> dict:
     """One night per (latent type, personalize mode); the first also fits the baselines. Later runs keep only
-    their latent rows, suffixed `_<mode>` (non-default mode) and `_<latent type>` (non-Gaussian)."""
+    their latent rows, suffixed `_<mode>` (non-default mode) and `_<latent type>` (non-Gaussian).
+    `on_night(partial)` gets the result so far after each night (a long comparison keeps what it measured)."""
     from latentpref.pipelines.config import load_config
     from latentpref.pipelines.nightly import nightly
     from latentpref.tasks.data.store import Store
@@ -93,8 +94,20 @@ def run(preset: str, store: str, users: int, latent_types: list[str], overrides:
         runs[f"{latent_type}/{cfg.personalize.mode}"] = {
             "mlflow_run_id": report.run_id, "clap_version": report.clap_version, "seconds": round(seconds, 1),
             "users": sorted({r["user_id"] for r in per_user})}
+        if on_night is not None and i + 1 < len(combos):
+            on_night({"methods": methods, "runs": runs, "preset": preset, "overrides": overrides,
+                      "seconds": round(time.perf_counter() - t_all, 1), "complete": False,
+                      "nights_planned": [f"{t}/{m or 'preset mode'}" for t, m in combos]})
     return {"methods": methods, "runs": runs, "preset": preset, "overrides": overrides,
-            "seconds": round(time.perf_counter() - t_all, 1)}
+            "seconds": round(time.perf_counter() - t_all, 1), "complete": True}
+
+
+def _write(args, result: dict) -> None:
+    """The JSON, with where and how it was measured; written after every night, then once complete."""
+    result.update({"load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+                   "machine": platform.machine(), "store": args.store or "temporary (deleted)"})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         bad = [b for b in baselines or [] if b not in BASELINES]
         if bad:
             parser.error(f"--baselines: expected 'preset' or a comma list of {', '.join(BASELINES)}; got {bad}")
-        result = run(args.preset, store, args.users, latent_types, args.overrides, modes, baselines)
-    result.update({"load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
-                   "machine": platform.machine(), "store": args.store or "temporary (deleted)"})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        result = run(args.preset, store, args.users, latent_types, args.overrides, modes, baselines,
+                     on_night=lambda partial: _write(args, partial))
+    _write(args, result)
     print(json.dumps({m: {k: v.get(k) for k in ("win_rate_vs_prior", "win_rate", "heldout_accuracy",
                                                  "seconds_per_user")}
                       for m, v in result["methods"].items()}, indent=1))

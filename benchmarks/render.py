@@ -452,6 +452,9 @@ def _compare_table(r: Results, name: str) -> str:
             f"{num(c.get('seconds'), 0)} s in all on {num(c.get('cpu_count'))} CPUs, load average "
             f"{load(c.get('load_average'))}. Means over users with 95% bootstrap intervals; s per user = the "
             "evaluation's per-user fit time.")
+    if c.get("complete") is False:
+        planned = ", ".join(c.get("nights_planned") or []) or NA
+        note += f" Partial: only the nights {', '.join(runs) or 'none'} of {planned} finished."
     align = "l" + "".join("l" if key in TEXT_COLUMNS else "r" for key, _, _ in cols)
     return table(["method", *(h for _, h, _ in cols)], rows, align) + "\n\n" + note + " " + source(name)
 

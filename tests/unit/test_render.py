@@ -89,3 +89,19 @@ def test_capacity_model(render):
     # 10^4 users, chunks of 256 -> 40 tasks; 2 slots -> 20 rounds of 256 users at 0.05 s, plus 8 s fixed
     assert render.predicted_wall(10_000, 2, 256, 0.05, 8.0) == pytest.approx(8.0 + 20 * 256 * 0.05)
     assert render.duration(30) == "30 s" and render.duration(600) == "10 min" and render.duration(7200) == "2.0 h"
+
+
+def test_a_partial_comparison_says_which_nights_finished(render, tmp_path):
+    """benchmarks/compare.py writes its JSON after every night; a run stopped before the last one renders its
+    rows and says it is partial."""
+    row = {"users": 16, "win_rate_vs_prior": 0.5, "win_rate_vs_prior_ci95": [0.4, 0.6]}
+    partial = {"methods": {"latent_dpo": row}, "runs": {"gaussian/head-only": {"seconds": 100.0}},
+               "preset": "small", "overrides": [], "seconds": 100.0, "complete": False,
+               "nights_planned": ["gaussian/head-only", "gaussian/faithful"], "cpu_count": 2, "load_average": [1, 1, 1]}
+    (tmp_path / "compare-small.json").write_text(json.dumps(partial))
+    text = render.compare_small_table(render.Results(tmp_path))
+    assert "0.50 [0.40, 0.60]" in text
+    assert "Partial: only the nights gaussian/head-only of gaussian/head-only, gaussian/faithful finished." in text
+    done = {**partial, "complete": True}
+    (tmp_path / "compare-small.json").write_text(json.dumps(done))
+    assert "Partial" not in render.compare_small_table(render.Results(tmp_path))
