@@ -43,6 +43,7 @@ MAKE = {
     "serve.json": "python benchmarks/serve.py --out benchmarks/results/serve.json",
     "fewshot.json": "python benchmarks/fewshot.py --out benchmarks/results/fewshot.json",
     "clap_throughput*.json": "python benchmarks/clap_throughput.py --out benchmarks/results/clap_throughput_NAME.json",
+    "clap_spec*.json": "python benchmarks/clap_spec.py --out benchmarks/results/clap_spec_NAME.json",
 }
 
 
@@ -514,6 +515,43 @@ def clap_throughput_table(r: Results) -> str:
     return table(header, rows, "ll" + "r" * 7) + "\n\n" + source(*names)
 
 
+# ------------------------------------------------------------------------------------------------ CLaP at spec size
+def clap_spec_table(r: Results) -> str:
+    """benchmarks/clap_spec.py: spec-sized CLaP step times (projected to the spec's 3,125 steps per stage) and the
+    posterior probe next to the frozen LM's, one row per result file."""
+    names = r.glob("clap_spec*.json")
+    if not names:
+        raise MissingResult("clap_spec*.json")
+    rows = []
+    for name in names:
+        t = r(name)
+        cfg = t.get("settings") or {}
+        variant = ", ".join(v for v in ("pooled encoder view" if cfg.get("pool_tokens") else "",
+                                        f"bag-of-words weight {cfg['bow_weight']:g}" if cfg.get("bow_weight") else "")
+                            if v) or "product settings"
+        probe = t.get("probe") or {}
+        curve = probe.get("posterior_mean") or []
+        lm_key = next((k for k in probe if k.startswith("lm_layer")), None)
+
+        def stage(n: int) -> str:
+            s = t.get(f"stage{n}")
+            if not s:
+                return "not run"
+            return (f"{num(s.get('steps'))} steps, {s['median_step_s']:.3g} s/step, {num(s.get('tokens_per_s'), 0)} "
+                    f"tok/s, peak {num(s.get('peak_gpu_memory_gb'), 1)} GB; 3,125 steps: "
+                    f"{duration(s['projected_spec_stage_s'])}")
+        sampling = t.get("sampling") or {}
+        rows.append([f"`{name}`", f"{t.get('device_name') or t.get('device', NA)}; {variant}",
+                     f"{num(sampling.get('candidates'))} in {num(get(t, 'timings_s', 'sample_candidates'), 0)} s "
+                     f"({num(sampling.get('new_tokens_per_s'), 0)} tok/s)", stage(1), stage(2),
+                     ", ".join(f"{p['step']}: {p['corr']:.3f}" for p in curve if p.get("stage") == 1),
+                     num(probe.get(lm_key), 3) if lm_key else NA])
+    header = ["file", "device; CLaP variant", "candidates sampled (K = 32, 48 tokens)", "stage 1 (8 x 32 rows)",
+              "stage 2 (8 x 32 rows, contrastive)", "probe: posterior mean, step: corr",
+              "probe: frozen LM layer 8"]
+    return table(header, rows, "ll" + "r" * 5) + "\n\n" + source(*names)
+
+
 # ------------------------------------------------------------------------------------------------ serve
 def serve_table(r: Results) -> str:
     s = r("serve.json")
@@ -669,6 +707,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {   # region name -> its render
     "compare-small": compare_small_table,
     "generate": generate_table,
     "clap-throughput": clap_throughput_table,
+    "clap-spec": clap_spec_table,
     "serve": serve_table,
     "fewshot": fewshot_table,
 }

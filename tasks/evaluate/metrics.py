@@ -141,6 +141,51 @@ def bootstrap_ci(
     return float(x.mean()), float(low), float(high)
 
 
+def ridge_probe_correlation(features: np.ndarray, targets: ArrayLike, groups: Sequence[object], *,
+                            alpha: float = 1.0, folds: int = 2, seed: int = 0) -> float:
+    """How much of a per-text score a representation carries, within a prompt: a linear probe's held-out
+    correlation (a diagnostic of the CLaP posterior, issue #14).
+
+    Features and targets are centred within each group (a prompt's candidates), so what the prompt alone
+    explains does not count; groups are split into `folds` folds; per fold a ridge regression (standardised
+    features, penalty `alpha` per row-normalised Gram) fitted on the other folds predicts the held-out rows;
+    the result is the Pearson correlation of all held-out predictions with their targets.
+
+    Raises:
+        ValueError: mismatched lengths, fewer groups than folds, or constant targets.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = _as_1d(targets, "targets")
+    g = np.asarray([str(v) for v in groups])
+    if x.ndim != 2 or x.shape[0] != y.size or g.size != y.size:
+        raise ValueError(f"features {x.shape}, targets ({y.size},) and groups ({g.size},) must share their rows")
+    if not np.isfinite(x).all():
+        raise ValueError("features hold non-finite values")
+    names, index = np.unique(g, return_inverse=True)
+    if names.size < folds or folds < 2:
+        raise ValueError(f"{names.size} groups for {folds} folds; need folds >= 2 and at least as many groups")
+    count = np.bincount(index).astype(np.float64)
+    group_sums = np.zeros((names.size, x.shape[1]))
+    np.add.at(group_sums, index, x)
+    xc = x - group_sums[index] / count[index, None]
+    yc = y - np.bincount(index, weights=y)[index] / count[index]
+    if not np.any(yc != 0):
+        raise ValueError("targets are constant within every group: nothing to probe")
+    fold_of_group = np.random.default_rng(seed).permutation(names.size) % folds
+    fold = fold_of_group[index]
+    pred = np.zeros_like(yc)
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        mean, std = xc[train].mean(0), xc[train].std(0) + 1e-8
+        a = (xc[train] - mean) / std
+        gram = a.T @ a / train.sum() + alpha * np.eye(a.shape[1])
+        w = np.linalg.solve(gram, a.T @ (yc[train] - yc[train].mean()) / train.sum())
+        pred[test] = ((xc[test] - mean) / std) @ w
+    if np.std(pred) == 0:
+        return 0.0
+    return float(np.corrcoef(pred, yc)[0, 1])
+
+
 def _to_arrow(table: Any) -> pa.Table:
     if isinstance(table, pa.Table):
         return table

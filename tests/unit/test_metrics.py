@@ -102,3 +102,29 @@ def test_perplexity_matches_hf_loss_and_ignores_padding(gpt2):
     with pytest.raises(ValueError, match="none of the 1 texts"):
         m.perplexity(model, tok, ["x"])
     assert not model.training
+
+
+def test_ridge_probe_finds_a_linear_signal_within_groups_and_ignores_group_offsets():
+    from latentpref.tasks.evaluate.metrics import ridge_probe_correlation
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 8)
+    x = rng.normal(size=(320, 6))
+    offsets = rng.normal(scale=10.0, size=40)[groups]       # a per-prompt shift the probe must not count
+    y = x[:, 2] + 0.1 * rng.normal(size=320) + offsets
+    assert ridge_probe_correlation(x, y, groups) > 0.95
+    # features that only know the prompt carry nothing within it
+    prompt_only = np.stack([offsets, offsets ** 2], axis=1)
+    assert abs(ridge_probe_correlation(prompt_only, y, groups)) < 0.2
+    noise = rng.normal(size=(320, 6))
+    assert abs(ridge_probe_correlation(noise, y, groups)) < 0.25
+
+
+def test_ridge_probe_rejects_bad_input():
+    from latentpref.tasks.evaluate.metrics import ridge_probe_correlation
+    x = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="share their rows"):
+        ridge_probe_correlation(x, [1.0, 2.0, 3.0], ["a", "a", "b"])
+    with pytest.raises(ValueError, match="groups for 2 folds"):
+        ridge_probe_correlation(x, [1.0, 2.0, 3.0, 4.0], ["a"] * 4)
+    with pytest.raises(ValueError, match="constant"):
+        ridge_probe_correlation(np.ones((4, 2)), [1.0, 1.0, 2.0, 2.0], ["a", "a", "b", "b"])

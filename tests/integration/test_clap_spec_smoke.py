@@ -1,0 +1,52 @@
+"""Smoke test of the spec-sized CLaP benchmark (benchmarks/clap_spec.py, issue #14's GPU run) on CPU, tiny sizes.
+
+It runs the real sampling, CLaP stages 1 and 2 (with the OOM-safe micro-batch accumulation) and the posterior
+probe on the random tiny Llama, so the script a lent GPU machine runs is known to work before device time is spent.
+"""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "clap_spec.py"
+
+
+def _clap_spec():
+    spec = importlib.util.spec_from_file_location("clap_spec_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra", [[], ["--pool-tokens", "--bow-weight", "1"]], ids=["product", "pool-bow"])
+def test_clap_spec_runs_both_stages_and_probes_the_posterior(tmp_path, extra):
+    out = tmp_path / "clap_spec.json"
+    argv = ["--out", str(out), "--base", "tiny-llama", "--device", "cpu", "--prompts", "40", "--candidates", "4",
+            "--prompt-tokens", "16", "--response-tokens", "12", "--prompts-per-batch", "4",
+            "--responses-per-prompt", "4", "--micro-prompts", "3", "--stage2-micro-prompts", "2",
+            "--stage1-steps", "4", "--stage2-steps", "2", "--probe-prompts", "8", "--probe-every", "2", *extra]
+    assert _clap_spec().main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["sampling"]["candidates"] == 40 * 4
+    assert result["settings"]["pool_tokens"] is bool(extra)
+    for stage, steps in (("stage1", 4), ("stage2", 2)):
+        s = result[stage]
+        assert s["steps"] == steps and s["micro_prompts"] in (3, 2)
+        assert math.isfinite(s["final"]["loss"]) and s["median_step_s"] > 0
+        assert s["projected_spec_stage_s"] == pytest.approx(3125 * s["median_step_s"])
+    if extra:
+        assert result["stage1"]["final"]["bow_per_token"] > 0
+    probe = result["probe"]
+    assert probe["rows"] == 8 * 4
+    steps = [(p["stage"], p["step"]) for p in probe["posterior_mean"]]
+    assert steps == [(1, 0), (1, 2), (1, 4), (2, 2)]
+    assert all(-1.0 <= p["corr"] <= 1.0 for p in probe["posterior_mean"])
+    assert -1.0 <= probe["lm_layer8_mean_pooled"] <= 1.0
+    assert result["projected_spec_pretrain_s"] == pytest.approx(
+        result["stage1"]["projected_spec_stage_s"] + result["stage2"]["projected_spec_stage_s"])
