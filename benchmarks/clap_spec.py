@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--adapter-lr", type=float, default=1e-4)
     ap.add_argument("--stage2-lr", type=float, default=1e-4, help="spec §4.1 item 7: 1e-4 on the whole model")
+    ap.add_argument("--kl-weight", type=float, default=1.0, help="DG-KLD weight (pretrain.kl_weight)")
+    ap.add_argument("--encoder-layers", type=int, default=2, help="base blocks copied into the encoder (spec: 2)")
+    ap.add_argument("--candidates-cache", default=None,
+                    help="Parquet file: candidates are read from it when it exists, else sampled and written there "
+                         "(runs that compare CLaP settings on the same candidates)")
     ap.add_argument("--pool-tokens", action="store_true", help="CLaPConfig.pool_tokens (opt-in encoder view)")
     ap.add_argument("--bow-weight", type=float, default=0.0, help="> 0: bag-of-words CLaP term (opt-in)")
     ap.add_argument("--bow-lr", type=float, default=1e-2)
@@ -194,21 +199,35 @@ def main(argv: list[str] | None = None) -> int:
                                   prompt_tokens=args.prompt_tokens, reference_tokens=args.response_tokens,
                                   seed=args.seed)
     t0 = time.perf_counter()
-    sampler = candidates_lib.lm_sampling_fn(base, top_k=50)
-    with precision.lm_autocast(device):
-        cands = candidates_lib.generate_candidates(sampler, tokenizer, prompts, k=args.candidates,
-                                                   max_new_tokens=args.response_tokens,
-                                                   batch_size=args.generation_rows, seed=args.seed, device=device,
-                                                   pack_prompts=True)
+    cache = Path(args.candidates_cache) if args.candidates_cache else None
+    if cache is not None and cache.is_file():
+        import pyarrow.parquet as pq
+        cands = pq.read_table(cache)
+        if set(cands["prompt_id"].to_pylist()) != set(prompts["prompt_id"].to_pylist()):
+            raise ValueError(f"--candidates-cache {str(cache)!r} holds other prompts than --prompts "
+                             f"{args.prompts} with seed {args.seed}; delete it or pass another path")
+        result["sampling_read_from"] = cache.name
+    else:
+        sampler = candidates_lib.lm_sampling_fn(base, top_k=50)
+        with precision.lm_autocast(device):
+            cands = candidates_lib.generate_candidates(sampler, tokenizer, prompts, k=args.candidates,
+                                                       max_new_tokens=args.response_tokens,
+                                                       batch_size=args.generation_rows, seed=args.seed,
+                                                       device=device, pack_prompts=True)
+        if cache is not None:
+            import pyarrow.parquet as pq
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(cands, cache)
     _sync(device)
     sample_s = time.perf_counter() - t0
     n_new = cands.num_rows * args.response_tokens
     result["timings_s"]["sample_candidates"] = sample_s
+    sampled = "sampling_read_from" not in result
     result["sampling"] = {"prompts": prompts.num_rows, "candidates": cands.num_rows, "new_tokens": n_new,
-                          "new_tokens_per_s": n_new / sample_s,
+                          "new_tokens_per_s": n_new / sample_s if sampled else None,
                           "projected_spec_s": SPEC_TRAIN_PROMPTS * args.candidates * args.response_tokens
-                          * sample_s / n_new}
-    log.info("sampled %d candidates in %.1f s (%.0f new tokens/s)", cands.num_rows, sample_s, n_new / sample_s)
+                          * sample_s / n_new if sampled else None}
+    log.info("%s %d candidates in %.1f s", "sampled" if sampled else "read", cands.num_rows, sample_s)
 
     by_prompt: dict[str, list[str]] = {}
     for pid, text in zip(cands["prompt_id"].to_pylist(), cands["text"].to_pylist()):
@@ -239,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- CLaP, the product's settings for a pretrained base
     anchored = args.base not in TINY_SPECS
     clap = CLaP(base, CLaPConfig(prefix_init="anchor" if anchored else "random", feature_norm=anchored,
+                                 encoder_layers=args.encoder_layers,
                                  pool_tokens=args.pool_tokens, bow_head=args.bow_weight > 0),
                 base_spec=args.base).to(device)
     train_prompts, train_cands = [text_of[p] for p in train_ids], [by_prompt[p] for p in train_ids]
@@ -282,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         set_stage(clap, stage)
         clap.train()
-        objective = ClapObjective(clap, kl_samples=16, kl_weight=1.0, contrastive_weight=1.0,
+        objective = ClapObjective(clap, kl_samples=16, kl_weight=args.kl_weight, contrastive_weight=1.0,
                                   bow_weight=args.bow_weight)
         groups = (param_groups(clap, args.lr, args.adapter_lr, args.bow_lr) if stage == 1
                   else [{"params": [p for p in clap.parameters() if p.requires_grad], "lr": args.stage2_lr}])

@@ -50,3 +50,20 @@ def test_clap_spec_runs_both_stages_and_probes_the_posterior(tmp_path, extra):
     assert -1.0 <= probe["lm_layer8_mean_pooled"] <= 1.0
     assert result["projected_spec_pretrain_s"] == pytest.approx(
         result["stage1"]["projected_spec_stage_s"] + result["stage2"]["projected_spec_stage_s"])
+
+
+def test_clap_spec_reuses_its_candidates_cache_and_refuses_a_mismatched_one(tmp_path):
+    bench = _clap_spec()
+    cache = tmp_path / "cands.parquet"
+    base = ["--base", "tiny-llama", "--device", "cpu", "--candidates", "2", "--prompt-tokens", "8",
+            "--response-tokens", "6", "--prompts-per-batch", "2", "--responses-per-prompt", "2", "--stage1-steps", "1",
+            "--stage2-steps", "0", "--probe-prompts", "4", "--probe-every", "1", "--candidates-cache", str(cache)]
+    assert bench.main(["--out", str(tmp_path / "a.json"), "--prompts", "30", *base]) == 0
+    assert cache.is_file()
+    assert bench.main(["--out", str(tmp_path / "b.json"), "--prompts", "30", *base]) == 0
+    first, second = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert "sampling_read_from" not in first and second["sampling_read_from"] == "cands.parquet"
+    assert second["sampling"]["new_tokens_per_s"] is None and first["sampling"]["new_tokens_per_s"] > 0
+    assert second["probe"]["mean_within_prompt_range"] == pytest.approx(first["probe"]["mean_within_prompt_range"])
+    with pytest.raises(ValueError, match="holds other prompts"):
+        bench.main(["--out", str(tmp_path / "c.json"), "--prompts", "40", *base])
