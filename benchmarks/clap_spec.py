@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"benchmark": "clap_spec", "device": str(device),
                     "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
                     "torch": torch.__version__, "lm_dtype": str(precision.lm_dtype(device.type)),
-                    "settings": {k: v for k, v in vars(args).items() if k != "out"}, "timings_s": {}}
+                    "settings": {k: Path(v).name if k == "candidates_cache" and v else v   # no local paths in a result
+                                 for k, v in vars(args).items() if k != "out"}, "timings_s": {}}
     out_path = Path(args.out)
 
     def write() -> None:

@@ -517,8 +517,8 @@ def clap_throughput_table(r: Results) -> str:
 
 # ------------------------------------------------------------------------------------------------ CLaP at spec size
 def clap_spec_table(r: Results) -> str:
-    """benchmarks/clap_spec.py: spec-sized CLaP step times (projected to the spec's 3,125 steps per stage) and the
-    posterior probe next to the frozen LM's, one row per result file."""
+    """benchmarks/clap_spec.py: CLaP step times (projected to the spec's 3,125 steps per stage) and the posterior
+    probe next to the frozen LM's, one row per result file, each with the sizes it ran at."""
     names = r.glob("clap_spec*.json")
     if not names:
         raise MissingResult("clap_spec*.json")
@@ -526,9 +526,14 @@ def clap_spec_table(r: Results) -> str:
     for name in names:
         t = r(name)
         cfg = t.get("settings") or {}
-        variant = ", ".join(v for v in ("pooled encoder view" if cfg.get("pool_tokens") else "",
-                                        f"bag-of-words weight {cfg['bow_weight']:g}" if cfg.get("bow_weight") else "")
-                            if v) or "product settings"
+        variant = [f"KL weight {cfg['kl_weight']:g}" if cfg.get("kl_weight", 1.0) != 1.0 else "",
+                   f"{cfg['encoder_layers']} encoder blocks" if cfg.get("encoder_layers", 2) != 2 else "",
+                   "pooled encoder view" if cfg.get("pool_tokens") else "",
+                   f"bag-of-words weight {cfg['bow_weight']:g}" if cfg.get("bow_weight") else ""]
+        variant = ", ".join(v for v in variant if v) or "product settings"
+        sizes = (f"{num(get(t, 'sampling', 'prompts'))} prompts x {cfg.get('candidates', NA)} candidates, "
+                 f"{cfg.get('prompt_tokens', NA)} + {cfg.get('response_tokens', NA)} tokens; steps of "
+                 f"{cfg.get('prompts_per_batch', NA)} x {cfg.get('responses_per_prompt', NA)} rows")
         probe = t.get("probe") or {}
         curve = probe.get("posterior_mean") or []
         lm_key = next((k for k in probe if k.startswith("lm_layer")), None)
@@ -537,19 +542,19 @@ def clap_spec_table(r: Results) -> str:
             s = t.get(f"stage{n}")
             if not s:
                 return "not run"
-            return (f"{num(s.get('steps'))} steps, {s['median_step_s']:.3g} s/step, {num(s.get('tokens_per_s'), 0)} "
-                    f"tok/s, peak {num(s.get('peak_gpu_memory_gb'), 1)} GB; 3,125 steps: "
+            memory = f", peak {num(s['peak_gpu_memory_gb'], 1)} GB" if s.get("peak_gpu_memory_gb") else ""
+            return (f"{num(s.get('steps'))} steps, {s['median_step_s']:.3g} s/step{memory}; 3,125 steps: "
                     f"{duration(s['projected_spec_stage_s'])}")
         sampling = t.get("sampling") or {}
-        rows.append([f"`{name}`", f"{t.get('device_name') or t.get('device', NA)}; {variant}",
-                     f"{num(sampling.get('candidates'))} in {num(get(t, 'timings_s', 'sample_candidates'), 0)} s "
-                     f"({num(sampling.get('new_tokens_per_s'), 0)} tok/s)", stage(1), stage(2),
+        sampled = (f"{num(get(t, 'timings_s', 'sample_candidates'), 0)} s ({num(sampling['new_tokens_per_s'], 0)} "
+                   "tok/s)" if sampling.get("new_tokens_per_s") else f"read from {t.get('sampling_read_from', NA)}")
+        rows.append([f"`{name}`", f"{t.get('device_name') or t.get('device', NA)}; {variant}", sizes, sampled,
+                     stage(1), stage(2),
                      ", ".join(f"{p['step']}: {p['corr']:.3f}" for p in curve if p.get("stage") == 1),
-                     num(probe.get(lm_key), 3) if lm_key else NA])
-    header = ["file", "device; CLaP variant", "candidates sampled (K = 32, 48 tokens)", "stage 1 (8 x 32 rows)",
-              "stage 2 (8 x 32 rows, contrastive)", "probe: posterior mean, step: corr",
-              "probe: frozen LM layer 8"]
-    return table(header, rows, "ll" + "r" * 5) + "\n\n" + source(*names)
+                     f"{num(probe.get(lm_key), 3)} ({num(probe.get('prompts'))} prompts)" if lm_key else NA])
+    header = ["file", "device; CLaP variant", "sizes", "candidate sampling", "stage 1", "stage 2 (contrastive)",
+              "probe: posterior mean, step: corr", "probe: frozen LM layer 8"]
+    return table(header, rows, "llll" + "r" * 4) + "\n\n" + source(*names)
 
 
 # ------------------------------------------------------------------------------------------------ serve
