@@ -73,6 +73,13 @@ class Results:
     def glob(self, pattern: str) -> list[str]:
         return sorted(p.name for p in self.folder.glob(pattern))
 
+    def each(self, pattern: str) -> list[tuple[str, Any]]:
+        """(name, parsed JSON) of every file matching `pattern`, sorted by name; MissingResult when none does."""
+        names = self.glob(pattern)
+        if not names:
+            raise MissingResult(pattern)
+        return [(name, self(name)) for name in names]
+
 
 # ------------------------------------------------------------------------------------------------ formatting
 def get(d: Any, *keys: Any) -> Any:
@@ -488,12 +495,9 @@ def generate_table(r: Results) -> str:
 
 # ------------------------------------------------------------------------------------------------ CLaP throughput
 def clap_throughput_table(r: Results) -> str:
-    names = r.glob("clap_throughput*.json")
-    if not names:
-        raise MissingResult("clap_throughput*.json")
+    results = r.each("clap_throughput*.json")
     rows = []
-    for name in names:
-        t = r(name)
+    for name, t in results:
         dtype = t.get("lm_dtype") or get(t, "model", "dtype") or NA
         prefix = get(t, "clap_config", "prefix_init") or "random"
 
@@ -512,19 +516,16 @@ def clap_throughput_table(r: Results) -> str:
     header = ["file", "base, LM dtype, prefix, threads", "tokens/step", "plain fine-tune tok/s",
               "stage 1 tok/s (vs plain)", "stage 2 tok/s (vs plain)", "stage 2, B full passes (vs plain)",
               "shared prompt cache speedup", "load"]
-    return table(header, rows, "ll" + "r" * 7) + "\n\n" + source(*names)
+    return table(header, rows, "ll" + "r" * 7) + "\n\n" + source(*(name for name, _ in results))
 
 
 # ------------------------------------------------------------------------------------------------ CLaP at spec size
 def clap_spec_table(r: Results) -> str:
     """benchmarks/clap_spec.py: CLaP step times (projected to the spec's 3,125 steps per stage) and the posterior
     probe next to the frozen LM's, one row per result file, each with the sizes it ran at."""
-    names = r.glob("clap_spec*.json")
-    if not names:
-        raise MissingResult("clap_spec*.json")
+    results = r.each("clap_spec*.json")
     rows = []
-    for name in names:
-        t = r(name)
+    for name, t in results:
         cfg = t.get("settings") or {}
         variant = [f"KL weight {cfg['kl_weight']:g}" if cfg.get("kl_weight", 1.0) != 1.0 else "",
                    f"{cfg['encoder_layers']} encoder blocks" if cfg.get("encoder_layers", 2) != 2 else "",
@@ -554,7 +555,7 @@ def clap_spec_table(r: Results) -> str:
                      f"{num(probe.get(lm_key), 3)} ({num(probe.get('prompts'))} prompts)" if lm_key else NA])
     header = ["file", "device; CLaP variant", "sizes", "candidate sampling", "stage 1", "stage 2 (contrastive)",
               "probe: posterior mean, step: corr", "probe: frozen LM layer 8"]
-    return table(header, rows, "llll" + "r" * 4) + "\n\n" + source(*names)
+    return table(header, rows, "llll" + "r" * 4) + "\n\n" + source(*(name for name, _ in results))
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -674,12 +675,8 @@ def readme_headline(r: Results) -> str:
                 f"{num(s.get('mixed_version_responses'))} mixed-version responses across a night switch")
 
     def throughput() -> str:
-        names = r.glob("clap_throughput*.json")
-        if not names:
-            raise MissingResult("clap_throughput*.json")
         parts = []
-        for n in names:
-            t = r(n)
+        for _, t in r.each("clap_throughput*.json"):
             parts.append(f"{t.get('base', NA)} {t.get('lm_dtype') or get(t, 'model', 'dtype')}: stage 1 "
                          f"{num(t.get('stage1_ratio'))}x, stage 2 {num(t.get('stage2_ratio'))}x")
         return "CLaP tokens/s relative to a plain fine-tune: " + "; ".join(parts)
