@@ -17,6 +17,9 @@ within its prompt, from the posterior mean; the reference is the same probe on t
 hidden states (what the LM itself knows). On the CPU-sized small night (300 steps of 4 x 4 sequences of 64
 tokens) the posterior reached 0.17 against the LM's 0.38-0.48.
 
+Variants for the diagnosis: `--kl-weight`, `--encoder-layers`, `--pool-tokens`, `--bow-weight`; `--candidates-cache`
+runs them on the same candidates.
+
 Stage micro-batches: a step's loss is accumulated over micro-batches of whole prompts (DG-KLD and the
 contrastive term group rows by prompt, so this is the same loss); on an out-of-memory error the micro-batch
 halves and the step is redone.
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
                     "torch": torch.__version__, "lm_dtype": str(precision.lm_dtype(device.type)),
                     "settings": {k: Path(v).name if k == "candidates_cache" and v else v   # no local paths in a result
-                                 for k, v in vars(args).items() if k != "out"}, "timings_s": {}}
+                                 for k, v in vars(args).items() if k != "out"}, "timings_s": {},
+                    "load_average_1m_start_end": [os.getloadavg()[0]]}
     out_path = Path(args.out)
 
     def write() -> None:
@@ -343,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "projected_spec_stage_s": SPEC_STEPS_PER_STAGE * median,
             "final": history[-1], "history": history[::max(1, len(history) // 60)]}
         write()
+    result["load_average_1m_start_end"].append(os.getloadavg()[0])
     result["projected_spec_pretrain_s"] = sum(result.get(f"stage{s}", {}).get("projected_spec_stage_s", 0.0)
                                               for s in (1, 2))
     write()

@@ -549,7 +549,10 @@ def clap_spec_table(r: Results) -> str:
         sampling = t.get("sampling") or {}
         sampled = (f"{num(get(t, 'timings_s', 'sample_candidates'), 0)} s ({num(sampling['new_tokens_per_s'], 0)} "
                    "tok/s)" if sampling.get("new_tokens_per_s") else f"read from {t.get('sampling_read_from', NA)}")
-        rows.append([f"`{name}`", f"{t.get('device_name') or t.get('device', NA)}; {variant}", sizes, sampled,
+        where = t.get("device_name") or t.get("device", NA)
+        if t.get("load_average_1m_start_end"):
+            where += f" (load {load(t['load_average_1m_start_end'])})"
+        rows.append([f"`{name}`", f"{where}; {variant}", sizes, sampled,
                      stage(1), stage(2),
                      ", ".join(f"{p['step']}: {p['corr']:.3f}" for p in curve if p.get("stage") == 1),
                      f"{num(probe.get(lm_key), 3)} ({num(probe.get('prompts'))} prompts)" if lm_key else NA])
