@@ -138,7 +138,9 @@ class SentimentClassifier:
 
     def __init__(self, weight: np.ndarray, bias: float, idf: np.ndarray, config: ClassifierConfig, metrics: dict | None = None):
         self.weight = np.asarray(weight, dtype=np.float32)
-        self.bias = float(bias)
+        # float32, as weights.npz stores it: a reloaded classifier then scores bit-for-bit like the one just trained
+        # (a float64 bias flipped the last bit of 2 in 50 float32 scores after a save/load)
+        self.bias = float(np.float32(bias))
         self.idf = np.asarray(idf, dtype=np.float32)
         self.config = config
         self.metrics = dict(metrics or {})

@@ -54,6 +54,9 @@ def test_classifier_save_load_roundtrip(classifier, tmp_path):
     assert {p.name for p in (tmp_path / "clf").iterdir()} == {"weights.npz", "config.json"}
     loaded = scorers.SentimentClassifier.load(str(tmp_path / "clf"))
     texts = scorers.read_sst2("dev")[0][:50]
+    np.testing.assert_array_equal(loaded.weight, classifier.weight)
+    np.testing.assert_array_equal(loaded.idf, classifier.idf)
+    assert loaded.bias == classifier.bias
     np.testing.assert_array_equal(loaded.score(texts), classifier.score(texts))
     assert loaded.config == classifier.config
     assert loaded.metrics["sst2_test_accuracy"] == classifier.metrics["sst2_test_accuracy"]
