@@ -101,7 +101,7 @@ def test_a_partial_comparison_says_which_nights_finished(render, tmp_path):
     (tmp_path / "compare-small.json").write_text(json.dumps(partial))
     text = render.compare_small_table(render.Results(tmp_path))
     assert "0.50 [0.40, 0.60]" in text
-    assert "Partial: only the nights gaussian/head-only of gaussian/head-only, gaussian/faithful finished." in text
+    assert "Partial: 1 of the 2 planned nights finished (gaussian/head-only; planned: gaussian/head-only, gaussian/faithful)." in text
     done = {**partial, "complete": True}
     (tmp_path / "compare-small.json").write_text(json.dumps(done))
     assert "Partial" not in render.compare_small_table(render.Results(tmp_path))
