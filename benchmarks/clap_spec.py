@@ -45,7 +45,8 @@ from latentpref.tasks.evaluate.metrics import ridge_probe_correlation
 from latentpref.tasks.models import precision
 from latentpref.tasks.models.clap import CLaP, CLaPConfig
 from latentpref.tasks.models.registry import TINY_SPECS, describe_model, load_base_model, load_tokenizer
-from latentpref.tasks.train.loop import ClapBatch, ClapObjective, make_clap_batch, set_stage
+from latentpref.tasks.train.loop import (ClapBatch, ClapObjective, clap_param_groups, make_clap_batch,
+                                         sample_clap_batches, set_stage)
 
 log = logging.getLogger("clap_spec")
 SPEC_STEPS_PER_STAGE = 3125    # spec §4.1 item 6: 25,000 train prompts / 8 prompts per step, 1 epoch
@@ -91,26 +92,20 @@ def train_step(objective: ClapObjective, opt, batch: ClapBatch, stage: int, gene
             log.warning("out of memory: stage %d micro-batch now %d prompts", stage, micro)
 
 
-def param_groups(clap: CLaP, lr: float, adapter_lr: float, bow_lr: float) -> list[dict]:
-    """As the pretrain task's groups (tasks/train/pretrain.py): encoder at lr, adapter at adapter_lr, BoW head at
-    bow_lr."""
-    adapter = [p for p in clap.adapter.parameters() if p.requires_grad]
-    bow = [p for p in clap.bow.parameters() if p.requires_grad] if clap.bow is not None else []
-    ids = {id(p) for p in (*adapter, *bow)}
-    rest = [p for p in clap.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": rest, "lr": lr}, {"params": adapter, "lr": adapter_lr}]
-    return groups + ([{"params": bow, "lr": bow_lr}] if bow else [])
+def probe_batches(tokenizer, prompts: list[str], cands: list[list[str]], *, prompt_tokens: int,
+                  response_tokens: int, device, rows_per_call: int) -> list[ClapBatch]:
+    """The probe set as ClapBatches on `device`, prompt-major, tokenized once for every probe of the run."""
+    per_call = max(1, rows_per_call // len(cands[0]))
+    return [make_clap_batch(tokenizer, prompts[i:i + per_call], cands[i:i + per_call], max_prompt_tokens=prompt_tokens,
+                            max_response_tokens=response_tokens).to(device)
+            for i in range(0, len(prompts), per_call)]
 
 
 @torch.no_grad()
-def posterior_means(clap: CLaP, tokenizer, prompts: list[str], cands: list[list[str]], *, prompt_tokens: int,
-                    response_tokens: int, device, rows_per_call: int) -> np.ndarray:
-    """Posterior means (N, D) of every (prompt, candidate), prompt-major."""
+def posterior_means(clap: CLaP, batches: list[ClapBatch], device) -> np.ndarray:
+    """Posterior means (N, D) of every (prompt, candidate) row of `batches`."""
     out = []
-    per_call = max(1, rows_per_call // len(cands[0]))
-    for i in range(0, len(prompts), per_call):
-        b = make_clap_batch(tokenizer, prompts[i:i + per_call], cands[i:i + per_call],
-                            max_prompt_tokens=prompt_tokens, max_response_tokens=response_tokens).to(device)
+    for b in batches:
         with precision.lm_autocast(device):
             mu, _ = clap.encode(b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
         out.append(mu.float().cpu().numpy())
@@ -118,15 +113,11 @@ def posterior_means(clap: CLaP, tokenizer, prompts: list[str], cands: list[list[
 
 
 @torch.no_grad()
-def lm_pooled_states(base, tokenizer, prompts: list[str], cands: list[list[str]], *, layer: int,
-                     prompt_tokens: int, response_tokens: int, device, rows_per_call: int) -> np.ndarray:
+def lm_pooled_states(base, batches: list[ClapBatch], *, layer: int, device) -> np.ndarray:
     """The frozen LM's hidden state after `layer` blocks, mean-pooled over each response's real tokens, reading
     [prompt; response] (N, d): what the LM itself knows about a candidate."""
     out = []
-    per_call = max(1, rows_per_call // len(cands[0]))
-    for i in range(0, len(prompts), per_call):
-        b = make_clap_batch(tokenizer, prompts[i:i + per_call], cands[i:i + per_call],
-                            max_prompt_tokens=prompt_tokens, max_response_tokens=response_tokens).to(device)
+    for b in batches:
         ids = torch.cat([b.prompt_ids, b.response_ids], 1)
         mask = torch.cat([b.prompt_mask, b.response_mask], 1)
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -248,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     spread = [float(np.ptp(probe_target[i * args.candidates:(i + 1) * args.candidates]))
               for i in range(len(probe_ids))]
     result["timings_s"]["score_probe_set"] = time.perf_counter() - t0
-    rows_per_call = 1024 if device.type == "cuda" else 64
-    enc_kw = dict(prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens, device=device,
-                  rows_per_call=rows_per_call)
-    lm_features = lm_pooled_states(base, tokenizer, probe_prompts, probe_cands, layer=args.probe_layer, **enc_kw)
+    probe_set = probe_batches(tokenizer, probe_prompts, probe_cands, prompt_tokens=args.prompt_tokens,
+                              response_tokens=args.response_tokens, device=device,
+                              rows_per_call=1024 if device.type == "cuda" else 64)
+    lm_features = lm_pooled_states(base, probe_set, layer=args.probe_layer, device=device)
     result["probe"] = {"target": "VADER compound of the candidate, centred within its prompt",
                        "prompts": len(probe_ids), "rows": int(probe_target.size),
                        "mean_within_prompt_range": float(np.mean(spread)),
@@ -267,28 +258,16 @@ def main(argv: list[str] | None = None) -> int:
                                  pool_tokens=args.pool_tokens, bow_head=args.bow_weight > 0),
                 base_spec=args.base).to(device)
     train_prompts, train_cands = [text_of[p] for p in train_ids], [by_prompt[p] for p in train_ids]
-    rng = np.random.default_rng(args.seed)
-
-    def batches():
-        while True:
-            idx = rng.choice(len(train_prompts), size=min(args.prompts_per_batch, len(train_prompts)),
-                             replace=False)
-            resp = []
-            for i in idx:
-                pick = rng.choice(len(train_cands[i]), size=min(args.responses_per_prompt, len(train_cands[i])),
-                                  replace=False)
-                resp.append([train_cands[i][j] for j in pick])
-            yield make_clap_batch(tokenizer, [train_prompts[i] for i in idx], resp,
-                                  max_prompt_tokens=args.prompt_tokens,
-                                  max_response_tokens=args.response_tokens).to(device)
-
-    stream = batches()
+    stream = (b.to(device) for b in sample_clap_batches(
+        tokenizer, train_prompts, train_cands, prompts_per_batch=args.prompts_per_batch,
+        responses_per_prompt=args.responses_per_prompt, max_prompt_tokens=args.prompt_tokens,
+        max_response_tokens=args.response_tokens, seed=args.seed))
     if anchored or args.bow_weight > 0:
         calib = next(stream)
         clap.calibrate_posterior(calib.prompt_ids, calib.prompt_mask, calib.response_ids, calib.response_mask)
 
     def probe(stage: int, step: int) -> None:
-        mu = posterior_means(clap, tokenizer, probe_prompts, probe_cands, **enc_kw)
+        mu = posterior_means(clap, probe_set, device)
         corr = ridge_probe_correlation(mu, probe_target, probe_groups)
         result["probe"]["posterior_mean"].append({"stage": stage, "step": step, "corr": corr,
                                                   "active_units": int((mu.var(0) > 0.01).sum())})
@@ -309,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         clap.train()
         objective = ClapObjective(clap, kl_samples=16, kl_weight=args.kl_weight, contrastive_weight=1.0,
                                   bow_weight=args.bow_weight)
-        groups = (param_groups(clap, args.lr, args.adapter_lr, args.bow_lr) if stage == 1
-                  else [{"params": [p for p in clap.parameters() if p.requires_grad], "lr": args.stage2_lr}])
+        if stage == 1:
+            groups = clap_param_groups(clap, lr=args.lr, adapter_lr=args.adapter_lr, bow_lr=args.bow_lr)
+        else:
+            groups = [{"params": [p for p in clap.parameters() if p.requires_grad], "lr": args.stage2_lr}]
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
         history, times = [], []
         micro = args.micro_prompts if stage == 1 else args.stage2_micro_prompts

@@ -83,6 +83,26 @@ def set_stage(clap: nn.Module, stage: int) -> None:
         clap.skip.requires_grad_(stage == 1)
 
 
+def clap_param_groups(clap: nn.Module, *, lr: float, adapter_lr: float, bow_lr: float) -> list[dict]:
+    """Optimiser groups of CLaP's trainable parameters: everything at `lr`, the latent adapter at `adapter_lr`, the
+    bag-of-words head (when there is one) at `bow_lr`; empty groups are left out.
+
+    An anchored prefix lives on the scale of the base's normalised states (rms ~0.1-0.2), where Adam's ~lr-sized steps
+    at the encoder's 1e-3 are a 1% change per step: SmolLM2's NLL drifted up from 2.9 to 3.4-4.2 nats/token in 40
+    steps. The bag-of-words head is a plain softmax regression on z: at the encoder's lr it would barely move in a
+    CPU-sized stage 1, and its gradient is what teaches the encoder to carry the response's words."""
+    adapter = [p for p in clap.adapter.parameters() if p.requires_grad]
+    bow = [p for p in clap.bow.parameters() if p.requires_grad] if getattr(clap, "bow", None) is not None else []
+    ids = {id(p) for p in (*adapter, *bow)}
+    rest = [p for p in clap.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "lr": lr}]
+    if adapter:
+        groups.append({"params": adapter, "lr": adapter_lr})
+    if bow:
+        groups.append({"params": bow, "lr": bow_lr})
+    return groups
+
+
 def check_step(batch: ClapBatch, stage: int) -> None:
     """The stage is 1 or 2 and the batch holds P x B prompt-major rows (spec §9.1), for either latent type's
     objective.

@@ -320,21 +320,10 @@ def code_usage_counts(clap, tokenizer, prompts: list[str], candidates: list[list
 
 
 def _param_groups(model: nn.Module, job: PretrainJob) -> list[dict[str, Any]]:
-    """Trainable parameters; the latent adapter at `adapter_lr` when set. An anchored prefix lives on the scale of
-    the base's normalised states (rms ~0.1-0.2), where Adam's ~lr-sized steps at the encoder's 1e-3 are a 1%
-    change per step: SmolLM2's NLL drifted up from 2.9 to 3.4-4.2 nats/token in 40 steps."""
-    adapter = [p for p in model.adapter.parameters() if p.requires_grad]
-    # the bag-of-words head is a plain softmax regression on z: at the encoder's lr it would barely move in a
-    # CPU-sized stage 1, and its gradient is what teaches the encoder to carry the response's words
-    bow = [p for p in model.bow.parameters() if p.requires_grad] if getattr(model, "bow", None) is not None else []
-    ids = {id(p) for p in (*adapter, *bow)}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": rest, "lr": job.lr}]
-    if adapter:
-        groups.append({"params": adapter, "lr": job.adapter_lr if job.adapter_lr is not None else job.lr})
-    if bow:
-        groups.append({"params": bow, "lr": job.bow_lr})
-    return groups
+    """The job's optimiser groups (`clap_param_groups`): adapter at `adapter_lr` (None = lr), BoW head at `bow_lr`."""
+    from latentpref.tasks.train.loop import clap_param_groups
+    return clap_param_groups(model, lr=job.lr, adapter_lr=job.adapter_lr if job.adapter_lr is not None else job.lr,
+                             bow_lr=job.bow_lr)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
