@@ -522,6 +522,11 @@ def clap_throughput_table(r: Results) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLaP at spec size
+def _lm_probe(t: dict) -> float | None:
+    """A clap_spec result's probe on the frozen LM's states (its key names the layer)."""
+    return next((v for k, v in (t.get("probe") or {}).items() if k.startswith("lm_layer")), None)
+
+
 def clap_spec_table(r: Results) -> str:
     """benchmarks/clap_spec.py: CLaP step times (projected to the spec's 3,125 steps per stage) and the posterior
     probe next to the frozen LM's, one row per result file, each with the sizes it ran at."""
@@ -539,7 +544,7 @@ def clap_spec_table(r: Results) -> str:
                  f"{cfg.get('prompts_per_batch', NA)} x {cfg.get('responses_per_prompt', NA)} rows")
         probe = t.get("probe") or {}
         curve = probe.get("posterior_mean") or []
-        lm_key = next((k for k in probe if k.startswith("lm_layer")), None)
+        lm = _lm_probe(t)
 
         def stage(n: int) -> str:
             s = t.get(f"stage{n}")
@@ -557,7 +562,7 @@ def clap_spec_table(r: Results) -> str:
         rows.append([f"`{name}`", f"{where}; {variant}", sizes, sampled,
                      stage(1), stage(2),
                      ", ".join(f"{p['step']}: {p['corr']:.3f}" for p in curve if p.get("stage") == 1),
-                     f"{num(probe.get(lm_key), 3)} ({num(probe.get('prompts'))} prompts)" if lm_key else NA])
+                     f"{num(lm, 3)} ({num(probe.get('prompts'))} prompts)" if lm is not None else NA])
     header = ["file", "device; CLaP variant", "sizes", "candidate sampling", "stage 1", "stage 2 (contrastive)",
               "probe: posterior mean, step: corr", "probe: frozen LM layer 8"]
     return table(header, rows, "llll" + "r" * 4) + "\n\n" + source(*(name for name, _ in results))
@@ -684,7 +689,7 @@ def readme_headline(r: Results) -> str:
             if t.get("device") != "cuda" or t.get("settings", {}).get("bow_weight"):
                 continue
             curve = get(t, "probe", "posterior_mean") or [{}]
-            lm = next((v for k, v in (t.get("probe") or {}).items() if k.startswith("lm_layer")), None)
+            lm = _lm_probe(t)
             stage2 = (f", stage 2 {duration(t['stage2']['projected_spec_stage_s'])}" if t.get("stage2") else "")
             parts.append(f"{t.get('device_name', NA)} at the spec's sizes: 3,125 steps of stage 1 "
                          f"{duration(get(t, 'stage1', 'projected_spec_stage_s'))}{stage2}; sentiment probe from the "
