@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     def due(step: int) -> bool:
         if args.probe_every:
             return step % args.probe_every == 0
-        return step in (0, 50, 150) or (step >= 300 and (step // 300) & (step // 300 - 1) == 0 and step % 300 == 0)
+        # 0, 50, 150, then 300 times a power of two (300, 600, 1200, 2400, ...)
+        return step in (0, 50, 150) or (step > 0 and step % 300 == 0 and (step // 300).bit_count() == 1)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for stage, steps, seconds in ((1, args.stage1_steps, args.stage1_seconds),
