@@ -111,6 +111,13 @@ class PretrainConfig(_Section):
     # head); 0 = off, the spec's objective
     bow_weight: Annotated[float, Field(ge=0)] = 0.0
     bow_lr: Annotated[float, Field(gt=0)] = 1e-2     # the BoW head's own learning rate (bow_weight > 0)
+    # population preference term (Gaussian only; tasks/objectives.population_preference_loss): every population
+    # user gets a latent direction v_u, and the posterior samples of each train pair must rank under <v_u, z>, so z
+    # holds what users disagree on and latent DPO has a direction to fit. 0 = off (the spec's objective); > 0 reads
+    # the train pairs and makes their digest part of the CLaP's version
+    preference_weight: Annotated[float, Field(ge=0)] = 0.0
+    preference_lr: Annotated[float, Field(gt=0)] = 1e-2          # the user directions' own learning rate
+    preference_pairs_per_batch: Annotated[int, Field(ge=1)] = 16
     # learning rate of the latent adapter (None = lr): anchored prefixes need a smaller one than the encoder
     adapter_lr: Annotated[float, Field(gt=0)] | None = None
     use_gpu: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_to_str)] = "auto"  # auto: GPUs if the cluster has them
@@ -252,6 +259,10 @@ class NightlyConfig(_Section):
             raise ValueError(f"personalize.mode={self.personalize.mode!r} needs a Gaussian CLaP; with "
                              "pretrain.latent_type='discrete' a user is K code offsets fitted on cached posteriors: "
                              "use personalize.mode=head-only")
+        if self.pretrain.latent_type == "discrete" and self.pretrain.preference_weight > 0:
+            raise ValueError(f"pretrain.preference_weight={self.pretrain.preference_weight} is the Gaussian CLaP's "
+                             "population preference term; a discrete CLaP pools the pairs with "
+                             "pretrain.lpc_pair_weight: set pretrain.preference_weight=0")
         return self
 
 

@@ -41,9 +41,15 @@ DISCRETE_FIELDS = frozenset({"latent_type", "n_codes", "tau_start", "tau_end", "
                              "lpc_pair_weight", "lpc_loss_type", "lpc_beta", "lpc_gamma"})
 
 
+PREFERENCE_FIELDS = frozenset({"preference_weight", "preference_lr", "preference_pairs_per_batch"})
+
+
 def _uses_pairs(cfg: PretrainConfig) -> bool:
-    """A discrete CLaP with the LPC pair objective trains on the pooled preference pairs too."""
-    return cfg.latent_type == "discrete" and cfg.lpc_pair_weight > 0
+    """A discrete CLaP with the LPC pair objective, or a Gaussian one with the population preference term, trains
+    on the pooled preference pairs too."""
+    if cfg.latent_type == "discrete":
+        return cfg.lpc_pair_weight > 0
+    return cfg.preference_weight > 0
 
 
 def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts) -> str:
@@ -56,6 +62,8 @@ def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts)
         exclude.add("pool_tokens")
     if cfg.bow_weight == 0:
         exclude |= {"bow_weight", "bow_lr"}
+    if cfg.latent_type == "discrete" or cfg.preference_weight == 0:
+        exclude |= PREFERENCE_FIELDS
     from latentpref.tasks.models.clap import ADAPTER_LAYOUT
     inputs = {"pretrain": cfg.model_dump(exclude=exclude), "base": data.base_model_version, "layout": ADAPTER_LAYOUT,
               "prompts": data.prompts.digest, "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
@@ -187,7 +195,7 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                                                     "stage1_steps", "stage2_steps", "prompts_per_batch",
                                                     "responses_per_prompt", "lr", "kl_samples", "kl_weight",
                                                     "contrastive_weight", "max_grad_norm", "checkpoint_every", "seed",
-                                                    *DISCRETE_FIELDS}),
+                                                    *DISCRETE_FIELDS, *PREFERENCE_FIELDS}),
                           **TEST_FAULT)
         logger.info("pretrain: CLaP %s on Ray Train, %d workers, gpu=%s, %d+%d steps", version, cfg.num_workers,
                     use_gpu, cfg.stage1_steps, cfg.stage2_steps)

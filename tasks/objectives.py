@@ -614,4 +614,54 @@ def lpc_pair_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, re
     return preference + kl_weight * kl, metrics
 
 
-__all__ += ["categorical_latent_dpo_pair_terms", "code_collapse_kl", "lpc_kl", "lpc_pair_loss"]
+def population_preference_loss(user_directions: Tensor, chosen_z: Tensor, rejected_z: Tensor, *,
+                               loss_type: LossType = "dpo", beta: float = 1.0, gamma: float = 0.0,
+                               pair_weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Population preference term of a Gaussian CLaP (our extension, the counterpart of LPC's pooled pairs,
+    lpc.md §6.2): every population user u has a direction v_u in latent space and a linear latent reward
+    r_u(z) = <v_u, z>; each of u's pairs is scored with `preference_loss(r_u(z_w), r_u(z_l))`, z_w ~ q(z|x, y_w) and
+    z_l ~ q(z|x, y_l) reparameterised samples.
+
+    Why: per-user latent DPO's implicit reward log N(z; mu_theta, I) - log N(z; 0, I) = <mu_theta, z> - |mu_theta|^2/2
+    is linear in z, so a user can only be fitted along directions in which the posteriors of the responses he prefers
+    differ from those he rejects. LM NLL + DG-KLD alone put into z what predicts the next tokens (topic, first words),
+    not what users disagree on; this term asks the encoder to make every population user's choices linearly
+    separable in z. Samples (not means) carry the gradient, so the posteriors must separate by more than their own
+    spread: a large |v_u| cannot make up for a vanishing mean difference.
+
+    Args:
+        user_directions: (N, D) v_u of each pair's user (carries gradient).
+        chosen_z, rejected_z: (N, D) posterior samples of each pair's chosen and rejected response (carry gradient).
+        loss_type, beta, gamma: see `preference_loss` (beta 1: v_u's own norm is the temperature).
+        pair_weight: optional (N,) non-negative weights (the feedback `weight` column).
+    Returns:
+        (loss scalar fp32, {"preference", "accuracy", "margin"} detached 0-d tensors); accuracy and margin are of
+        the sampled rewards.
+    Raises:
+        ValueError: shape mismatch, negative weights, bad loss_type / beta.
+    """
+    shapes = {tuple(t.shape) for t in (user_directions, chosen_z, rejected_z)}
+    if len(shapes) != 1 or user_directions.ndim != 2:
+        raise ValueError(f"user_directions, chosen_z and rejected_z must share one (N, D) shape; got "
+                         f"{[tuple(t.shape) for t in (user_directions, chosen_z, rejected_z)]}")
+    v = to_latent_dtype(user_directions)
+    chosen = (v * to_latent_dtype(chosen_z)).sum(-1)
+    rejected = (v * to_latent_dtype(rejected_z)).sum(-1)
+    losses = preference_loss(chosen, rejected, loss_type=loss_type, beta=beta, gamma=gamma)
+    if pair_weight is None:
+        w = torch.ones_like(losses)
+    else:
+        w = to_latent_dtype(pair_weight).detach()
+        if w.shape != losses.shape:
+            raise ValueError(f"pair_weight shape {tuple(w.shape)}; expected (N,) = {tuple(losses.shape)}")
+        if bool((w < 0).any()):
+            raise ValueError(f"pair_weight must be >= 0; min is {w.min().item()}")
+    loss = (losses * w).sum() / w.sum().clamp_min(1e-12)
+    margin = (chosen - rejected).detach()
+    metrics = {"preference": loss.detach(), "accuracy": ((margin > 0).float() * w).sum() / w.sum().clamp_min(1e-12),
+               "margin": (margin * w).sum() / w.sum().clamp_min(1e-12)}
+    return loss, metrics
+
+
+__all__ += ["categorical_latent_dpo_pair_terms", "code_collapse_kl", "lpc_kl", "lpc_pair_loss",
+            "population_preference_loss"]

@@ -72,6 +72,77 @@ def sample_clap_batches(tokenizer, prompt_texts: list[str], candidate_texts: lis
                               max_response_tokens=max_response_tokens)
 
 
+@dataclass
+class PairBatch:
+    """Preference pairs, one prompt row per pair: the LPC objective's (discrete CLaP) and the population preference
+    term's (Gaussian CLaP, which also needs each pair's user and weight)."""
+
+    prompt_ids: torch.Tensor       # (N, Tp) left-padded
+    prompt_mask: torch.Tensor
+    chosen_ids: torch.Tensor       # (N, Tr) right-padded
+    chosen_mask: torch.Tensor
+    rejected_ids: torch.Tensor     # (N, Tr') right-padded
+    rejected_mask: torch.Tensor
+    user_index: torch.Tensor | None = None   # (N,) long: row of the pair's user in the population table
+    weight: torch.Tensor | None = None       # (N,) float32: the feedback `weight` column
+
+    def to(self, device) -> "PairBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PairBatch(*(move(t) for t in (self.prompt_ids, self.prompt_mask, self.chosen_ids, self.chosen_mask,
+                                             self.rejected_ids, self.rejected_mask, self.user_index, self.weight)))
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One train-split pair of the population, as pretraining reads it."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    user_index: int = 0
+    weight: float = 1.0
+
+
+def make_pair_batch(tokenizer, pairs: list[PreferencePair], *, max_prompt_tokens: int,
+                    max_response_tokens: int) -> PairBatch:
+    p_ids, p_mask = tokenize_prompts(tokenizer, [p.prompt for p in pairs], max_prompt_tokens)
+    c_ids, c_mask = tokenize_responses(tokenizer, [p.chosen for p in pairs], max_response_tokens)
+    r_ids, r_mask = tokenize_responses(tokenizer, [p.rejected for p in pairs], max_response_tokens)
+    return PairBatch(p_ids, p_mask, c_ids, c_mask, r_ids, r_mask,
+                     torch.tensor([p.user_index for p in pairs], dtype=torch.long),
+                     torch.tensor([p.weight for p in pairs], dtype=torch.float32))
+
+
+def sample_pair_batches(tokenizer, pairs: list[PreferencePair], *, pairs_per_batch: int,
+                        max_prompt_tokens: int, max_response_tokens: int, seed: int):
+    """Endless iterator of PairBatches of `pairs_per_batch` distinct random pairs."""
+    if not pairs:
+        raise ValueError("no preference pairs to sample pair batches from")
+    rng = np.random.default_rng(seed)
+    while True:
+        idx = rng.choice(len(pairs), size=min(pairs_per_batch, len(pairs)), replace=False)
+        yield make_pair_batch(tokenizer, [pairs[i] for i in idx], max_prompt_tokens=max_prompt_tokens,
+                              max_response_tokens=max_response_tokens)
+
+
+class UserDirections(nn.Module):
+    """One latent direction v_u per population user, for the population preference term
+    (`objectives.population_preference_loss`). A pretraining device only: it is not part of the CLaP that is saved
+    and served (a user's own fit, latent DPO, learns that user's direction from the prompt)."""
+
+    def __init__(self, n_users: int, latent_dim: int, *, init_std: float = 0.1, seed: int = 0):
+        super().__init__()
+        if n_users < 1:
+            raise ValueError(f"n_users={n_users}; the population preference term needs at least one user")
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(n_users, latent_dim, generator=g) * init_std)
+
+    def forward(self, user_index: torch.Tensor) -> torch.Tensor:
+        if user_index.numel() and (int(user_index.min()) < 0 or int(user_index.max()) >= self.weight.shape[0]):
+            raise ValueError(f"user_index outside [0, {self.weight.shape[0]}): {user_index.tolist()}")
+        return self.weight[user_index]
+
+
 def set_stage(clap: nn.Module, stage: int) -> None:
     """Trainable parameters of CLaP stage 1 or 2 (spec §2.6): stage 1 freezes the base LM and the adapter's K/V
     copies and trains the skip MLP; stage 2 trains everything but the skip MLP (a stage-1 device only, spec
@@ -119,14 +190,20 @@ def check_step(batch: ClapBatch, stage: int) -> None:
 
 
 class ClapObjective(nn.Module):
-    """L_CLaP = L_lm + w_kl * DG-KLD (+ w_con * contrastive in stage 2); G-skip in stage 1 (spec §3.5)."""
+    """L_CLaP = L_lm + w_kl * DG-KLD (+ w_con * contrastive in stage 2); G-skip in stage 1 (spec §3.5);
+    + w_pref * population preference term on pair batches when `user_directions` is given (our extension)."""
 
     def __init__(self, clap: nn.Module, *, kl_samples: int = 16, kl_weight: float = 1.0,
-                 contrastive_weight: float = 1.0, shared_prompt_cache: bool = True, bow_weight: float = 0.0):
+                 contrastive_weight: float = 1.0, shared_prompt_cache: bool = True, bow_weight: float = 0.0,
+                 user_directions: UserDirections | None = None, preference_weight: float = 0.0):
         super().__init__()
         if bow_weight > 0 and getattr(clap, "bow", None) is None:
             raise ValueError(f"bow_weight={bow_weight} needs a CLaP built with CLaPConfig.bow_head=True")
+        if preference_weight > 0 and user_directions is None:
+            raise ValueError(f"preference_weight={preference_weight} needs user_directions (one per population user)")
         self.bow_weight = bow_weight
+        self.user_directions = user_directions
+        self.preference_weight = preference_weight
         self.clap = clap
         # stage 2: True = one prompt pass per latent + B response passes (CLaP.shifted_response_logps); False = B
         # full passes with rolled latents (same values; kept as the benchmark's "before")
@@ -135,11 +212,14 @@ class ClapObjective(nn.Module):
         self.kl_weight = kl_weight
         self.contrastive_weight = contrastive_weight
 
-    def forward(self, batch: ClapBatch, stage: int, generator: torch.Generator | None = None):
+    def forward(self, batch: ClapBatch, stage: int, generator: torch.Generator | None = None,
+                pairs: PairBatch | None = None):
         """One CLaP step's loss (scalar, with grad) and detached metrics; rows are P prompts x B responses.
 
         Stage 1: L_lm with G-skip (when the skip MLP exists) + DG-KLD. Stage 2: L_lm + DG-KLD + contrastive.
-        `generator` draws, in this order, the DG-KLD noise, the prefix latent z and the G-skip latents.
+        `generator` draws, in this order, the DG-KLD noise, the prefix latent z, the G-skip latents and the pair
+        term's samples. `pairs` (with user_index) feeds the population preference term; it is required when
+        preference_weight > 0 (every DDP rank must give the user directions a gradient).
         """
         P, B = batch.n_prompts, batch.n_responses
         check_step(batch, stage)
@@ -183,6 +263,11 @@ class ClapObjective(nn.Module):
             contrastive = objectives.contrastive_loss(nll_matrix)
             contrastive_acc = (nll_matrix.argmin(dim=1) == 0).float().mean()
             loss = loss + self.contrastive_weight * contrastive
+        preference = torch.zeros((), device=nll.device)
+        preference_acc = torch.zeros((), device=nll.device)
+        if self.preference_weight > 0:
+            preference, preference_acc = self._preference_term(pairs, generator)
+            loss = loss + self.preference_weight * preference
         with torch.no_grad():
             # active units (posterior-collapse detector): dims whose posterior mean varies across the batch
             active_units = (mu.float().var(dim=0) > 0.01).sum().float() if mu.shape[0] > 1 else torch.zeros(())
@@ -190,7 +275,30 @@ class ClapObjective(nn.Module):
                    "kl": kl.detach(), "bow_per_token": (bow * logps.shape[0] / n_tokens).detach(),
                    "contrastive": contrastive.detach(), "contrastive_acc": contrastive_acc,
                    "active_units": active_units, "tokens": n_tokens.detach().float()}
+        if self.preference_weight > 0:
+            metrics.update(preference=preference.detach(), preference_acc=preference_acc)
         return loss, metrics
+
+    def _preference_term(self, pairs: PairBatch | None, generator: torch.Generator | None):
+        if pairs is None or pairs.user_index is None:
+            raise ValueError("preference_weight > 0 needs a PairBatch with user_index at every step")
+        n = pairs.prompt_ids.shape[0]
+        # chosen and rejected rows through the encoder in one pass
+        mu, logvar = self.clap.encode(torch.cat([pairs.prompt_ids, pairs.prompt_ids]),
+                                      torch.cat([pairs.prompt_mask, pairs.prompt_mask]),
+                                      *_stack_right_padded(pairs.chosen_ids, pairs.chosen_mask, pairs.rejected_ids,
+                                                           pairs.rejected_mask))
+        z = latent.sample(mu, logvar, 1, generator=generator)[0]
+        term, m = objectives.population_preference_loss(self.user_directions(pairs.user_index), z[:n], z[n:],
+                                                        pair_weight=pairs.weight)
+        return term, m["accuracy"]
+
+
+def _stack_right_padded(a_ids: torch.Tensor, a_mask: torch.Tensor, b_ids: torch.Tensor, b_mask: torch.Tensor):
+    """Rows of two right-padded batches in one (2N, T) batch (the shorter one padded on the right, mask 0)."""
+    width = max(a_ids.shape[1], b_ids.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return torch.cat([pad(a_ids), pad(b_ids)]), torch.cat([pad(a_mask), pad(b_mask)])
 
 
 def lm_step_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,14 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+# re-exported: the pair batches moved to loop.py (the Gaussian population preference term uses them too)
+from latentpref.tasks.train.loop import PairBatch, PreferencePair, make_pair_batch, sample_pair_batches  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,12 @@ class PretrainJob(BaseModel):
     lpc_loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
     lpc_beta: float = 0.1
     lpc_gamma: float = 0.0
-    pairs_path: list[str] | None = None   # path parts of the pairs table (train split used); None = no LPC pairs
+    pairs_path: list[str] | None = None   # path parts of the pairs table (train split used); None = no pairs read
+    # Gaussian only: weight of the population preference term (ClapObjective; PretrainConfig documents it), the
+    # user directions' learning rate, and the pairs per step
+    preference_weight: float = 0.0
+    preference_lr: float = 1e-2
+    preference_pairs_per_batch: int = 16
 
 
 def _load_training_data(job: PretrainJob):
@@ -95,16 +101,24 @@ def _load_training_data(job: PretrainJob):
     return [text_of[p] for p in train_ids], [by_prompt[p] for p in train_ids]
 
 
-def _load_pairs(job: PretrainJob) -> list[tuple[str, str, str]]:
-    """Every user's train-split (prompt, chosen, rejected) pairs, pooled: LPC learns population-level codes
-    from preference pairs without user ids (lpc.md §6.2)."""
+def _load_pairs(job: PretrainJob) -> tuple[list[PreferencePair], int]:
+    """Every user's train-split pairs, pooled, and the number of users they come from. LPC learns population-level
+    codes from them without user ids (lpc.md §6.2); the Gaussian population preference term also reads each pair's
+    user (`user_index`: the user's row among the sorted user ids) and weight."""
     if job.pairs_path is None:
-        return []
+        return [], 0
     from latentpref.tasks.data.store import Store
     table = Store(job.store_root).read_table(*job.pairs_path)
-    split = table["split"].to_pylist() if "split" in table.column_names else ["train"] * table.num_rows
-    return [(p, c, r) for p, c, r, s in zip(table["prompt"].to_pylist(), table["chosen"].to_pylist(),
-                                           table["rejected"].to_pylist(), split) if s == "train"]
+    n = table.num_rows
+    split = table["split"].to_pylist() if "split" in table.column_names else ["train"] * n
+    users = table["user_id"].to_pylist() if "user_id" in table.column_names else [""] * n
+    weights = table["weight"].to_pylist() if "weight" in table.column_names else [1.0] * n
+    keep = [i for i in range(n) if split[i] == "train"]
+    index = {u: k for k, u in enumerate(sorted({users[i] for i in keep}))}
+    prompts, chosen, rejected = (table[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
+    pairs = [PreferencePair(prompts[i], chosen[i], rejected[i], index[users[i]],
+                            1.0 if weights[i] is None else float(weights[i])) for i in keep]
+    return pairs, len(index)
 
 
 def _build_clap(job: PretrainJob):
@@ -124,43 +138,6 @@ def _build_clap(job: PretrainJob):
 
 
 # ------------------------------------------------------------------------------------------------ discrete (LPC)
-@dataclass
-class PairBatch:
-    """Preference pairs for the LPC objective: one prompt row per pair."""
-
-    prompt_ids: torch.Tensor       # (N, Tp) left-padded
-    prompt_mask: torch.Tensor
-    chosen_ids: torch.Tensor       # (N, Tr) right-padded
-    chosen_mask: torch.Tensor
-    rejected_ids: torch.Tensor     # (N, Tr') right-padded
-    rejected_mask: torch.Tensor
-
-    def to(self, device) -> "PairBatch":
-        return PairBatch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.chosen_ids,
-                                                 self.chosen_mask, self.rejected_ids, self.rejected_mask)))
-
-
-def make_pair_batch(tokenizer, pairs: list[tuple[str, str, str]], *, max_prompt_tokens: int,
-                    max_response_tokens: int) -> PairBatch:
-    from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
-    p_ids, p_mask = tokenize_prompts(tokenizer, [p for p, _, _ in pairs], max_prompt_tokens)
-    c_ids, c_mask = tokenize_responses(tokenizer, [c for _, c, _ in pairs], max_response_tokens)
-    r_ids, r_mask = tokenize_responses(tokenizer, [r for _, _, r in pairs], max_response_tokens)
-    return PairBatch(p_ids, p_mask, c_ids, c_mask, r_ids, r_mask)
-
-
-def sample_pair_batches(tokenizer, pairs: list[tuple[str, str, str]], *, pairs_per_batch: int,
-                        max_prompt_tokens: int, max_response_tokens: int, seed: int):
-    """Endless iterator of PairBatches of `pairs_per_batch` distinct random pairs."""
-    if not pairs:
-        raise ValueError("no preference pairs to sample LPC batches from")
-    rng = np.random.default_rng(seed)
-    while True:
-        idx = rng.choice(len(pairs), size=min(pairs_per_batch, len(pairs)), replace=False)
-        yield make_pair_batch(tokenizer, [pairs[i] for i in idx], max_prompt_tokens=max_prompt_tokens,
-                              max_response_tokens=max_response_tokens)
-
-
 class DiscreteClapObjective(nn.Module):
     """CLaP loss for discrete latent codes (spec lpc.md §6.3), the counterpart of `loop.ClapObjective`.
 
@@ -333,7 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from latentpref.tasks.models.clap import load_clap, save_clap
-    from latentpref.tasks.train.loop import ClapObjective, sample_clap_batches, set_stage
+    from latentpref.tasks.train.loop import ClapObjective, UserDirections, sample_clap_batches, set_stage
 
     job = PretrainJob.model_validate(config)
     torch.set_num_threads(job.threads_per_worker)   # Ray sets OMP_NUM_THREADS=1; the worker owns this many CPUs
@@ -344,30 +321,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
-    opt_state = None
+    opt_state, directions_state = None, None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_clap(os.path.join(d, "clap")).state_dict())
             state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
             start_step, history, opt_state = state["step"], state["history"], state["optimizer"]
+            directions_state = state.get("user_directions")
         log.info("rank %d resumed from step %d", rank, start_step)
 
     all_prompts, all_candidates = _load_training_data(job)
     # shard prompts across workers (each rank sees a disjoint subset)
     prompts, candidates = all_prompts[rank::world], all_candidates[rank::world]
     discrete = job.latent_type == "discrete"
-    pair_batches = None
-    if discrete and job.lpc_pair_weight > 0:
-        pairs = _load_pairs(job)
+    preference = not discrete and job.preference_weight > 0
+    pair_batches, user_directions = None, None
+    if (discrete and job.lpc_pair_weight > 0) or preference:
+        pairs, n_users = _load_pairs(job)
         # every rank must run the pair term (DDP expects the same trainable parameters to get gradients on all
         # ranks), so it is on only if each rank's shard holds a pair
         if len(pairs) >= world:
-            pair_batches = sample_pair_batches(tokenizer, pairs[rank::world], pairs_per_batch=job.prompts_per_batch,
-                                               max_prompt_tokens=job.prompt_tokens,
-                                               max_response_tokens=job.response_tokens,
-                                               seed=job.seed * 1000 + rank + 7919 * start_step + 1)
+            pair_batches = sample_pair_batches(
+                tokenizer, pairs[rank::world],
+                pairs_per_batch=job.preference_pairs_per_batch if preference else job.prompts_per_batch,
+                max_prompt_tokens=job.prompt_tokens, max_response_tokens=job.response_tokens,
+                seed=job.seed * 1000 + rank + 7919 * start_step + 1)
+            if preference:
+                user_directions = UserDirections(n_users, job.latent_dim, seed=job.seed)
+                if directions_state is not None:
+                    user_directions.load_state_dict(directions_state)
         else:
-            log.warning("LPC pair term off: %d train pairs for %d workers", len(pairs), world)
+            log.warning("%s term off: %d train pairs for %d workers", "LPC pair" if discrete else
+                        "population preference", len(pairs), world)
     batches = sample_clap_batches(tokenizer, prompts, candidates, prompts_per_batch=job.prompts_per_batch,
                                   responses_per_prompt=job.responses_per_prompt,
                                   max_prompt_tokens=job.prompt_tokens, max_response_tokens=job.response_tokens,
@@ -402,10 +387,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     lpc_loss_type=job.lpc_loss_type, lpc_beta=job.lpc_beta, lpc_gamma=job.lpc_gamma)
             else:
                 objective = ClapObjective(model, kl_samples=job.kl_samples, kl_weight=job.kl_weight,
-                                          contrastive_weight=job.contrastive_weight, bow_weight=job.bow_weight)
+                                          contrastive_weight=job.contrastive_weight, bow_weight=job.bow_weight,
+                                          user_directions=user_directions,
+                                          preference_weight=job.preference_weight if user_directions is not None
+                                          else 0.0)
             # re-wrap on a stage switch: DDP registers hooks only for parameters trainable at wrap time
             wrapped = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": False})
-            opt = torch.optim.AdamW(_param_groups(model, job), weight_decay=0.0)
+            groups = _param_groups(model, job)
+            if user_directions is not None:
+                groups.append({"params": list(user_directions.parameters()), "lr": job.preference_lr})
+            opt = torch.optim.AdamW(groups, weight_decay=0.0)
             if opt_state is not None and opt_state.get("stage") == stage:
                 opt.load_state_dict(opt_state["state"])
             opt_state = None
@@ -414,7 +405,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             pair_batch = next(pair_batches).to(device) if pair_batches is not None else None
             loss, metrics = wrapped(batch, stage, generator, step=step, pairs=pair_batch)
         else:
-            loss, metrics = wrapped(batch, stage, generator)
+            pair_batch = next(pair_batches).to(device) if user_directions is not None else None
+            loss, metrics = wrapped(batch, stage, generator, pairs=pair_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if job.max_grad_norm is not None:
@@ -441,7 +433,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     save_clap(model, os.path.join(d, "clap"), tokenizer=tokenizer)
                     torch.save({"step": step + 1, "history": history,
-                                "optimizer": {"stage": stage, "state": opt.state_dict()}},
+                                "optimizer": {"stage": stage, "state": opt.state_dict()},
+                                "user_directions": None if user_directions is None
+                                else user_directions.state_dict()},
                                os.path.join(d, "trainer_state.pt"))
                     with open(os.path.join(d, "history.json"), "w") as fh:
                         json.dump(history, fh)

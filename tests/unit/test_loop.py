@@ -220,3 +220,75 @@ def test_shared_prompt_cache_contrastive_equals_full_passes(spec):
     (grad_full,) = torch.autograd.grad(full.sum(), z)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(grad_fast, grad_full, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ population preference term
+def _pairs(spec: str, users: list[int]) -> "PairBatch":
+    """User 0 prefers the praising response, user 1 the panning one, on the same prompts."""
+    from latentpref.tasks.train.loop import PreferencePair, make_pair_batch
+    good, bad = " a great and lovely film", " an awful boring mess"
+    rows = [PreferencePair(p, good if u == 0 else bad, bad if u == 0 else good, u, 1.0)
+            for p in ["The movie was", "I thought the plot", "The actors"] for u in users]
+    return make_pair_batch(_base(spec)[1], rows, max_prompt_tokens=8, max_response_tokens=8)
+
+
+def test_preference_term_needs_directions_and_pairs():
+    from latentpref.tasks.train.loop import UserDirections
+    model = _clap("tiny-gpt2")
+    with pytest.raises(ValueError, match="needs user_directions"):
+        ClapObjective(model, preference_weight=1.0)
+    objective = ClapObjective(model, kl_samples=4, user_directions=UserDirections(2, 8), preference_weight=1.0)
+    with pytest.raises(ValueError, match="PairBatch with user_index"):
+        objective(_batch("tiny-gpt2"), 1, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="user_index outside"):
+        UserDirections(2, 8)(torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("spec", ARCHS)
+def test_preference_term_trains_encoder_and_directions_not_the_base(spec):
+    from latentpref.tasks.train.loop import UserDirections
+    model, batch = _clap(spec), _batch(spec)
+    set_stage(model, 1)
+    directions = UserDirections(2, 8)
+    objective = ClapObjective(model, kl_samples=4, user_directions=directions, preference_weight=1.0)
+    loss, metrics = objective(batch, 1, torch.Generator().manual_seed(0), pairs=_pairs(spec, [0, 1]))
+    loss.backward()
+    assert {"preference", "preference_acc"} <= set(metrics)
+    assert 0.0 <= float(metrics["preference_acc"]) <= 1.0
+    assert directions.weight.grad is not None and float(directions.weight.grad.abs().sum()) > 0
+    assert _grad_norm(model.encoder.parameters()) > 0
+    assert _has_no_grad(model.base_lm)
+    # without the term the loss is the spec's: same draws, the difference is exactly w_pref * preference
+    plain, _ = ClapObjective(model, kl_samples=4)(batch, 1, torch.Generator().manual_seed(0))
+    assert float(loss.detach()) == pytest.approx(float(plain) + float(metrics["preference"]), rel=1e-5, abs=1e-5)
+
+
+def test_preference_term_separates_two_users_opposite_choices():
+    """Two users with opposite tastes on the same pairs: with the term alone, the posterior means of the praising
+    and the panning response move apart along each user's direction, so both users' pairs rank right by their means
+    (the information latent DPO needs); at the start they do not."""
+    from latentpref.tasks.train.loop import UserDirections
+    torch.manual_seed(0)
+    model = CLaP(copy.deepcopy(_base("tiny-gpt2")[0]), CLaPConfig(latent_dim=8, n_query=2))
+    set_stage(model, 1)
+    directions = UserDirections(2, 8, seed=1)
+    pairs = _pairs("tiny-gpt2", [0, 1])
+
+    def mean_accuracy() -> float:
+        with torch.no_grad():
+            mu_w, _ = model.encode(pairs.prompt_ids, pairs.prompt_mask, pairs.chosen_ids, pairs.chosen_mask)
+            mu_l, _ = model.encode(pairs.prompt_ids, pairs.prompt_mask, pairs.rejected_ids, pairs.rejected_mask)
+            margin = (directions(pairs.user_index) * (mu_w - mu_l)).sum(-1)
+        return float((margin > 0).float().mean()), float(margin.abs().mean())
+
+    _, margin0 = mean_accuracy()
+    opt = torch.optim.AdamW([*model.encoder.parameters(), *directions.parameters()], lr=1e-2, weight_decay=0.0)
+    objective = ClapObjective(model, kl_samples=4, user_directions=directions, preference_weight=1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        term, _ = objective._preference_term(pairs, g)
+        opt.zero_grad(set_to_none=True)
+        term.backward()
+        opt.step()
+    acc, margin = mean_accuracy()
+    assert acc == 1.0 and margin > 1.0 and margin > 10 * margin0, (acc, margin, margin0)

@@ -15,6 +15,7 @@ from latentpref.tasks.objectives import (
     dg_kld,
     latent_dpo_loss,
     latent_dpo_pair_terms,
+    population_preference_loss,
     preference_loss,
     sequence_dpo_loss,
 )
@@ -413,3 +414,24 @@ def test_evidence_mask_keeps_top_positive_gaps_and_never_ties():
     c, keep = evidence_mask(torch.tensor([[0.0, 0.5, 1.0, 1.0]]), 1.0)
     torch.testing.assert_close(c, torch.tensor([[-0.5, -1.0, -1.0, -0.5, -0.5, 0.0]]))
     assert keep.tolist() == [[True, True, True, True, True, False]]
+
+
+def test_population_preference_loss_known_values_weights_and_gradient():
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    z_w = torch.tensor([[2.0, 5.0], [0.0, 0.5]], requires_grad=True)
+    z_l = torch.tensor([[0.0, -5.0], [0.0, 1.0]])
+    loss, m = population_preference_loss(v, z_w, z_l)
+    # rewards <v_u, z>: pair 0 margin 2 (the second coordinate is not user 0's), pair 1 margin 2 * (0.5 - 1) = -1
+    expected = (-torch.nn.functional.logsigmoid(torch.tensor(2.0)) - torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(m["accuracy"]) == 0.5 and float(m["margin"]) == pytest.approx(0.5)
+    loss.backward()
+    # raising the chosen reward lowers the loss: the gradient on z_w points against v_u
+    assert float((z_w.grad * v.detach()).sum(-1).max()) < 0
+    w_loss, w_m = population_preference_loss(v, z_w, z_l, pair_weight=torch.tensor([0.0, 1.0]))
+    assert float(w_loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(torch.tensor(-1.0))), rel=1e-6)
+    assert float(w_m["accuracy"]) == 0.0
+    with pytest.raises(ValueError, match="one \\(N, D\\) shape"):
+        population_preference_loss(v, z_w[:1], z_l)
+    with pytest.raises(ValueError, match=">= 0"):
+        population_preference_loss(v, z_w, z_l, pair_weight=torch.tensor([-1.0, 1.0]))
