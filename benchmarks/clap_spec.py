@@ -41,12 +41,13 @@ import torch
 from latentpref.tasks.data import candidates as candidates_lib
 from latentpref.tasks.data import corpus
 from latentpref.tasks.data.scorers import score_texts
-from latentpref.tasks.evaluate.metrics import ridge_probe_correlation
+from latentpref.tasks.evaluate.metrics import linear_pair_accuracy, ridge_probe_correlation
 from latentpref.tasks.models import precision
 from latentpref.tasks.models.clap import CLaP, CLaPConfig
 from latentpref.tasks.models.registry import TINY_SPECS, describe_model, load_base_model, load_tokenizer
-from latentpref.tasks.train.loop import (ClapBatch, ClapObjective, clap_param_groups, make_clap_batch,
-                                         sample_clap_batches, set_stage)
+from latentpref.tasks.train.loop import (ClapBatch, ClapObjective, PairBatch, PreferencePair, UserDirections,
+                                         clap_param_groups, make_clap_batch, make_pair_batch, sample_clap_batches,
+                                         sample_pair_batches, set_stage)
 
 log = logging.getLogger("clap_spec")
 SPEC_STEPS_PER_STAGE = 3125    # spec §4.1 item 6: 25,000 train prompts / 8 prompts per step, 1 epoch
@@ -68,7 +69,7 @@ def _micro_batches(batch: ClapBatch, prompts_per_micro: int):
 
 
 def train_step(objective: ClapObjective, opt, batch: ClapBatch, stage: int, generator, micro: int,
-               max_grad_norm: float) -> tuple[dict[str, float], int]:
+               max_grad_norm: float, pairs=None) -> tuple[dict[str, float], int]:
     """One optimiser step over `batch`, accumulated over micro-batches of `micro` prompts; halves `micro` and
     redoes the step on CUDA out-of-memory. Returns prompt-weighted mean metrics and the micro size used."""
     while True:
@@ -76,7 +77,8 @@ def train_step(objective: ClapObjective, opt, batch: ClapBatch, stage: int, gene
             opt.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             for part, p in _micro_batches(batch, micro):
-                loss, metrics = objective(part, stage, generator)
+                # the pair term rides along in every micro-batch at the micro-batch's share: summed once per step
+                loss, metrics = objective(part, stage, generator, pairs=pairs)
                 (loss * (p / batch.n_prompts)).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k == "tokens" else p / batch.n_prompts)
@@ -109,6 +111,18 @@ def posterior_means(clap: CLaP, batches: list[ClapBatch], device) -> np.ndarray:
         with precision.lm_autocast(device):
             mu, _ = clap.encode(b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
         out.append(mu.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def pair_mean_differences(clap: CLaP, batches: list[PairBatch], device) -> np.ndarray:
+    """Posterior mean of each pair's chosen response minus its rejected one's (N, D)."""
+    out = []
+    for b in batches:
+        with precision.lm_autocast(device):
+            mu_w, _ = clap.encode(b.prompt_ids, b.prompt_mask, b.chosen_ids, b.chosen_mask)
+            mu_l, _ = clap.encode(b.prompt_ids, b.prompt_mask, b.rejected_ids, b.rejected_mask)
+        out.append((mu_w.float() - mu_l.float()).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -165,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-prompts", type=int, default=200, help="held-out (val + test) prompts probed")
     ap.add_argument("--probe-every", type=int, default=0, help="0 = at steps 0, 50, 150, 300, 600, 1200, ...")
     ap.add_argument("--probe-layer", type=int, default=8)
+    ap.add_argument("--population", default=None,
+                    help="folder with a night's prompts.parquet, candidates.parquet and pairs.parquet (from its store): "
+                         "train on those prompts and candidates instead of sampling, and probe the users' pairs")
+    ap.add_argument("--preference-weight", type=float, default=0.0,
+                    help="> 0: the population preference term (pretrain.preference_weight; needs --population)")
+    ap.add_argument("--preference-lr", type=float, default=1e-2)
+    ap.add_argument("--preference-pairs", type=int, default=16, help="pairs per step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -175,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"benchmark": "clap_spec", "device": str(device),
                     "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor(),
                     "torch": torch.__version__, "lm_dtype": str(precision.lm_dtype(device.type)),
-                    "settings": {k: Path(v).name if k == "candidates_cache" and v else v   # no local paths in a result
+                    "settings": {k: Path(v).name if k in ("candidates_cache", "population") and v else v   # no local paths
                                  for k, v in vars(args).items() if k != "out"}, "timings_s": {},
                     "load_average_1m_start_end": [os.getloadavg()[0]]}
     out_path = Path(args.out)
@@ -190,30 +211,42 @@ def main(argv: list[str] | None = None) -> int:
     base.to(device).eval()
     result["model"] = describe_model(base)
     result["timings_s"]["load_model"] = time.perf_counter() - t0
-    docs = corpus.load_documents(None)
-    prompts = corpus.make_prompts(docs, load_tokenizer(), n_prompts=args.prompts or None,
-                                  prompt_tokens=args.prompt_tokens, reference_tokens=args.response_tokens,
-                                  seed=args.seed)
+    population = Path(args.population) if args.population else None
+    if args.preference_weight > 0 and population is None:
+        raise ValueError("--preference-weight needs --population (the users' pairs it ranks)")
+    pairs_table = None
     t0 = time.perf_counter()
-    cache = Path(args.candidates_cache) if args.candidates_cache else None
-    if cache is not None and cache.is_file():
+    if population is not None:
         import pyarrow.parquet as pq
-        cands = pq.read_table(cache)
-        if set(cands["prompt_id"].to_pylist()) != set(prompts["prompt_id"].to_pylist()):
-            raise ValueError(f"--candidates-cache {str(cache)!r} holds other prompts than --prompts "
-                             f"{args.prompts} with seed {args.seed}; delete it or pass another path")
-        result["sampling_read_from"] = cache.name
+        prompts = pq.read_table(population / "prompts.parquet")
+        cands = pq.read_table(population / "candidates.parquet")
+        pairs_table = pq.read_table(population / "pairs.parquet")
+        result["sampling_read_from"] = population.name
     else:
-        sampler = candidates_lib.lm_sampling_fn(base, top_k=50)
-        with precision.lm_autocast(device):
-            cands = candidates_lib.generate_candidates(sampler, tokenizer, prompts, k=args.candidates,
-                                                       max_new_tokens=args.response_tokens,
-                                                       batch_size=args.generation_rows, seed=args.seed,
-                                                       device=device, pack_prompts=True)
-        if cache is not None:
+        docs = corpus.load_documents(None)
+        prompts = corpus.make_prompts(docs, load_tokenizer(), n_prompts=args.prompts or None,
+                                      prompt_tokens=args.prompt_tokens, reference_tokens=args.response_tokens,
+                                      seed=args.seed)
+        t0 = time.perf_counter()
+        cache = Path(args.candidates_cache) if args.candidates_cache else None
+        if cache is not None and cache.is_file():
             import pyarrow.parquet as pq
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(cands, cache)
+            cands = pq.read_table(cache)
+            if set(cands["prompt_id"].to_pylist()) != set(prompts["prompt_id"].to_pylist()):
+                raise ValueError(f"--candidates-cache {str(cache)!r} holds other prompts than --prompts "
+                                 f"{args.prompts} with seed {args.seed}; delete it or pass another path")
+            result["sampling_read_from"] = cache.name
+        else:
+            sampler = candidates_lib.lm_sampling_fn(base, top_k=50)
+            with precision.lm_autocast(device):
+                cands = candidates_lib.generate_candidates(sampler, tokenizer, prompts, k=args.candidates,
+                                                           max_new_tokens=args.response_tokens,
+                                                           batch_size=args.generation_rows, seed=args.seed,
+                                                           device=device, pack_prompts=True)
+            if cache is not None:
+                import pyarrow.parquet as pq
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(cands, cache)
     _sync(device)
     sample_s = time.perf_counter() - t0
     n_new = cands.num_rows * args.response_tokens
@@ -235,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     probe_prompts, probe_cands = [text_of[p] for p in probe_ids], [by_prompt[p] for p in probe_ids]
     t0 = time.perf_counter()
     probe_target = score_texts([c for cs in probe_cands for c in cs])["sentiment"]
-    probe_groups = np.repeat(np.arange(len(probe_ids)), args.candidates)
-    spread = [float(np.ptp(probe_target[i * args.candidates:(i + 1) * args.candidates]))
-              for i in range(len(probe_ids))]
+    sizes = [len(c) for c in probe_cands]
+    probe_groups = np.repeat(np.arange(len(probe_ids)), sizes)
+    bounds = np.cumsum([0, *sizes])
+    spread = [float(np.ptp(probe_target[bounds[i]:bounds[i + 1]])) for i in range(len(probe_ids))]
     result["timings_s"]["score_probe_set"] = time.perf_counter() - t0
     probe_set = probe_batches(tokenizer, probe_prompts, probe_cands, prompt_tokens=args.prompt_tokens,
                               response_tokens=args.response_tokens, device=device,
@@ -250,6 +284,26 @@ def main(argv: list[str] | None = None) -> int:
                            lm_features, probe_target, probe_groups),
                        "posterior_mean": []}
     write()
+
+    # ---- the users' pairs (--population): train split for the preference term, held-out split for the pair probe
+    train_pairs: list[PreferencePair] = []
+    heldout_pairs: list[PreferencePair] = []
+    if pairs_table is not None:
+        rows = pairs_table.to_pylist()
+        index = {u: k for k, u in enumerate(sorted({r["user_id"] for r in rows if r["split"] == "train"}))}
+        for r in rows:
+            if r["user_id"] not in index:
+                continue
+            pair = PreferencePair(r["prompt"], r["chosen"], r["rejected"], index[r["user_id"]],
+                                  float(r.get("weight") or 1.0))
+            (train_pairs if r["split"] == "train" else heldout_pairs).append(pair)
+        result["probe"]["pairs"] = {"users": len(index), "train": len(train_pairs), "heldout": len(heldout_pairs),
+                                    "definition": "linear_pair_accuracy: per user, logistic fit on posterior-mean "
+                                                  "differences of its train pairs, accuracy on its held-out pairs"}
+    pair_sets = {name: [b.to(device) for b in (make_pair_batch(tokenizer, ps[i:i + 256], max_prompt_tokens=args.prompt_tokens,
+                                                               max_response_tokens=args.response_tokens)
+                                               for i in range(0, len(ps), 256))]
+                 for name, ps in (("train", train_pairs), ("heldout", heldout_pairs)) if ps}
 
     # ---- CLaP, the product's settings for a pretrained base
     anchored = args.base not in TINY_SPECS
@@ -269,9 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     def probe(stage: int, step: int) -> None:
         mu = posterior_means(clap, probe_set, device)
         corr = ridge_probe_correlation(mu, probe_target, probe_groups)
-        result["probe"]["posterior_mean"].append({"stage": stage, "step": step, "corr": corr,
-                                                  "active_units": int((mu.var(0) > 0.01).sum())})
-        log.info("probe stage %d step %d: corr %.3f", stage, step, corr)
+        row = {"stage": stage, "step": step, "corr": corr, "active_units": int((mu.var(0) > 0.01).sum())}
+        if len(pair_sets) == 2:
+            diffs = {name: pair_mean_differences(clap, batches, device) for name, batches in pair_sets.items()}
+            users = {name: [p.user_index for p in ps] for name, ps in (("train", train_pairs), ("heldout", heldout_pairs))}
+            row["pair_heldout_accuracy"] = linear_pair_accuracy(diffs["train"], users["train"], diffs["heldout"],
+                                                                users["heldout"])
+            if directions is not None:   # the pretraining directions themselves, on the held-out pairs
+                with torch.no_grad():
+                    v = directions.weight.float().cpu().numpy()[users["heldout"]]
+                margin = (v * diffs["heldout"]).sum(-1)
+                row["direction_heldout_accuracy"] = float(np.mean((margin > 0) + 0.5 * (margin == 0)))
+        result["probe"]["posterior_mean"].append(row)
+        log.info("probe stage %d step %d: %s", stage, step, {k: round(v, 3) for k, v in row.items()})
         write()
 
     def due(step: int) -> bool:
@@ -280,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         # 0, 50, 150, then 300 times a power of two (300, 600, 1200, 2400, ...)
         return step in (0, 50, 150) or (step > 0 and step % 300 == 0 and (step // 300).bit_count() == 1)
 
+    directions = UserDirections(len({p.user_index for p in train_pairs}), clap.cfg.latent_dim, seed=args.seed).to(device) \
+        if args.preference_weight > 0 else None
+    pair_stream = (b.to(device) for b in sample_pair_batches(
+        tokenizer, train_pairs, pairs_per_batch=args.preference_pairs, max_prompt_tokens=args.prompt_tokens,
+        max_response_tokens=args.response_tokens, seed=args.seed + 1)) if directions is not None else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for stage, steps, seconds in ((1, args.stage1_steps, args.stage1_seconds),
                                   (2, args.stage2_steps, args.stage2_seconds)):
@@ -288,11 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         set_stage(clap, stage)
         clap.train()
         objective = ClapObjective(clap, kl_samples=16, kl_weight=args.kl_weight, contrastive_weight=1.0,
-                                  bow_weight=args.bow_weight)
+                                  bow_weight=args.bow_weight, user_directions=directions,
+                                  preference_weight=args.preference_weight)
         if stage == 1:
             groups = clap_param_groups(clap, lr=args.lr, adapter_lr=args.adapter_lr, bow_lr=args.bow_lr)
         else:
             groups = [{"params": [p for p in clap.parameters() if p.requires_grad], "lr": args.stage2_lr}]
+        if directions is not None:
+            groups.append({"params": list(directions.parameters()), "lr": args.preference_lr})
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
         history, times = [], []
         micro = args.micro_prompts if stage == 1 else args.stage2_micro_prompts
@@ -308,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = next(stream)
             _sync(device)
             t0 = time.perf_counter()
-            metrics, micro = train_step(objective, opt, batch, stage, generator, micro, max_grad_norm=1.0)
+            metrics, micro = train_step(objective, opt, batch, stage, generator, micro, max_grad_norm=1.0,
+                                        pairs=next(pair_stream) if pair_stream is not None else None)
             _sync(device)
             times.append(time.perf_counter() - t0)
             step += 1

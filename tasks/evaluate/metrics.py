@@ -186,6 +186,43 @@ def ridge_probe_correlation(features: np.ndarray, targets: ArrayLike, groups: Se
     return float(np.corrcoef(pred, yc)[0, 1])
 
 
+def linear_pair_accuracy(train_diffs: np.ndarray, train_users: Sequence[object], test_diffs: np.ndarray,
+                         test_users: Sequence[object], *, alpha: float = 1.0, iterations: int = 200) -> float:
+    """How well each user's held-out choices are a linear function of a representation (a diagnostic of the CLaP
+    posterior, issue #14): per user, a logistic model without intercept, P(chosen beats rejected) = sigmoid(<w, d>)
+    with d = features(chosen) - features(rejected), fitted on the user's train pairs (L2 penalty `alpha`, Newton
+    steps); the result is the mean over users with test pairs of the share of their test pairs with <w, d> > 0
+    (ties half). Latent DPO's implicit reward is linear in z, so this is the held-out accuracy its fit could reach
+    from posterior means at best-linear.
+
+    Raises:
+        ValueError: mismatched rows or non-finite features.
+    """
+    xtr, xte = np.asarray(train_diffs, dtype=np.float64), np.asarray(test_diffs, dtype=np.float64)
+    utr, ute = np.asarray([str(u) for u in train_users]), np.asarray([str(u) for u in test_users])
+    if xtr.ndim != 2 or xte.ndim != 2 or xtr.shape[0] != utr.size or xte.shape[0] != ute.size \
+            or xtr.shape[1] != xte.shape[1]:
+        raise ValueError(f"train diffs {xtr.shape} / users ({utr.size},) and test diffs {xte.shape} / users "
+                         f"({ute.size},) must match row for row and in width")
+    if not (np.isfinite(xtr).all() and np.isfinite(xte).all()):
+        raise ValueError("pair differences hold non-finite values")
+    scores = []
+    for user in np.unique(ute):
+        a, t = xtr[utr == user], xte[ute == user]
+        w = np.zeros(xtr.shape[1])
+        for _ in range(iterations if len(a) else 0):
+            p = 1.0 / (1.0 + np.exp(-(a @ w)))
+            grad = a.T @ (p - 1.0) + alpha * w
+            hess = (a * (p * (1 - p))[:, None]).T @ a + alpha * np.eye(len(w))
+            step = np.linalg.solve(hess, grad)
+            w -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        margin = t @ w
+        scores.append(float(np.mean((margin > 0) + 0.5 * (margin == 0))))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
 def _to_arrow(table: Any) -> pa.Table:
     if isinstance(table, pa.Table):
         return table

@@ -128,3 +128,26 @@ def test_ridge_probe_rejects_bad_input():
         ridge_probe_correlation(x, [1.0, 2.0, 3.0, 4.0], ["a"] * 4)
     with pytest.raises(ValueError, match="constant"):
         ridge_probe_correlation(np.ones((4, 2)), [1.0, 1.0, 2.0, 2.0], ["a", "a", "b", "b"])
+
+
+def test_linear_pair_accuracy_per_user_directions():
+    """Two users with opposite linear tastes in the first feature, noise elsewhere: per-user fits rank each user's
+    held-out pairs right; one shared model could not (it would get half)."""
+    from latentpref.tasks.evaluate.metrics import linear_pair_accuracy
+    rng = np.random.default_rng(0)
+
+    def pairs(n):
+        d = rng.normal(size=(n, 4))
+        users = np.array(["a", "b"] * (n // 2))
+        sign = np.where(users == "a", 1.0, -1.0)
+        d[:, 0] = sign * np.abs(d[:, 0]) + 0.1 * sign   # chosen - rejected along each user's direction
+        return d, users
+
+    tr, utr = pairs(80)
+    te, ute = pairs(40)
+    assert linear_pair_accuracy(tr, utr, te, ute) > 0.95
+    # features that carry nothing: near chance
+    assert abs(linear_pair_accuracy(rng.normal(size=(80, 4)), utr, rng.normal(size=(400, 4)),
+                                    np.array(["a", "b"] * 200)) - 0.5) < 0.1
+    with pytest.raises(ValueError, match="row for row"):
+        linear_pair_accuracy(tr, utr[:3], te, ute)
