@@ -537,9 +537,13 @@ def clap_spec_table(r: Results) -> str:
         variant = [f"KL weight {cfg['kl_weight']:g}" if cfg.get("kl_weight", 1.0) != 1.0 else "",
                    f"{cfg['encoder_layers']} encoder blocks" if cfg.get("encoder_layers", 2) != 2 else "",
                    "pooled encoder view" if cfg.get("pool_tokens") else "",
-                   f"bag-of-words weight {cfg['bow_weight']:g}" if cfg.get("bow_weight") else ""]
+                   f"bag-of-words weight {cfg['bow_weight']:g}" if cfg.get("bow_weight") else "",
+                   f"population preference weight {cfg['preference_weight']:g}" if cfg.get("preference_weight")
+                   else ""]
         variant = ", ".join(v for v in variant if v) or "product settings"
-        sizes = (f"{num(get(t, 'sampling', 'prompts'))} prompts x {cfg.get('candidates', NA)} candidates, "
+        n_prompts, n_rows = get(t, "sampling", "prompts"), get(t, "sampling", "candidates")
+        per_prompt = round(n_rows / n_prompts) if n_prompts and n_rows else cfg.get("candidates", NA)
+        sizes = (f"{num(n_prompts)} prompts x {per_prompt} candidates, "
                  f"{cfg.get('prompt_tokens', NA)} + {cfg.get('response_tokens', NA)} tokens; steps of "
                  f"{cfg.get('prompts_per_batch', NA)} x {cfg.get('responses_per_prompt', NA)} rows")
         probe = t.get("probe") or {}
@@ -559,13 +563,16 @@ def clap_spec_table(r: Results) -> str:
         where = t.get("device_name") or t.get("device", NA)
         if t.get("load_average_1m_start_end"):
             where += f" (load {load(t['load_average_1m_start_end'])})"
+        pair_curve = [p for p in curve if p.get("stage") == 1 and p.get("pair_heldout_accuracy") is not None]
         rows.append([f"`{name}`", f"{where}; {variant}", sizes, sampled,
                      stage(1), stage(2),
                      ", ".join(f"{p['step']}: {p['corr']:.3f}" for p in curve if p.get("stage") == 1),
-                     f"{num(lm, 3)} ({num(probe.get('prompts'))} prompts)" if lm is not None else NA])
+                     f"{num(lm, 3)} ({num(probe.get('prompts'))} prompts)" if lm is not None else NA,
+                     ", ".join(f"{p['step']}: {p['pair_heldout_accuracy']:.3f}" for p in pair_curve) or NA])
     header = ["file", "device; CLaP variant", "sizes", "candidate sampling", "stage 1", "stage 2 (contrastive)",
-              "probe: posterior mean, step: corr", "probe: frozen LM layer 8"]
-    return table(header, rows, "llll" + "r" * 4) + "\n\n" + source(*(name for name, _ in results))
+              "probe: posterior mean, step: corr", "probe: frozen LM layer 8",
+              "users' held-out pairs, linear in the posterior mean, step: accuracy"]
+    return table(header, rows, "llll" + "r" * 5) + "\n\n" + source(*(name for name, _ in results))
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -686,7 +693,8 @@ def readme_headline(r: Results) -> str:
     def clap_spec() -> str:
         parts = []
         for name, t in r.each("clap_spec*.json"):
-            if t.get("device") != "cuda" or t.get("settings", {}).get("bow_weight"):
+            if t.get("device") != "cuda" or t.get("settings", {}).get("bow_weight") \
+                    or t.get("settings", {}).get("population"):
                 continue
             curve = get(t, "probe", "posterior_mean") or [{}]
             lm = _lm_probe(t)

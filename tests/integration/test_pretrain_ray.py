@@ -55,6 +55,16 @@ def store(tmp_path_factory) -> Store:
         "text": [f" felt {WORDS[(i + j) % len(WORDS)]} to me, {WORDS[j]} at the end" for i in range(n)
                  for j in range(4)],
     })
+    # two users of opposite taste on the train prompts, and one held-out pair (never read by pretraining)
+    pairs = pa.table({
+        "user_id": ["ua", "ub"] * 10 + ["ua"],
+        "prompt": [f"The film was {WORDS[i % 10]} and the plot" for i in range(20)] + ["The film was good"],
+        "chosen": [" felt good to me" if i % 2 == 0 else " felt awful to me" for i in range(20)] + [" x"],
+        "rejected": [" felt awful to me" if i % 2 == 0 else " felt good to me" for i in range(20)] + [" y"],
+        "weight": [1.0] * 21,
+        "split": ["train"] * 20 + ["heldout"],
+    })
+    store.write_table(pairs, "data", "pairs", "t", "pairs.parquet")
     store.write_table(prompts, "data", "prompts", "t", "prompts.parquet")
     store.write_table(cands, "data", "candidates", "t", "candidates.parquet")
     model, tokenizer = load_base_model("tiny-gpt2", seed=0)
@@ -146,10 +156,14 @@ def test_pretrain_stage_two_workers_both_stages_registered_in_mlflow(ray_cluster
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, store, tmp_path):
     """Rank 1 dies (os._exit(1)) right after step 5, one step past the step-4 checkpoint. The controller
     restarts the worker group; `ray.train.get_checkpoint()` hands it the step-4 checkpoint, so step 5 is
-    trained again (in stage 2, from the stored step) and the run ends at step 6 with one history row per step."""
+    trained again (in stage 2, from the stored step) and the run ends at step 6 with one history row per step.
+    The Gaussian population preference term is on: its users' directions are checkpointed with the trainer state
+    and the restarted group continues with them (not with fresh ones), on both DDP workers."""
     marker = tmp_path / "fault-fired"
-    result = run_pretrain(_job(store, fail_at_step=5, fail_marker=str(marker)), storage_path=str(tmp_path / "ray"),
-                          name="fault", num_workers=2, use_gpu=False, max_failures=2)
+    result = run_pretrain(_job(store, fail_at_step=5, fail_marker=str(marker), preference_weight=1.0,
+                               preference_pairs_per_batch=4, pairs_path=["data", "pairs", "t", "pairs.parquet"]),
+                          storage_path=str(tmp_path / "ray"), name="fault", num_workers=2, use_gpu=False,
+                          max_failures=2)
     assert marker.exists(), "the fault never fired"
     assert result.error is None
     assert result.metrics["step"] == STAGE1 + STAGE2
@@ -159,6 +173,14 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, store, tmp_path
     # rows 1-4 come from the first worker group (fresh start) via the step-4 checkpoint; rows 5-6 from the
     # restarted group, which started from that checkpoint (not from scratch, not from step 5)
     assert [r["resumed_from_step"] for r in history] == [0, 0, 0, 0, 4, 4]
+    assert all(math.isfinite(r["preference"]) and r["preference"] > 0 and 0 <= r["preference_acc"] <= 1
+               for r in history)
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
+    directions = state["user_directions"]["weight"]
+    assert tuple(directions.shape) == (2, 8)     # two users with train pairs (the held-out pair is not read)
+    from latentpref.tasks.train.loop import UserDirections
+    assert not torch.allclose(directions, UserDirections(2, 8, seed=0).weight.detach())   # trained
 
 
 def test_pooled_encoder_and_bag_of_words_train_through_ray(ray_cluster, store, tmp_path):
@@ -178,35 +200,3 @@ def test_pooled_encoder_and_bag_of_words_train_through_ray(ray_cluster, store, t
     vocab = model.bow.bias.shape[0]
     assert model.bow.bias.max() < 0 and model.bow.bias.max() > math.log(1.0 / vocab)
 
-
-def test_population_preference_term_trains_through_ray_and_resumes(ray_cluster, store, tmp_path):
-    """The Gaussian CLaP's population preference term on two DDP workers: every step logs it, the users' directions
-    are checkpointed with the trainer state, and a worker group restarted after a crash takes them from the
-    checkpoint (the pair term continues where it was, not from fresh directions)."""
-    pairs = pa.table({
-        "user_id": ["ua", "ub"] * 10 + ["ua"],
-        "prompt": [f"The film was {WORDS[i % 10]} and the plot" for i in range(20)] + ["The film was good"],
-        "chosen": [" felt good to me" if i % 2 == 0 else " felt awful to me" for i in range(20)] + [" x"],
-        "rejected": [" felt awful to me" if i % 2 == 0 else " felt good to me" for i in range(20)] + [" y"],
-        "weight": [1.0] * 21,
-        "split": ["train"] * 20 + ["heldout"],
-    })
-    store.write_table(pairs, "data", "pairs", "t", "pairs.parquet")
-    marker = tmp_path / "fault-fired"
-    result = run_pretrain(_job(store, preference_weight=1.0, preference_pairs_per_batch=4,
-                               pairs_path=["data", "pairs", "t", "pairs.parquet"], fail_at_step=5,
-                               fail_marker=str(marker)),
-                          storage_path=str(tmp_path / "ray"), name="pref", num_workers=2, use_gpu=False,
-                          max_failures=2)
-    assert marker.exists() and result.error is None
-    history = _history(result)
-    assert [r["resumed_from_step"] for r in history] == [0, 0, 0, 0, 4, 4]
-    assert all(math.isfinite(r["preference"]) and r["preference"] > 0 and 0 <= r["preference_acc"] <= 1
-               for r in history)
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)
-    directions = state["user_directions"]["weight"]
-    assert tuple(directions.shape) == (2, 8)     # two users with train pairs (the held-out pair is not read)
-    # trained: not the seeded init any more
-    from latentpref.tasks.train.loop import UserDirections
-    assert not torch.allclose(directions, UserDirections(2, 8, seed=0).weight.detach())

@@ -83,3 +83,28 @@ def test_preset_mode_lr_retunes_one_mode_only():
     assert load_config("tiny").personalize.lr == MODE_LR["head-only"]
     with pytest.raises((ValueError, pydantic.ValidationError), match="mode_lr"):
         load_config("tiny", overrides=["personalize.mode_lr={fast: 0.1}"])
+
+
+def test_population_preference_term_config_and_clap_version():
+    """The Gaussian preference term is refused for a discrete CLaP at load time, and it is part of a CLaP's version
+    only when on (then with the pairs' digest): CLaPs trained without it keep their version."""
+    from latentpref.pipelines.pretrain import clap_version
+    from latentpref.tasks.data.prepare import DataArtifacts, TableRef
+    with pytest.raises(ValueError, match="pretrain.preference_weight=1.0 is the Gaussian CLaP's"):
+        load_config("tiny", overrides=["pretrain.latent_type=discrete", "pretrain.preference_weight=1"])
+    with pytest.raises(ValueError, match="preference_weight"):
+        load_config("tiny", overrides=["pretrain.preference_weight=-1"])
+
+    def data(pairs_digest: str) -> DataArtifacts:
+        ref = lambda d: TableRef(("data", d), d, 1)  # noqa: E731
+        return DataArtifacts(ref("p"), ref("c"), ref("u"), ref(pairs_digest), ("models", "base"), "b0")
+
+    cfg = load_config("tiny")
+    off = clap_version(cfg.pretrain, cfg.data, data("pairs1"))
+    # off: the pairs and the term's other settings do not matter
+    assert clap_version(cfg.pretrain, cfg.data, data("pairs2")) == off
+    lr_only = load_config("tiny", overrides=["pretrain.preference_lr=0.5"])
+    assert clap_version(lr_only.pretrain, cfg.data, data("pairs1")) == off
+    on = load_config("tiny", overrides=["pretrain.preference_weight=10"])
+    v1 = clap_version(on.pretrain, cfg.data, data("pairs1"))
+    assert v1 != off and clap_version(on.pretrain, cfg.data, data("pairs2")) != v1
