@@ -465,6 +465,8 @@ def _compare_table(r: Results, name: str) -> str:
         n_planned = len(c.get("nights_planned") or [])
         note += (f" Partial: {len(runs)} of the {n_planned} planned nights finished ({', '.join(runs) or 'none'}; "
                  f"planned: {planned}).")
+    if c.get("notes"):
+        note += " " + " ".join(c["notes"])
     align = "l" + "".join("l" if key in TEXT_COLUMNS else "r" for key, _, _ in cols)
     return table(["method", *(h for _, h, _ in cols)], rows, align) + "\n\n" + note + " " + source(name)
 
