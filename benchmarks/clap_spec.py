@@ -104,26 +104,23 @@ def probe_batches(tokenizer, prompts: list[str], cands: list[list[str]], *, prom
 
 
 @torch.no_grad()
+def _mean(clap: CLaP, device, prompt_ids, prompt_mask, response_ids, response_mask) -> np.ndarray:
+    with precision.lm_autocast(device):
+        mu, _ = clap.encode(prompt_ids, prompt_mask, response_ids, response_mask)
+    return mu.float().cpu().numpy()
+
+
 def posterior_means(clap: CLaP, batches: list[ClapBatch], device) -> np.ndarray:
     """Posterior means (N, D) of every (prompt, candidate) row of `batches`."""
-    out = []
-    for b in batches:
-        with precision.lm_autocast(device):
-            mu, _ = clap.encode(b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
-        out.append(mu.float().cpu().numpy())
-    return np.concatenate(out)
+    return np.concatenate([_mean(clap, device, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
+                           for b in batches])
 
 
-@torch.no_grad()
 def pair_mean_differences(clap: CLaP, batches: list[PairBatch], device) -> np.ndarray:
     """Posterior mean of each pair's chosen response minus its rejected one's (N, D)."""
-    out = []
-    for b in batches:
-        with precision.lm_autocast(device):
-            mu_w, _ = clap.encode(b.prompt_ids, b.prompt_mask, b.chosen_ids, b.chosen_mask)
-            mu_l, _ = clap.encode(b.prompt_ids, b.prompt_mask, b.rejected_ids, b.rejected_mask)
-        out.append((mu_w.float() - mu_l.float()).cpu().numpy())
-    return np.concatenate(out)
+    return np.concatenate([_mean(clap, device, b.prompt_ids, b.prompt_mask, b.chosen_ids, b.chosen_mask)
+                           - _mean(clap, device, b.prompt_ids, b.prompt_mask, b.rejected_ids, b.rejected_mask)
+                           for b in batches])
 
 
 @torch.no_grad()
@@ -188,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preference-pairs", type=int, default=16, help="pairs per step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    population = Path(args.population) if args.population else None
+    if args.preference_weight > 0 and population is None:
+        raise ValueError("--preference-weight needs --population (the users' pairs it ranks)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -211,9 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     base.to(device).eval()
     result["model"] = describe_model(base)
     result["timings_s"]["load_model"] = time.perf_counter() - t0
-    population = Path(args.population) if args.population else None
-    if args.preference_weight > 0 and population is None:
-        raise ValueError("--preference-weight needs --population (the users' pairs it ranks)")
     pairs_table = None
     t0 = time.perf_counter()
     if population is not None:

@@ -67,3 +67,40 @@ def test_clap_spec_reuses_its_candidates_cache_and_refuses_a_mismatched_one(tmp_
     assert second["probe"]["mean_within_prompt_range"] == pytest.approx(first["probe"]["mean_within_prompt_range"])
     with pytest.raises(ValueError, match="holds other prompts"):
         bench.main(["--out", str(tmp_path / "c.json"), "--prompts", "40", *base])
+
+
+def test_clap_spec_on_a_nights_population_with_the_preference_term(tmp_path):
+    """--population reads a night's prompts, candidates and pairs instead of sampling; --preference-weight trains the
+    population preference term and every probe scores the users' held-out pairs from the posterior means."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    words = "good bad great awful fun dull moving flat".split()
+    n = 12
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(n)],
+                             "prompt": [f"The film was {words[i % 8]} and" for i in range(n)],
+                             "split": ["train"] * 8 + ["val"] * 4}), tmp_path / "prompts.parquet")
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(n) for _ in range(4)],
+                             "text": [f" it felt {words[(i + j) % 8]} to me" for i in range(n) for j in range(4)]}),
+                   tmp_path / "candidates.parquet")
+    users = ["ua", "ub"] * 8
+    pq.write_table(pa.table({"user_id": users, "prompt": [f"The film was {words[i % 8]} and" for i in range(16)],
+                             "chosen": [" it felt great" if u == "ua" else " it felt awful" for u in users],
+                             "rejected": [" it felt awful" if u == "ua" else " it felt great" for u in users],
+                             "weight": [1.0] * 16, "split": ["train"] * 12 + ["heldout"] * 4}),
+                   tmp_path / "pairs.parquet")
+    out = tmp_path / "pref.json"
+    argv = ["--out", str(out), "--base", "tiny-llama", "--device", "cpu", "--population", str(tmp_path),
+            "--preference-weight", "10", "--preference-pairs", "4", "--prompt-tokens", "12", "--response-tokens", "8",
+            "--prompts-per-batch", "2", "--responses-per-prompt", "4", "--stage1-steps", "2", "--stage2-steps", "0",
+            "--probe-prompts", "4", "--probe-every", "1"]
+    assert _clap_spec().main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["sampling_read_from"] == tmp_path.name and result["settings"]["population"] == tmp_path.name
+    assert result["probe"]["pairs"]["users"] == 2 and result["probe"]["pairs"]["heldout"] == 4
+    assert result["probe"]["rows"] == 4 * 4
+    assert math.isfinite(result["stage1"]["final"]["preference"])
+    for row in result["probe"]["posterior_mean"]:
+        assert 0.0 <= row["pair_heldout_accuracy"] <= 1.0 and 0.0 <= row["direction_heldout_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="--preference-weight needs --population"):
+        _clap_spec().main(["--out", str(tmp_path / "x.json"), "--base", "tiny-llama", "--device", "cpu",
+                           "--preference-weight", "1", "--stage1-steps", "0", "--stage2-steps", "0"])

@@ -260,7 +260,8 @@ def test_preference_term_trains_encoder_and_directions_not_the_base(spec):
     assert _has_no_grad(model.base_lm)
     # without the term the loss is the spec's: same draws, the difference is exactly w_pref * preference
     plain, _ = ClapObjective(model, kl_samples=4)(batch, 1, torch.Generator().manual_seed(0))
-    assert float(loss.detach()) == pytest.approx(float(plain) + float(metrics["preference"]), rel=1e-5, abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(plain.detach()) + float(metrics["preference"]), rel=1e-5,
+                                                 abs=1e-5)
 
 
 def test_preference_term_separates_two_users_opposite_choices():
