@@ -1,7 +1,7 @@
 """Few-shot curve (issue #15 item 6): quality and cost of each method as a user's number of pairs N grows.
 
     python benchmarks/fewshot.py --out F [--preset tiny|default|small] [--store DIR] [--n-pairs 1,2,4,8,16,32,64]
-                                 [--users 16]
+                                 [--users 16] [--resume]
 
 Reuses a finished night's store (prepare + pretrain done: `models/clap/current.json`, `data/population/*/`,
 `data/prompts/*/`); `--preset` must be the one that night ran (its evaluate / personalize settings are used).
@@ -9,7 +9,10 @@ Without `--store` a tiny world is built first (`latentpref pretrain --preset tin
 The store is only read while the curve runs; with `--store`, the finished result (the same JSON as `--out`, written
 there first) is also written to `reports/fewshot/<clap_version>.json` in it, where the night's HTML report
 (`latentpref report`) finds and plots it. Partial results (after each N) go to `--out` only, so a run that dies
-never replaces a finished curve of the same CLaP in the store.
+never replaces a finished curve of the same CLaP in the store. `--resume` continues such a run: the N points already
+in `--out` are kept and only the rest are measured (the small preset's curve takes hours on a 2-core box); it is
+refused unless the store's CLaP, the users, the preset, the overrides, the N values, the methods and the fit
+settings are those of the earlier run.
 
 For every N, each of `--users` users (sorted ids, those with held-out pairs) keeps the first N of its train pairs
 (a fixed per-user shuffle, so the N-sets are nested; N is capped at what the user has, `n_pairs_used` says so), and:
@@ -229,8 +232,16 @@ def _ci(values: list[float], seed: int) -> tuple[float, float, float]:
 
 def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: int = 0,
               faithful: bool = True, lora_users: list[str] | None = None, overrides: list[str] = (),
-              on_point=None) -> dict:
-    """The curve over `n_pairs` (module docstring); `on_point(partial)` gets the result so far after each N."""
+              on_point=None, done: dict | None = None) -> dict:
+    """The curve over `n_pairs` (module docstring); `on_point(partial)` gets the result so far after each N.
+
+    `done`: the curve of an earlier, interrupted run (`run_curve`'s or the --out JSON's "methods" / "n_pairs_used" /
+    "settings"): its first N points are taken over, not measured again. It must come from the same methods and fit
+    settings, with N values that begin `n_pairs`.
+
+    Raises:
+        ValueError: `done` was measured with other methods, settings or N values (naming which).
+    """
     from latentpref.pipelines.config import load_config
     from latentpref.tasks.evaluate.evaluate import evaluate_users
     default_mode = cfg.personalize.mode
@@ -251,7 +262,25 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
     def summary() -> dict:
         return _summary(per, methods, modes, user_ids, lora_users, used, pcfg, cfg, seed)
 
-    for n in n_pairs:
+    if done:
+        k = len(done.get("n_pairs_used") or [])
+        settings = json.loads(json.dumps(_settings(pcfg, modes, cfg), default=str))
+        if set(done.get("methods", {})) != set(methods):
+            raise ValueError(f"the earlier curve has methods {sorted(done.get('methods', {}))}, this run "
+                             f"{sorted(methods)}: resume with the same --no-faithful / --lora-users")
+        if done.get("settings") != settings:
+            diff = sorted(key for key in settings if done.get("settings", {}).get(key) != settings[key])
+            raise ValueError(f"the earlier curve was fitted with other settings ({', '.join(diff)}): resume with "
+                             "the same preset and --set overrides")
+        if k > len(n_pairs) or list(done.get("n_pairs", n_pairs[:k])) != n_pairs[:k]:
+            raise ValueError(f"the earlier curve has N = {done.get('n_pairs')}; this run's N = {n_pairs}")
+        for m in methods:
+            for key in per[m]:
+                per[m][key] = [list(v) for v in done["methods"][m][f"{key}_per_user"]]
+        used.extend(list(u) for u in done["n_pairs_used"])
+        log.info("resuming: N = %s taken from the earlier run", n_pairs[:k])
+
+    for n in n_pairs[len(used):]:
         t_n = time.perf_counter()
         tables = {u: t.slice(0, min(n, t.num_rows)) for u, t in by_user.items()}
         used.append([tables[u].num_rows for u in user_ids])
@@ -316,7 +345,12 @@ def _summary(per, methods, modes, user_ids, lora_users, used, pcfg, cfg, seed) -
             entry[f"{metric}_ci"] = [[s[1], s[2]] for s in stats]
             entry[f"{metric}_per_user"] = values
         out[m] = entry
-    settings = {
+    return {"methods": out, "n_pairs_used": used, "settings": _settings(pcfg, modes, cfg)}
+
+
+def _settings(pcfg, modes, cfg) -> dict:
+    """What every method of the curve was fitted and evaluated with (recorded; a resumed run must match it)."""
+    return {
         "latent": {pcfg[mode].mode: pcfg[mode].fit_settings().as_dict() for mode in set(modes.values())},
         "lora_dpo": {"steps": cfg.evaluate.baseline_steps, "lr": cfg.evaluate.lr_by_method()["lora_dpo"],
                      "beta": cfg.evaluate.beta_by_method()["lora_dpo"],
@@ -324,7 +358,6 @@ def _summary(per, methods, modes, user_ids, lora_users, used, pcfg, cfg, seed) -
         "evaluation": {"prompts_per_user": cfg.evaluate.prompts_per_user,
                        "max_new_tokens": cfg.evaluate.max_new_tokens, "seed": cfg.evaluate.seed},
     }
-    return {"methods": out, "n_pairs_used": used, "settings": settings}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -354,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="LoRA-DPO on the first K of the users only (its fits dominate the cost); 0 leaves it out")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", action="append", default=[], help="a note to record in the JSON (repeatable)")
+    ap.add_argument("--resume", action="store_true",
+                    help="--out holds a partial curve of an interrupted run: keep its N points, measure the rest (same "
+                         "store, CLaP, users, preset, overrides and methods, else refused)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -367,6 +403,21 @@ def main(argv: list[str] | None = None) -> int:
     requested = [int(x) for x in args.n_pairs.split(",") if x]
     n_pairs = sorted({min(n, max_have) for n in requested})
     log.info("%d users, N = %s (users have up to %d train pairs)", len(user_ids), n_pairs, max_have)
+    resumed, seconds_before = None, 0.0
+    if args.resume and Path(args.out).exists():
+        resumed = json.loads(Path(args.out).read_text())
+        mismatch = {key: (resumed.get(key), now) for key, now in (("clap_version", night.clap_version),
+                                                                ("users", user_ids), ("preset", args.preset),
+                                                                ("overrides", args.overrides),
+                                                                ("n_pairs_planned", n_pairs))
+                    if resumed.get(key) != now}
+        if mismatch:
+            raise ValueError(f"--resume: {args.out} was measured on other inputs: "
+                             + "; ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in mismatch.items()))
+        if resumed.get("complete"):
+            log.info("--resume: %s is already complete; nothing to do", args.out)
+            return 0
+        seconds_before = float((resumed.get("machine") or {}).get("total_seconds") or 0.0)
 
     def write(curve: dict, complete: bool) -> None:
         done = n_pairs[:len(curve["n_pairs_used"])]
@@ -379,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                                        for u in user_ids],
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "threads": args.threads, "load_avg_at_start": load0, "load_avg_at_end": os.getloadavg(),
-                        "total_seconds": time.perf_counter() - t0},
+                        "total_seconds": seconds_before + time.perf_counter() - t0},
             "definitions": {
                 "heldout_accuracy": "share of a user's held-out pairs with log-ratio(y_w) > log-ratio(y_l), log-ratio = "
                                     "log p(y|x, policy) - log p(y|x, ref), LM run (latent: user's z vs the prior's z; "
@@ -390,14 +441,18 @@ def main(argv: list[str] | None = None) -> int:
                                     "reference log-probs of the N pairs + fit",
                 "ci": "95% percentile bootstrap over users ([lo, hi] per N)",
             },
-            "notes": args.note + ([] if complete else [f"partial: N = {done} of {n_pairs} done when this was written"]),
+            "notes": args.note
+            + ([f"resumed: N = {n_pairs[:len(resumed['n_pairs_used'])]} measured by an earlier run of the same "
+                "inputs"] if resumed else [])
+            + ([] if complete else [f"partial: N = {done} of {n_pairs} done when this was written"]),
         }
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
         return result
 
     curve = run_curve(night, cfg, user_ids, n_pairs, seed=cfg.evaluate.seed, faithful=not args.no_faithful,
                       lora_users=None if args.lora_users is None else user_ids[:args.lora_users],
-                      overrides=args.overrides, on_point=lambda partial: write(partial, complete=False))
+                      overrides=args.overrides, on_point=lambda partial: write(partial, complete=False),
+                      done=resumed)
     result = write(curve, complete=True)
     log.info("wrote %s (%.0fs)", args.out, time.perf_counter() - t0)
     if args.store is not None:

@@ -83,3 +83,32 @@ def test_the_store_gets_the_same_result(curve):
     assert result["complete"] is True   # partial results go to --out only
     found, note = fewshot_result(Store(store), result["clap_version"])
     assert note == "" and canonical(found) == canonical(result)
+
+
+def test_resume_keeps_the_measured_points_and_refuses_other_inputs(curve, tmp_path):
+    """--resume: an interrupted run's --out (partial, N = 1 done) is continued: N = 1 is taken over as stored (marked
+    values prove it was not measured again), N = 2 is measured; a resume on other inputs is refused, naming them."""
+    result, _, store = curve
+    partial = json.loads(json.dumps(result))
+    partial["complete"], partial["n_pairs"], partial["n_pairs_used"] = False, [1], result["n_pairs_used"][:1]
+    for m in partial["methods"].values():
+        for key in [k for k in m if k.endswith("_per_user")]:
+            m[key] = m[key][:1]
+    partial["methods"]["latent_dpo"]["heldout_accuracy_per_user"] = [[0.125, 0.875]]
+    out = tmp_path / "fewshot.json"
+    out.write_text(json.dumps(partial))
+    argv = ["--out", str(out), "--store", store, "--preset", "tiny", "--users", "2", "--n-pairs", "1,2", "--resume"]
+    for o in [o for o in SMALLER if not o.startswith("runtime.")]:
+        argv += ["--set", o]
+    assert _fewshot().main(argv) == 0
+    resumed = json.loads(out.read_text())
+    assert resumed["complete"] is True and resumed["n_pairs"] == [1, 2]
+    latent = resumed["methods"]["latent_dpo"]
+    assert latent["heldout_accuracy_per_user"][0] == [0.125, 0.875] and latent["heldout_accuracy"][0] == 0.5
+    assert len(latent["heldout_accuracy_per_user"][1]) == 2
+    assert all(0.0 <= v <= 1.0 for v in latent["heldout_accuracy_per_user"][1])
+    assert all(s > 0 for s in latent["seconds_per_user_per_user"][1])
+    assert any(n.startswith("resumed: N = [1]") for n in resumed["notes"])
+    out.write_text(json.dumps(partial))
+    with pytest.raises(ValueError, match="users"):
+        _fewshot().main([*argv[:7], "1", *argv[8:]])     # --users 1

@@ -423,13 +423,13 @@ def test_population_preference_loss_known_values_weights_and_gradient():
     loss, m = population_preference_loss(v, z_w, z_l)
     # rewards <v_u, z>: pair 0 margin 2 (the second coordinate is not user 0's), pair 1 margin 2 * (0.5 - 1) = -1
     expected = (-torch.nn.functional.logsigmoid(torch.tensor(2.0)) - torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2
-    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
     assert float(m["accuracy"]) == 0.5 and float(m["margin"]) == pytest.approx(0.5)
     loss.backward()
     # raising the chosen reward lowers the loss: the gradient on z_w points against v_u
     assert float((z_w.grad * v.detach()).sum(-1).max()) < 0
     w_loss, w_m = population_preference_loss(v, z_w, z_l, pair_weight=torch.tensor([0.0, 1.0]))
-    assert float(w_loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(torch.tensor(-1.0))), rel=1e-6)
+    assert float(w_loss.detach()) == pytest.approx(float(-torch.nn.functional.logsigmoid(torch.tensor(-1.0))), rel=1e-6)
     assert float(w_m["accuracy"]) == 0.0
     with pytest.raises(ValueError, match="one \\(N, D\\) shape"):
         population_preference_loss(v, z_w[:1], z_l)
