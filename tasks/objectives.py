@@ -424,14 +424,24 @@ def latent_dpo_pair_terms(policy_mu: Tensor, policy_logvar: Tensor, chosen_mu: T
                                 gamma=gamma, with_metrics=with_metrics)
 
 
+def check_pair_weight(pair_weight: Tensor, n: int) -> Tensor:
+    """The feedback `weight` column of N pairs, validated, as a detached float32 (N,) tensor.
+
+    Raises:
+        ValueError: a shape other than (N,), or a negative weight.
+    """
+    w = to_latent_dtype(pair_weight).detach()
+    if tuple(w.shape) != (n,):
+        raise ValueError(f"pair_weight shape {tuple(w.shape)}; expected ({n},)")
+    if n and bool((w < 0).any()):
+        raise ValueError(f"pair_weight must be >= 0; min is {w.min().item()}")
+    return w
+
+
 def _reduce_terms(terms: PairTerms, pair_weight: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
     loss_sum, n_kept, n_correct, margin_sum = terms.loss_sum, terms.n_kept, terms.n_correct, terms.margin_sum
     if pair_weight is not None:
-        w = to_latent_dtype(pair_weight).detach()
-        if w.shape != loss_sum.shape:
-            raise ValueError(f"pair_weight shape {tuple(w.shape)}; expected (N,) = {tuple(loss_sum.shape)}")
-        if bool((w < 0).any()):
-            raise ValueError(f"pair_weight must be >= 0; min is {w.min().item()}")
+        w = check_pair_weight(pair_weight, loss_sum.shape[0])
         loss_sum, n_kept = loss_sum * w, n_kept * w
         n_correct, margin_sum = n_correct * w, margin_sum * w
     # global normaliser over the batch (spec §3.6, §9.11): sum of the mask, not a per-pair mean
@@ -648,14 +658,7 @@ def population_preference_loss(user_directions: Tensor, chosen_z: Tensor, reject
     chosen = (v * to_latent_dtype(chosen_z)).sum(-1)
     rejected = (v * to_latent_dtype(rejected_z)).sum(-1)
     losses = preference_loss(chosen, rejected, loss_type=loss_type, beta=beta, gamma=gamma)
-    if pair_weight is None:
-        w = torch.ones_like(losses)
-    else:
-        w = to_latent_dtype(pair_weight).detach()
-        if w.shape != losses.shape:
-            raise ValueError(f"pair_weight shape {tuple(w.shape)}; expected (N,) = {tuple(losses.shape)}")
-        if bool((w < 0).any()):
-            raise ValueError(f"pair_weight must be >= 0; min is {w.min().item()}")
+    w = torch.ones_like(losses) if pair_weight is None else check_pair_weight(pair_weight, losses.shape[0])
     loss = (losses * w).sum() / w.sum().clamp_min(1e-12)
     margin = (chosen - rejected).detach()
     metrics = {"preference": loss.detach(), "accuracy": ((margin > 0).float() * w).sum() / w.sum().clamp_min(1e-12),
@@ -663,5 +666,5 @@ def population_preference_loss(user_directions: Tensor, chosen_z: Tensor, reject
     return loss, metrics
 
 
-__all__ += ["categorical_latent_dpo_pair_terms", "code_collapse_kl", "lpc_kl", "lpc_pair_loss",
-            "population_preference_loss"]
+__all__ += ["categorical_latent_dpo_pair_terms", "check_pair_weight", "code_collapse_kl", "lpc_kl",
+            "lpc_pair_loss", "population_preference_loss"]

@@ -41,6 +41,7 @@ from latentpref.tasks.models.policy import user_code_probs
 # the mask helpers of `categorical_latent_dpo_pair_terms`, so the training loss is the same definition exactly
 from latentpref.tasks.objectives import (
     LossType,
+    check_pair_weight,
     _pairwise_differences,
     categorical_latent_dpo_pair_terms,
     evidence_mask,
@@ -172,10 +173,7 @@ def fit_code_users(prior_logits: Tensor, chosen_logits: Tensor, rejected_logits:
         raise ValueError(f"user_index values must lie in [0, n_users={n_users}); got range "
                          f"[{int(user_index.min())}, {int(user_index.max())}]")
     if pair_weight is not None:
-        if pair_weight.shape != (N,):
-            raise ValueError(f"pair_weight shape {tuple(pair_weight.shape)}; expected ({N},)")
-        if N and bool((pair_weight < 0).any()):
-            raise ValueError(f"pair_weight must be >= 0; min is {pair_weight.min().item()}")
+        check_pair_weight(pair_weight, N)
     if cfg.estimator == "mean_posterior" and pair_logits is None:
         raise ValueError("estimator='mean_posterior' needs pair_logits (the CLaP pair posterior of each pair)")
     device = prior_logits.device

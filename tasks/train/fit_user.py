@@ -45,6 +45,7 @@ from latentpref.tasks.models.latent import LOG_2PI, POLICY_LOGVAR_BOUND, bounded
 from latentpref.tasks.models.policy import predict_latent, user_latent  # noqa: F401  (the head's forward)
 from latentpref.tasks.objectives import (
     LossType,
+    check_pair_weight,
     evidence_mask,
     link_scale,
     preference_loss,
@@ -463,10 +464,7 @@ def fit_users(features: Tensor, chosen_mu: Tensor, chosen_logvar: Tensor, reject
         raise ValueError(f"init weight {tuple(w0.shape)} / bias {tuple(b0.shape)}; expected "
                          f"({n_users}, {Q}, {d}, {E}) / ({n_users}, {Q}, {E}) with D={D} divisible by Q={Q}")
     if pair_weight is not None:
-        if pair_weight.shape != (N,):
-            raise ValueError(f"pair_weight shape {tuple(pair_weight.shape)}; expected ({N},)")
-        if N and bool((pair_weight < 0).any()):
-            raise ValueError(f"pair_weight must be >= 0; min is {pair_weight.min().item()}")
+        check_pair_weight(pair_weight, N)
 
     user_index = user_index.to(device=device, dtype=torch.long)
     counts = torch.bincount(user_index, minlength=n_users)                                    # (U,)
