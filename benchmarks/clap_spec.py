@@ -46,8 +46,8 @@ from latentpref.tasks.models import precision
 from latentpref.tasks.models.clap import CLaP, CLaPConfig
 from latentpref.tasks.models.registry import TINY_SPECS, describe_model, load_base_model, load_tokenizer
 from latentpref.tasks.train.loop import (ClapBatch, ClapObjective, PairBatch, PreferencePair, UserDirections,
-                                         clap_param_groups, make_clap_batch, make_pair_batch, sample_clap_batches,
-                                         sample_pair_batches, set_stage)
+                                         clap_param_groups, make_clap_batch, make_pair_batch, population_pairs,
+                                         sample_clap_batches, sample_pair_batches, set_stage)
 
 log = logging.getLogger("clap_spec")
 SPEC_STEPS_PER_STAGE = 3125    # spec §4.1 item 6: 25,000 train prompts / 8 prompts per step, 1 epoch
@@ -285,16 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     # ---- the users' pairs (--population): train split for the preference term, held-out split for the pair probe
     train_pairs: list[PreferencePair] = []
     heldout_pairs: list[PreferencePair] = []
+    n_users = 0
     if pairs_table is not None:
-        rows = pairs_table.to_pylist()
-        index = {u: k for k, u in enumerate(sorted({r["user_id"] for r in rows if r["split"] == "train"}))}
-        for r in rows:
-            if r["user_id"] not in index:
-                continue
-            pair = PreferencePair(r["prompt"], r["chosen"], r["rejected"], index[r["user_id"]],
-                                  float(r.get("weight") or 1.0))
-            (train_pairs if r["split"] == "train" else heldout_pairs).append(pair)
-        result["probe"]["pairs"] = {"users": len(index), "train": len(train_pairs), "heldout": len(heldout_pairs),
+        train_pairs, heldout_pairs, n_users = population_pairs(pairs_table)
+        result["probe"]["pairs"] = {"users": n_users, "train": len(train_pairs), "heldout": len(heldout_pairs),
                                     "definition": "linear_pair_accuracy: per user, logistic fit on posterior-mean "
                                                   "differences of its train pairs, accuracy on its held-out pairs"}
     pair_sets = {name: [b.to(device) for b in (make_pair_batch(tokenizer, ps[i:i + 256], max_prompt_tokens=args.prompt_tokens,
@@ -341,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         # 0, 50, 150, then 300 times a power of two (300, 600, 1200, 2400, ...)
         return step in (0, 50, 150) or (step > 0 and step % 300 == 0 and (step // 300).bit_count() == 1)
 
-    directions = UserDirections(len({p.user_index for p in train_pairs}), clap.cfg.latent_dim, seed=args.seed).to(device) \
+    directions = UserDirections(n_users, clap.cfg.latent_dim, seed=args.seed).to(device) \
         if args.preference_weight > 0 else None
     pair_stream = (b.to(device) for b in sample_pair_batches(
         tokenizer, train_pairs, pairs_per_batch=args.preference_pairs, max_prompt_tokens=args.prompt_tokens,

@@ -103,6 +103,25 @@ class PreferencePair:
     weight: float = 1.0
 
 
+def population_pairs(table) -> tuple[list[PreferencePair], list[PreferencePair], int]:
+    """A pairs table (pyarrow) as (train pairs, held-out pairs, number of users with train pairs). `user_index` is the
+    user's row among the sorted ids of users with train pairs; held-out pairs of other users are dropped. A table
+    without `split` is all train, without `user_id` one user, without `weight` (or a null weight) weight 1."""
+    n = table.num_rows
+    column = lambda name, default: table[name].to_pylist() if name in table.column_names else [default] * n  # noqa: E731
+    split, users, weights = column("split", "train"), column("user_id", ""), column("weight", 1.0)
+    index = {u: k for k, u in enumerate(sorted({u for u, s in zip(users, split) if s == "train"}))}
+    prompts, chosen, rejected = (table[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
+    train: list[PreferencePair] = []
+    heldout: list[PreferencePair] = []
+    for i in range(n):
+        if users[i] in index:
+            pair = PreferencePair(prompts[i], chosen[i], rejected[i], index[users[i]],
+                                  1.0 if weights[i] is None else float(weights[i]))
+            (train if split[i] == "train" else heldout).append(pair)
+    return train, heldout, len(index)
+
+
 def make_pair_batch(tokenizer, pairs: list[PreferencePair], *, max_prompt_tokens: int,
                     max_response_tokens: int) -> PairBatch:
     p_ids, p_mask = tokenize_prompts(tokenizer, [p.prompt for p in pairs], max_prompt_tokens)

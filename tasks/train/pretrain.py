@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 # re-exported: the pair batches moved to loop.py (the Gaussian population preference term uses them too)
-from latentpref.tasks.train.loop import PairBatch, PreferencePair, make_pair_batch, sample_pair_batches  # noqa: F401
+from latentpref.tasks.train.loop import (PairBatch, PreferencePair, make_pair_batch,  # noqa: F401
+                                         population_pairs, sample_pair_batches)
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +109,8 @@ def _load_pairs(job: PretrainJob) -> tuple[list[PreferencePair], int]:
     if job.pairs_path is None:
         return [], 0
     from latentpref.tasks.data.store import Store
-    table = Store(job.store_root).read_table(*job.pairs_path)
-    n = table.num_rows
-    split = table["split"].to_pylist() if "split" in table.column_names else ["train"] * n
-    users = table["user_id"].to_pylist() if "user_id" in table.column_names else [""] * n
-    weights = table["weight"].to_pylist() if "weight" in table.column_names else [1.0] * n
-    keep = [i for i in range(n) if split[i] == "train"]
-    index = {u: k for k, u in enumerate(sorted({users[i] for i in keep}))}
-    prompts, chosen, rejected = (table[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
-    pairs = [PreferencePair(prompts[i], chosen[i], rejected[i], index[users[i]],
-                            1.0 if weights[i] is None else float(weights[i])) for i in keep]
-    return pairs, len(index)
+    train, _, n_users = population_pairs(Store(job.store_root).read_table(*job.pairs_path))
+    return train, n_users
 
 
 def _build_clap(job: PretrainJob):

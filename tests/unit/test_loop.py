@@ -293,3 +293,18 @@ def test_preference_term_separates_two_users_opposite_choices():
         opt.step()
     acc, margin = mean_accuracy()
     assert acc == 1.0 and margin > 1.0 and margin > 10 * margin0, (acc, margin, margin0)
+
+
+def test_population_pairs_index_train_users_and_keep_weights():
+    import pyarrow as pa
+
+    from latentpref.tasks.train.loop import population_pairs
+    table = pa.table({"user_id": ["ub", "ua", "ua", "uc"], "prompt": ["p1", "p2", "p3", "p4"],
+                      "chosen": ["c1", "c2", "c3", "c4"], "rejected": ["r1", "r2", "r3", "r4"],
+                      "weight": [0.0, None, 2.0, 1.0], "split": ["train", "train", "heldout", "heldout"]})
+    train, heldout, n_users = population_pairs(table)
+    assert n_users == 2                                    # uc has no train pair: not indexed, its pair dropped
+    assert [(p.prompt, p.user_index, p.weight) for p in train] == [("p1", 1, 0.0), ("p2", 0, 1.0)]
+    assert [(p.prompt, p.user_index, p.weight) for p in heldout] == [("p3", 0, 2.0)]
+    bare, none_held, one = population_pairs(table.select(["prompt", "chosen", "rejected"]))
+    assert len(bare) == 4 and not none_held and one == 1 and {p.user_index for p in bare} == {0}
