@@ -393,11 +393,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 opt.load_state_dict(opt_state["state"])
             opt_state = None
         batch = next(batches).to(device)
+        # pair batches exist exactly when the LPC pair term or the population preference term is on
+        pair_batch = next(pair_batches).to(device) if pair_batches is not None else None
         if discrete:
-            pair_batch = next(pair_batches).to(device) if pair_batches is not None else None
             loss, metrics = wrapped(batch, stage, generator, step=step, pairs=pair_batch)
         else:
-            pair_batch = next(pair_batches).to(device) if user_directions is not None else None
             loss, metrics = wrapped(batch, stage, generator, pairs=pair_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -180,7 +180,10 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, store, tmp_path
     directions = state["user_directions"]["weight"]
     assert tuple(directions.shape) == (2, 8)     # two users with train pairs (the held-out pair is not read)
     from latentpref.tasks.train.loop import UserDirections
-    assert not torch.allclose(directions, UserDirections(2, 8, seed=0).weight.detach())   # trained
+    moved = (directions - UserDirections(2, 8, seed=0).weight.detach()).abs().max().item()
+    # trained over all 6 steps: Adam moves a weight by at most ~lr = 0.01 per step, so directions re-initialised by the
+    # restarted group (2 steps) could not have moved 0.03; resumed ones trained 6 steps
+    assert moved > 0.03, moved
 
 
 def test_pooled_encoder_and_bag_of_words_train_through_ray(ray_cluster, store, tmp_path):
