@@ -265,9 +265,11 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
     if done:
         k = len(done.get("n_pairs_used") or [])
         settings = json.loads(json.dumps(_settings(pcfg, modes, cfg), default=str))
-        if set(done.get("methods", {})) != set(methods):
-            raise ValueError(f"the earlier curve has methods {sorted(done.get('methods', {}))}, this run "
-                             f"{sorted(methods)}: resume with the same --no-faithful / --lora-users")
+        users_per_method = {m: len(lora_users if m == "lora_dpo" else user_ids) for m in methods}
+        earlier = {m: v.get("users") for m, v in done.get("methods", {}).items()}
+        if earlier != users_per_method:
+            raise ValueError(f"the earlier curve has methods and users {earlier}, this run {users_per_method}: "
+                             "resume with the same --no-faithful / --lora-users")
         if done.get("settings") != settings:
             diff = sorted(key for key in settings if done.get("settings", {}).get(key) != settings[key])
             raise ValueError(f"the earlier curve was fitted with other settings ({', '.join(diff)}): resume with "

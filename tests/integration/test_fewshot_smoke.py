@@ -112,3 +112,5 @@ def test_resume_keeps_the_measured_points_and_refuses_other_inputs(curve, tmp_pa
     out.write_text(json.dumps(partial))
     with pytest.raises(ValueError, match="users"):
         _fewshot().main([*argv[:7], "1", *argv[8:]])     # --users 1
+    with pytest.raises(ValueError, match="--lora-users"):
+        _fewshot().main([*argv, "--lora-users", "1"])    # LoRA-DPO on 1 of the 2 users: its per-user lists differ
