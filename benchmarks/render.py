@@ -692,6 +692,25 @@ def readme_headline(r: Results) -> str:
         return (f"win rate vs the prior [95% CI] ({c.get('preset', NA)} preset, "
                 f"{num(get(m, 'latent_dpo', 'users'))} users{partial}): {shown}")
 
+    def fewshot() -> str:
+        f = r("fewshot.json")
+        n = f.get("n_pairs") or [None]
+        parts = []
+        for method, c in f.get("methods", {}).items():
+            acc, acc_ci, win, win_ci, secs = (c.get(k) or [None] for k in (
+                "heldout_accuracy", "heldout_accuracy_ci", "win_rate_vs_prior", "win_rate_vs_prior_ci",
+                "seconds_per_user"))
+            if method == "clap_prior" or acc[-1] is None:
+                continue
+            label = method + (f" ({c['mode']})" if c.get("mode") else "") + \
+                (f" ({c['users']} users)" if c.get("users") and c["users"] != len(f.get("users") or []) else "")
+            parts.append(f"{label}: held-out accuracy {num(acc[0])} (N = {num(n[0])}) to {ci(acc[-1], acc_ci[-1])} "
+                         f"(N = {num(n[-1])}), win rate vs prior {ci(win[-1], win_ci[-1])}, {sig(secs[-1])} s/user")
+        partial = "" if f.get("complete", True) else f"; partial: N = {', '.join(map(str, n))} done"
+        return (f"LM-run held-out accuracy and win rate vs the prior [95% CI] as pairs per user grow "
+                f"({f.get('preset', NA)} preset, "
+                f"{num(len(f.get('users') or []))} users{partial}): " + "; ".join(parts))
+
     def clap_spec() -> str:
         parts = []
         for name, t in r.each("clap_spec*.json"):
@@ -728,6 +747,7 @@ def readme_headline(r: Results) -> str:
     add("personalize.json", personalize)
     add("compare.json", compare)
     add("compare-small.json", compare_small)
+    add("fewshot.json", fewshot)
     add("generate.json", generate)
     add("serve.json", serve)
     add("clap_throughput*.json", throughput)

@@ -105,3 +105,22 @@ def test_a_partial_comparison_says_which_nights_finished(render, tmp_path):
     done = {**partial, "complete": True}
     (tmp_path / "compare-small.json").write_text(json.dumps(done))
     assert "Partial" not in render.compare_small_table(render.Results(tmp_path))
+
+
+def test_the_readme_headline_quotes_the_few_shot_curve_and_says_when_it_is_partial(render, tmp_path):
+    def method(acc, users, mode=None):
+        return {"users": users, **({"mode": mode} if mode else {}), "heldout_accuracy": acc,
+                "heldout_accuracy_ci": [[a - 0.1, a + 0.1] for a in acc], "win_rate_vs_prior": [0.5, 0.625],
+                "win_rate_vs_prior_ci": [[0.4, 0.6], [0.55, 0.7]], "seconds_per_user": [0.05, 0.125]}
+    curve = {"n_pairs": [1, 64], "complete": False, "preset": "small", "users": [f"u{i}" for i in range(16)],
+             "methods": {"latent_dpo": method([0.5, 0.75], 16, "head-only"), "lora_dpo": method([0.5, 0.5625], 4),
+                         "clap_prior": method([0.5, 0.5], 16)}}
+    (tmp_path / "fewshot.json").write_text(json.dumps(curve))
+    row = next(line for line in render.readme_headline(render.Results(tmp_path)).splitlines() if "fewshot" in line)
+    assert "(small preset, 16 users; partial: N = 1, 64 done)" in row
+    assert ("latent_dpo (head-only): held-out accuracy 0.50 (N = 1) to 0.75 [0.65, 0.85] (N = 64), win rate vs "
+            "prior 0.62 [0.55, 0.70], 0.125 s/user") in row
+    assert "lora_dpo (4 users): held-out accuracy 0.50 (N = 1) to 0.56 [0.46, 0.66] (N = 64)" in row
+    assert "clap_prior" not in row                           # the reference itself: 0.5 by definition
+    (tmp_path / "fewshot.json").write_text(json.dumps({**curve, "complete": True}))
+    assert "partial" not in render.readme_headline(render.Results(tmp_path))
