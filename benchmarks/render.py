@@ -638,7 +638,8 @@ def fewshot_table(r: Results) -> str:
     note = (f"Preset `{f.get('preset', NA)}`" + (f", overrides {', '.join(f['overrides'])}" if f.get("overrides") else "")
             + f"; N capped at what each user has (`n_pairs_used`); means over users with 95% bootstrap intervals; "
             f"{num(m.get('total_seconds'), 0)} s on {num(m.get('cpus'))} CPUs, load average "
-            f"{load(m.get('load_avg_at_start'))} at the start. " + " ".join(f.get("notes", [])))
+            f"{load(m.get('load_avg_at_start'))} at the start. "
+            + " ".join(n.rstrip() if n.rstrip().endswith(".") else n.rstrip() + "." for n in f.get("notes", [])))
     return table(["method", "measure", *(f"N = {n}" for n in n_pairs)], rows, "ll" + "r" * len(n_pairs)) + \
         "\n\n" + note.strip() + " " + source("fewshot.json")
 
