@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentpref.tasks.models.policy import policy_latent  # noqa: F401  (the encoder policy's forward)
-from latentpref.tasks.objectives import latent_dpo_pair_terms
+from latentpref.tasks.objectives import check_pair_weight, latent_dpo_pair_terms
 from latentpref.tasks.train.fit_user import (
     FitConfig,
     PairSamples,
@@ -282,8 +282,8 @@ def fit_encoder_users(encoder: nn.Module, mode: EncoderMode, prompt_ids: Tensor,
             raise ValueError(f"{name} values must lie in [0, {hi}); got [{int(idx.min())}, {int(idx.max())}]")
     if init is not None and len(init) != n_users:
         raise ValueError(f"init has {len(init)} entries; expected one per user ({n_users})")
-    if pair_weight is not None and (pair_weight.shape != (N,) or (N and bool((pair_weight < 0).any()))):
-        raise ValueError(f"pair_weight must be a non-negative ({N},) tensor; got {tuple(pair_weight.shape)}")
+    if pair_weight is not None:
+        check_pair_weight(pair_weight, N)
 
     names = trainable_names(encoder, mode)
     frozen = FrozenTrunk(encoder, mode).eval()

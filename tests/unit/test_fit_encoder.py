@@ -200,3 +200,8 @@ def test_bad_inputs():
         fit_encoder_users(enc, "faithful", ids, mask, pp, cm[:, :2], cl, rm, rl, idx, 1)
     with pytest.raises(ValueError, match="mode='full'"):
         fit_encoder_users(enc, "full", ids, mask, pp, cm, cl, rm, rl, idx, 1)
+    with pytest.raises(ValueError, match=r"pair_weight shape \(3,\); expected \(4,\)"):
+        fit_encoder_users(enc, "faithful", ids, mask, pp, cm, cl, rm, rl, idx, 1, pair_weight=torch.ones(3))
+    with pytest.raises(ValueError, match="pair_weight must be >= 0"):
+        fit_encoder_users(enc, "faithful", ids, mask, pp, cm, cl, rm, rl, idx, 1,
+                          pair_weight=torch.tensor([1.0, -0.5, 1.0, 1.0]))
