@@ -9,9 +9,10 @@ with personalize.mode set per mode: MODE_STEPS / MODE_LR / MODE_NOISE_DRAWS wher
 LoRA-DPO: the preset's evaluate.baseline_steps / baseline_lr / baseline_batch_size), recorded under `settings`
 (`settings.product_settings` false when --steps / --noise-draws override them).
 
-World: a tiny CLaP + simulated users from the real pipeline. With `--store DIR` holding a finished tiny run
-(models/clap/current.json, data/population/*/pairs.parquet) it is reused; otherwise `latentpref pretrain
---preset tiny` (prepare + pretrain, minutes on 2 cores) builds one in a temporary folder first.
+World: the preset's CLaP + simulated users from the real pipeline. With `--store DIR` holding a finished run of
+the preset (models/clap/current.json, data/population/*/pairs.parquet) it is reused; otherwise `latentpref pretrain
+--preset PRESET` (prepare + pretrain: minutes on 2 cores for tiny, about 10 for small) builds one in a temporary
+folder first.
 
 Sections (all in one process tree, one run, this machine):
 - `heldout_accuracy`: every simulated user with >= 4 train pairs is fitted on its train split in each mode;
@@ -24,14 +25,14 @@ Sections (all in one process tree, one run, this machine):
   Head-only runs `--head-users` users; the encoder modes run `--encoder-users` and are extrapolated.
 - `seconds_per_user`: one user's 64 pairs, the same for every method, trained for the same number of passes
   over them (`--epochs`): the latent modes take `epochs` full-batch steps, LoRA-DPO `epochs * 64 / 8` steps of
-  8 pairs (`tasks/evaluate/baselines.fit_baseline`, r = 8 on the tiny SFT base). User-independent work is cached
+  8 pairs (`tasks/evaluate/baselines.fit_baseline`, r = 8 on the world's base LM). User-independent work is cached
   for both and not timed: CLaP posteriors / prompt tokens (latent) and reference log-probs (LoRA, spec §8.6).
 - `product` (issue #15 item 1): real users of the world, each fitted alone by every method at the product settings,
   seconds with and without the user's own encoding, LM-based held-out accuracy, speedups vs LoRA-DPO, and
   `product.quality`: time to a stated held-out accuracy (see `product_and_quality`). `users_per_hour_with_encoding`:
   the batched throughput above plus each user's own encoding.
 - `scale_run`: `--scale-users` simulated head-only users through the real fan-out (`ray.remote(fit_chunk)` over
-  chunks of 256 users, artifacts written to a local store), on synthetic cached features/posteriors of the tiny
+  chunks of 256 users, artifacts written to a local store), on synthetic cached features/posteriors of the world
   CLaP's shapes; measured wall time vs the capacity model's prediction (benchmarks/README.md).
 The machine is shared: the JSON records load averages and CPU time next to every wall time.
 """
@@ -95,12 +96,12 @@ def _load() -> tuple[float, float, float]:
 
 # ------------------------------------------------------------------------------------------------ the world
 def ensure_world(store_dir: str | None) -> World:
-    """A finished tiny run (CLaP + simulated users), reused from `store_dir` or built with the CLI."""
+    """A finished run of PRESET (CLaP + simulated users), reused from `store_dir` or built with the CLI."""
     if store_dir is None or not os.path.exists(os.path.join(store_dir, "models", "clap", "current.json")):
         store_dir = store_dir or tempfile.mkdtemp(prefix="lp-bench-store-")
-        log.info("building a tiny world in %s (latentpref pretrain --preset tiny)", store_dir)
+        log.info("building a %s world in %s (latentpref pretrain --preset %s)", PRESET, store_dir, PRESET)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "latentpref.pipelines.cli", "pretrain", "--preset", "tiny",
+        subprocess.run([sys.executable, "-m", "latentpref.pipelines.cli", "pretrain", "--preset", PRESET,
                         "--store", store_dir], check=True)   # the CLI's own process: its Ray/Prefect/MLflow end
         log.info("world built in %.0fs", time.perf_counter() - t0)
     version = json.loads(Path(store_dir, "models", "clap", "current.json").read_text())["version"]
@@ -336,7 +337,7 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
     from fewshot import (baseline_heldout_accuracy, fit_latent_alone, latent_heldout_accuracy, load_night,
                          pick_users, reference_logps, triples_of, weights_of)
     from latentpref.pipelines.config import load_config
-    from latentpref.tasks.evaluate.baselines import BaselineConfig, fit_baseline
+    from latentpref.tasks.evaluate.baselines import BaselineConfig, _lora_targets, fit_baseline
     cfg = load_config(PRESET)
     night = load_night(world.store, seed=cfg.data.seed)
     users = pick_users(night, n_users)
@@ -350,6 +351,7 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
         grid[m] = sorted({max(1, round(product * f)) for f in QUALITY_FACTORS["latent"]})
     grid["lora_dpo"] = sorted({max(1, round(e.baseline_steps * f)) for f in QUALITY_FACTORS["lora_dpo"]})
     raw = {m: {k: {"fit_s": [], "cpu_s": [], "acc": []} for k in grid[m]} for m in grid}
+    lora_trainable = None
     encode = {m: [] for m in grid}
     n_pairs = []
     for u in users:
@@ -377,6 +379,7 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
             raw["lora_dpo"][k]["cpu_s"].append(time.process_time() - c0)
             raw["lora_dpo"][k]["fit_s"].append(res.seconds)
             raw["lora_dpo"][k]["acc"].append(baseline_heldout_accuracy(night, res.model, held, ref))
+            lora_trainable = res.trainable_params
             del res
         log.info("product settings, user %s done (%d pairs)", u, len(triples))
     methods = [*MODES, "lora_dpo"]
@@ -403,6 +406,8 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
         "users": len(users), "user_ids": users, "train_pairs_per_user": n_pairs,
         "heldout_pairs": sum(night.heldout.filter(pc.equal(night.heldout["user_id"], u)).num_rows for u in users),
         "steps": product_steps, "lora_settings": {k: v for k, v in lora_base.items() if k != "method"},
+        "lora_target_modules": _lora_targets(night.base_model, BaselineConfig(**lora_base)),
+        "lora_trainable_params": lora_trainable,
         "fit_seconds_per_user": fit_s, "cpu_seconds_per_user": {m: at[m]["cpu_s"] for m in methods},
         "encode_seconds_per_user": enc, "seconds_per_user_with_encoding": total,
         "users_per_hour_one_process": {m: 3600 / total[m] for m in methods},
@@ -422,7 +427,7 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
 
 # ------------------------------------------------------------------------------------------------ scale run
 def synthetic_cache(n_prompts: int, n_responses_per_prompt: int, Q: int, d: int, D: int, seed: int):
-    """A LatentCache of the tiny CLaP's shapes with random features / posteriors (timing only)."""
+    """A LatentCache of the world CLaP's shapes with random features / posteriors (timing only)."""
     from latentpref.tasks.policy.cache import LatentCache, text_key
     g = torch.Generator().manual_seed(seed)
     feats = torch.nn.functional.layer_norm(torch.randn(n_prompts, Q, d, generator=g), (d,))
@@ -544,7 +549,7 @@ def scale_run(n_users: int, workers: int, steps: int, users_per_task: int, fit_s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--store", default=None, help="a finished tiny run to reuse (else one is built)")
+    ap.add_argument("--store", default=None, help="a finished run of --preset to reuse (else one is built)")
     ap.add_argument("--workers", type=int, default=2, help="processes (one thread each) = cores used")
     ap.add_argument("--head-users", type=int, default=2000)
     ap.add_argument("--encoder-users", type=int, default=4)
@@ -651,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     if "product" not in skip:
         prod = product_and_quality(world, args.product_users, quality_target=args.quality_target)
         result["product"] = prod
+        result["settings"]["lora_dpo"].update(target_modules=prod["lora_target_modules"],
+                                              trainable_params=prod["lora_trainable_params"])
         if "throughput_detail" in result:   # the batched figure with each user's own texts encoded too
             per_pair = {m: prod["encode_seconds_per_user"][m] / np.mean(prod["train_pairs_per_user"]) for m in MODES}
             result["users_per_hour_with_encoding"] = {
@@ -687,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             f"scale_run: {args.scale_users} simulated users through the real fan-out (ray.remote(fit_chunk), chunks of "
             f"{pcfg['head-only'].users_per_task} users, artifacts to a local store) at {args.scale_steps} steps per "
             "user (not 100: keeps the check to minutes on the shared box; fit cost is linear in steps), on synthetic "
-            "cached features/posteriors of the tiny CLaP's shapes. predicted_wall_s = Ray start + worker warm-up "
+            "cached features/posteriors of the world CLaP's shapes. predicted_wall_s = Ray start + worker warm-up "
             "(both measured in the run) + makespan of the chunk tasks on the workers, a user costing the fit wall "
             f"time per worker slot of a {args.scale_probe_users}-user probe on the same synthetic data and steps "
             "(just before; another just after) + fit_chunk's non-fit per-user cost (steps=0). "
@@ -705,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         if carried:
             result["notes"].append(f"carried over unchanged from an earlier run ({args.carry}, its own settings in "
                                    f"carried.from_settings): {', '.join(carried)}")
+    if "heldout" in skip and "heldout_accuracy" not in result:
+        result["notes"].append("heldout_accuracy (the latent-space measure): not measured in this run (--skip "
+                               "heldout); product.heldout_accuracy is the LM-run measure")
     result["machine"]["load_avg_at_end"] = _load()
     result["machine"]["total_seconds"] = time.perf_counter() - t_start
     Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True, default=str))

@@ -124,6 +124,13 @@ def times(x: Any) -> str:
     return NA if x is None else f"{x:,.0f}x" if x >= 100 else f"{x:,.1f}x"
 
 
+def cheaper(speedup: Any) -> str:
+    """A speedup vs a baseline in words: 23.6 -> '23.6x cheaper', 0.174 -> '5.7x dearer'."""
+    if speedup is None:
+        return NA
+    return f"{times(speedup)} cheaper" if speedup >= 1 else f"{times(1 / speedup)} dearer"
+
+
 def ci(x: Any, lo_hi: Any, digits: int = 2) -> str:
     if x is None:
         return NA
@@ -185,6 +192,10 @@ def personalize_table(r: Results) -> str:
     held = p.get("heldout_detail", {})
     passes = lora.get("epochs")
     cols = [*MODES, "lora_dpo"]
+    lora_s = get(p, "settings", "lora_dpo") or {}
+    targets = lora_s.get("target_modules")   # recorded since the small-preset run; a GPT-2 base's is c_attn
+    lora_params = (f"{num(lora_s['trainable_params'])} (peft, {', '.join(targets)})" if lora_s.get("trainable_params")
+                   else f"(peft, {', '.join(targets)})" if targets else "(peft)")
 
     def row(label: str, cell: Callable[[str], str]) -> list[str]:
         return [label, *(cell(m) for m in cols)]
@@ -194,9 +205,9 @@ def personalize_table(r: Results) -> str:
 
     rows = [
         row("trained parameters per user",
-            lambda m: "(peft, c_attn)" if m == "lora_dpo" else num(get(world, "trainable_params", m))),
+            lambda m: lora_params if m == "lora_dpo" else num(get(world, "trainable_params", m))),
         row("artifact (safetensors)", lambda m: "" if m == "lora_dpo" else
-            kb(get(world, "artifact_bytes", m)) + target(m, "head-only", "≤ 64 KiB target")),
+            kb(get(world, "artifact_bytes", m)) + target(m, "head-only", "target ≤ 64 KiB")),
         row("steps / lr / noise draws (product settings)", lambda m: "" if m == "lora_dpo" else
             f"{num(get(p, 'settings', 'steps', m))} / {get(p, 'settings', 'lr', m)} / "
             f"{get(p, 'settings', 'noise_draws', m) or 'fresh'}"),
@@ -210,14 +221,15 @@ def personalize_table(r: Results) -> str:
             lambda m: sig(get(p, "seconds_per_user", m))),
         row("speedup vs LoRA-DPO (same passes)", lambda m: "1x" if m == "lora_dpo" else
             times(get(p, "speedup_vs_lora_dpo", m)) + target(m, "faithful", "target ≥ 10x")),
-        row(f"latent-space held-out accuracy ({num(held.get('users'))} users, {num(held.get('heldout_pairs'))} pairs; "
-            f"prior {num(get(p, 'heldout_accuracy', 'prior'), 2)})" + _carried(p, "heldout_detail"),
-            lambda m: "" if m == "lora_dpo" else num(get(p, "heldout_accuracy", m), 3)),
     ]
+    if p.get("heldout_accuracy"):   # the latent-space measure (its section can be skipped: `--skip heldout`)
+        rows.append(row(f"latent-space held-out accuracy ({num(held.get('users'))} users, "
+                        f"{num(held.get('heldout_pairs'))} pairs; prior {num(get(p, 'heldout_accuracy', 'prior'), 2)})"
+                        + _carried(p, "heldout_detail"),
+                        lambda m: "" if m == "lora_dpo" else num(get(p, "heldout_accuracy", m), 3)))
     prod = p.get("product")
     if prod:   # issue #15 item 1: one user alone at the night's settings, its own encoding counted
         q = prod.get("quality", {})
-        lora_s = get(p, "settings", "lora_dpo") or {}
 
         def reached(m: str) -> str:
             hit = get(q, "reached", m)
@@ -245,8 +257,37 @@ def personalize_table(r: Results) -> str:
         if p.get("users_per_hour_with_encoding"):   # measured only with the throughput section in the same run
             rows.insert(-3, row("users/hour, 2 cores, batched fit + own encoding", lambda m: "" if m == "lora_dpo"
                                 else num(get(p, "users_per_hour_with_encoding", m), 0)))
-    header = ["", *MODES, "LoRA-DPO (r = 8)"]
+    header = ["", *MODES, f"LoRA-DPO (r = {num(lora_s.get('r', 8))})"]
     return table(header, rows) + "\n\n" + source("personalize.json")
+
+
+def personalize_reading(r: Results) -> str:
+    """What the product-settings rows say, in words (cost order, where the time goes, what equal quality means)."""
+    p = r("personalize.json")
+    prod = p.get("product")
+    if not prod:
+        return "no product-settings section in this run"
+    enc, total = prod.get("encode_seconds_per_user", {}), prod.get("seconds_per_user_with_encoding", {})
+    q = prod.get("quality", {})
+    t = q.get("target_heldout_accuracy")
+    best = {m: max(c["heldout_accuracy"] for c in q.get("curves", {}).get(m, [{"heldout_accuracy": float("nan")}]))
+            for m in MODES}
+    head_share = (enc.get("head-only") or 0) / total["head-only"] if total.get("head-only") else None
+    parts = [
+        "one user alone at the product settings: " + ", ".join(
+            f"{m} {cheaper(get(prod, 'speedup_vs_lora_dpo', m))}" for m in MODES) + " than LoRA-DPO (wall, own "
+        "encoding counted)",
+        f"of head-only's {sig(total.get('head-only'))} s, {NA if head_share is None else f'{head_share * 100:.0f}%'} "
+        "is the user's own encoding (the user's texts through the LM and the CLaP encoder), not the fit",
+    ]
+    if t is not None:
+        chance = " (below chance, 0.5)" if t < 0.5 else ""
+        parts.append(
+            f"the equal-quality target is {num(t, 3)}{chance}: the best LM held-out accuracy anywhere on each latent "
+            "mode's step grid is " + ", ".join(f"{m} {num(best[m], 3)}" for m in MODES)
+            + f", and LoRA-DPO's at its product steps is {num(get(prod, 'heldout_accuracy', 'lora_dpo'), 3)} "
+            f"({num(prod.get('heldout_pairs'))} held-out pairs of {num(prod.get('users'))} users)")
+    return "; ".join(parts)
 
 
 def personalize_machine(r: Results) -> str:
@@ -259,7 +300,9 @@ def personalize_machine(r: Results) -> str:
 def personalize_world(r: Results) -> str:
     p = r("personalize.json")
     w, s = p.get("world", {}), p.get("settings", {})
-    return (f"d = {num(w.get('d'))}, D = {num(w.get('latent_dim'))} latents, {num(w.get('n_query'))} queries, "
+    version = str(w.get("clap_version") or NA)[:8]
+    return (f"{s.get('preset', NA)} preset's stored run, CLaP {version}: "
+            f"d = {num(w.get('d'))}, D = {num(w.get('latent_dim'))} latents, {num(w.get('n_query'))} queries, "
             f"{num(w.get('prompt_tokens'))}-token prompts, {num(w.get('response_tokens'))}-token responses; "
             f"{num(s.get('pairs_per_user'))} pairs per user")
 
@@ -302,8 +345,16 @@ def _capacity_inputs(p: dict) -> dict[str, Any]:
     sr = p.get("scale_run", {})
     fixed = get(sr, "fixed_s") or {}
     t_fixed = (fixed.get("ray_start") or 0.0) + (fixed.get("worker_warmup") or 0.0)
+    # t_encode: a user's own texts through the LM + CLaP encoder (the latent cache the fits read), per user of
+    # pairs_per_user pairs: the product section's one-user encode seconds per pair (issue 15: users/hour counts it)
+    prod = p.get("product") or {}
+    pairs = prod.get("train_pairs_per_user") or []
+    per_user = get(p, "settings", "pairs_per_user")
+    t_encode = {m: (get(prod, "encode_seconds_per_user", m) / (sum(pairs) / len(pairs)) * per_user
+                    if pairs and per_user and get(prod, "encode_seconds_per_user", m) is not None else None)
+                for m in MODES}
     return {"U": sr.get("users_per_task", 256), "t_io": get(sr, "model_inputs", "nonfit_s_per_user"),
-            "T_fixed": t_fixed, "fixed": fixed}
+            "T_fixed": t_fixed, "fixed": fixed, "t_encode": t_encode}
 
 
 def predicted_wall(n_users: int, slots: int, users_per_task: int, t_user: float, t_fixed: float) -> float:
@@ -322,8 +373,14 @@ def capacity_terms(r: Results) -> str:
          f"wall per user per slot)", f"{num(p.get('settings', {}).get('pairs_per_user'))} pairs, "
          f"{num(head.get('steps'))} steps; linear in pairs and steps; hardly depends on d"],
         ["`t_fit`, trunk-frozen / faithful", " / ".join(sig(get(t, m, "cpu_s_per_user")) for m in MODES[1:])
-         + " s CPU/user", f"{' / '.join(num(get(t, m, 'steps')) for m in MODES[1:])} steps; tiny encoder; "
-         "scales with encoder FLOPs (below)"],
+         + " s CPU/user", f"{' / '.join(num(get(t, m, 'steps')) for m in MODES[1:])} steps; "
+         f"{num(get(p, 'world', 'trainable_params', 'trunk-frozen'))} / "
+         f"{num(get(p, 'world', 'trainable_params', 'faithful'))} trained parameters; scales with encoder FLOPs "
+         "(below)"],
+        ["`t_encode` (the user's own texts through the LM + CLaP encoder)",
+         NA if c["t_encode"]["head-only"] is None else f"{sig(c['t_encode']['head-only'])} s/user",
+         f"{num(get(p, 'settings', 'pairs_per_user'))} pairs, from the product section's one-user encoding "
+         "(seconds per pair); the same for every latent mode; not in the scale run (synthetic cache)"],
         ["`t_io` (fit_chunk's non-fit part per user)",
          NA if c["t_io"] is None else f"{c['t_io'] * 1000:.1f} ms",
          "data hash, current-fit lookup, 3 small writes, local disk (scale run, steps = 0)"],
@@ -337,7 +394,9 @@ def capacity_settings(r: Results) -> str:
     p = r("personalize.json")
     c = _capacity_inputs(p)
     steps = " / ".join(num(get(p, "throughput_detail", m, "steps")) for m in MODES)
-    return (f"`t = t_fit + t_io` on CPU time (an unshared box), `T_fixed` = {c['T_fixed']:.1f} s, `U` = {num(c['U'])}, "
+    enc = "t_encode + " if c["t_encode"]["head-only"] is not None else ""
+    return (f"`t = {enc}t_fit + t_io` on CPU time (an unshared box), `T_fixed` = {c['T_fixed']:.1f} s, "
+            f"`U` = {num(c['U'])}, "
             f"at the product's steps ({steps} for head-only / trunk-frozen / faithful)")
 
 
@@ -352,7 +411,8 @@ def capacity_predicted(r: Results) -> str:
             rows.append([f"{mode}", *([NA] * len(CLUSTERS))])
             continue
         for e in exps:
-            cells = [duration(predicted_wall(10 ** e, n * k, c["U"], cpu + c["t_io"], c["T_fixed"]))
+            t_user = cpu + c["t_io"] + (c["t_encode"][mode] or 0.0)
+            cells = [duration(predicted_wall(10 ** e, n * k, c["U"], t_user, c["T_fixed"]))
                      for n, k in CLUSTERS]
             rows.append([f"{mode} 10^{e}", *cells])
     return table(header, rows) + "\n\n" + source("personalize.json")
@@ -664,12 +724,17 @@ def readme_headline(r: Results) -> str:
                    if p.get("users_per_hour_with_encoding") else
                    f"{num(get(p, 'users_per_hour', 'head-only'), 0)} users/hour on {num(get(p, 'machine', 'cpus'))} "
                    f"CPU cores (batched fit only{_carried(p, 'throughput_detail')})")
+            target = get(prod, "quality", "target_heldout_accuracy")
+            chance = ", below chance" if target is not None and target < 0.5 else ""
             return (f"head-only {uph}; one user alone at "
                     f"the {get(p, 'settings', 'preset')} preset's settings, faithful latent DPO "
-                    f"{times(get(prod, 'speedup_vs_lora_dpo', 'faithful'))} and head-only "
-                    f"{times(get(prod, 'speedup_vs_lora_dpo', 'head-only'))} cheaper than LoRA-DPO; at equal LM "
-                    f"held-out accuracy ({num(get(prod, 'quality', 'target_heldout_accuracy'), 3)}) faithful "
-                    f"{times(eq.get('faithful'))}, head-only {times(eq.get('head-only'))}")
+                    f"{cheaper(get(prod, 'speedup_vs_lora_dpo', 'faithful'))} and head-only "
+                    f"{cheaper(get(prod, 'speedup_vs_lora_dpo', 'head-only'))} than LoRA-DPO; at equal LM "
+                    f"held-out accuracy ({num(target, 3)}{chance}) faithful "
+                    f"{cheaper(eq.get('faithful'))}, head-only {cheaper(eq.get('head-only'))}; LM held-out accuracy "
+                    f"at product settings: head-only {num(get(prod, 'heldout_accuracy', 'head-only'), 2)}, faithful "
+                    f"{num(get(prod, 'heldout_accuracy', 'faithful'), 2)}, LoRA-DPO "
+                    f"{num(get(prod, 'heldout_accuracy', 'lora_dpo'), 2)} ({num(prod.get('users'))} users)")
         return (f"head-only {num(get(p, 'users_per_hour', 'head-only'), 0)} users/hour on "
                 f"{num(get(p, 'machine', 'cpus'))} CPU cores; per user on the same pairs and passes, faithful latent "
                 f"DPO {times(get(p, 'speedup_vs_lora_dpo', 'faithful'))} and head-only "
@@ -765,6 +830,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {   # region name -> its render
     "personalize-settings": personalize_settings,
     "personalize-measured-on": personalize_measured_on,
     "personalize-passes": personalize_passes,
+    "personalize-reading": personalize_reading,
     "capacity-terms": capacity_terms,
     "capacity-settings": capacity_settings,
     "capacity-predicted": capacity_predicted,

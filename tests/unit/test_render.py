@@ -124,3 +124,24 @@ def test_the_readme_headline_quotes_the_few_shot_curve_and_says_when_it_is_parti
     assert "clap_prior" not in row                           # the reference itself: 0.5 by definition
     (tmp_path / "fewshot.json").write_text(json.dumps({**curve, "complete": True}))
     assert "partial" not in render.readme_headline(render.Results(tmp_path))
+
+
+def test_the_personalize_reading_says_dearer_and_flags_a_target_below_chance(render, tmp_path):
+    assert render.cheaper(23.61) == "23.6x cheaper" and render.cheaper(0.1744) == "5.7x dearer"
+    assert render.cheaper(None) == render.NA
+    curve = [{"steps": 10, "heldout_accuracy": 0.4375}, {"steps": 20, "heldout_accuracy": 0.40625}]
+    prod = {"users": 4, "heldout_pairs": 32,
+            "speedup_vs_lora_dpo": {"head-only": 23.61, "trunk-frozen": 0.7394, "faithful": 0.1744},
+            "encode_seconds_per_user": {"head-only": 1.32}, "seconds_per_user_with_encoding": {"head-only": 1.39},
+            "heldout_accuracy": {"lora_dpo": 0.8125},
+            "quality": {"target_heldout_accuracy": 0.40625,
+                        "curves": {"head-only": curve, "trunk-frozen": curve[1:], "faithful": curve}}}
+    (tmp_path / "personalize.json").write_text(json.dumps({"product": prod}))
+    text = render.personalize_reading(render.Results(tmp_path))
+    assert "head-only 23.6x cheaper, trunk-frozen 1.4x dearer, faithful 5.7x dearer than LoRA-DPO" in text
+    assert "of head-only's 1.39 s, 95% is the user's own encoding" in text
+    assert "0.406 (below chance, 0.5)" in text and "trunk-frozen 0.406" in text and "faithful 0.438" in text
+    assert "LoRA-DPO's at its product steps is 0.812 (32 held-out pairs of 4 users)" in text
+    prod["quality"]["target_heldout_accuracy"] = 0.6
+    (tmp_path / "personalize.json").write_text(json.dumps({"product": prod}))
+    assert "below chance" not in render.personalize_reading(render.Results(tmp_path))
