@@ -337,7 +337,7 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
     from fewshot import (baseline_heldout_accuracy, fit_latent_alone, latent_heldout_accuracy, load_night,
                          pick_users, reference_logps, triples_of, weights_of)
     from latentpref.pipelines.config import load_config
-    from latentpref.tasks.evaluate.baselines import BaselineConfig, _lora_targets, fit_baseline
+    from latentpref.tasks.evaluate.baselines import BaselineConfig, fit_baseline
     cfg = load_config(PRESET)
     night = load_night(world.store, seed=cfg.data.seed)
     users = pick_users(night, n_users)
@@ -351,7 +351,7 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
         grid[m] = sorted({max(1, round(product * f)) for f in QUALITY_FACTORS["latent"]})
     grid["lora_dpo"] = sorted({max(1, round(e.baseline_steps * f)) for f in QUALITY_FACTORS["lora_dpo"]})
     raw = {m: {k: {"fit_s": [], "cpu_s": [], "acc": []} for k in grid[m]} for m in grid}
-    lora_trainable = None
+    lora_applied: dict = {}   # what peft trained: read off a fitted policy, not recomputed
     encode = {m: [] for m in grid}
     n_pairs = []
     for u in users:
@@ -379,7 +379,8 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
             raw["lora_dpo"][k]["cpu_s"].append(time.process_time() - c0)
             raw["lora_dpo"][k]["fit_s"].append(res.seconds)
             raw["lora_dpo"][k]["acc"].append(baseline_heldout_accuracy(night, res.model, held, ref))
-            lora_trainable = res.trainable_params
+            lora_applied = {"target_modules": sorted(res.model.active_peft_config.target_modules),
+                            "trainable_params": res.trainable_params}
             del res
         log.info("product settings, user %s done (%d pairs)", u, len(triples))
     methods = [*MODES, "lora_dpo"]
@@ -406,8 +407,7 @@ def product_and_quality(world: World, n_users: int, epochs_factors: dict | None 
         "users": len(users), "user_ids": users, "train_pairs_per_user": n_pairs,
         "heldout_pairs": sum(night.heldout.filter(pc.equal(night.heldout["user_id"], u)).num_rows for u in users),
         "steps": product_steps, "lora_settings": {k: v for k, v in lora_base.items() if k != "method"},
-        "lora_target_modules": _lora_targets(night.base_model, BaselineConfig(**lora_base)),
-        "lora_trainable_params": lora_trainable,
+        "lora_applied": lora_applied,
         "fit_seconds_per_user": fit_s, "cpu_seconds_per_user": {m: at[m]["cpu_s"] for m in methods},
         "encode_seconds_per_user": enc, "seconds_per_user_with_encoding": total,
         "users_per_hour_one_process": {m: 3600 / total[m] for m in methods},
@@ -656,8 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     if "product" not in skip:
         prod = product_and_quality(world, args.product_users, quality_target=args.quality_target)
         result["product"] = prod
-        result["settings"]["lora_dpo"].update(target_modules=prod["lora_target_modules"],
-                                              trainable_params=prod["lora_trainable_params"])
+        result["settings"]["lora_dpo"].update(prod["lora_applied"])
         if "throughput_detail" in result:   # the batched figure with each user's own texts encoded too
             per_pair = {m: prod["encode_seconds_per_user"][m] / np.mean(prod["train_pairs_per_user"]) for m in MODES}
             result["users_per_hour_with_encoding"] = {

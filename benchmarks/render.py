@@ -124,6 +124,9 @@ def times(x: Any) -> str:
     return NA if x is None else f"{x:,.0f}x" if x >= 100 else f"{x:,.1f}x"
 
 
+CHANCE = 0.5   # a preference accuracy's coin-flip level (ties count half)
+
+
 def cheaper(speedup: Any) -> str:
     """A speedup vs a baseline in words: 23.6 -> '23.6x cheaper', 0.174 -> '5.7x dearer'."""
     if speedup is None:
@@ -281,13 +284,25 @@ def personalize_reading(r: Results) -> str:
         "is the user's own encoding (the user's texts through the LM and the CLaP encoder), not the fit",
     ]
     if t is not None:
-        chance = " (below chance, 0.5)" if t < 0.5 else ""
+        chance = f" (below chance, {CHANCE})" if t < CHANCE else ""
         parts.append(
             f"the equal-quality target is {num(t, 3)}{chance}: the best LM held-out accuracy anywhere on each latent "
             "mode's step grid is " + ", ".join(f"{m} {num(best[m], 3)}" for m in MODES)
             + f", and LoRA-DPO's at its product steps is {num(get(prod, 'heldout_accuracy', 'lora_dpo'), 3)} "
             f"({num(prod.get('heldout_pairs'))} held-out pairs of {num(prod.get('users'))} users)")
     return "; ".join(parts)
+
+
+def fewshot_full_users_fit(r: Results) -> str:
+    """The few-shot curve's fit seconds, at its largest N, of the users who had all N pairs (a like-for-like point
+    for the personalize table's per-user seconds)."""
+    f = r("fewshot.json")
+    n, used = f["n_pairs"][-1], f["n_pairs_used"][-1]
+    c = f["methods"]["latent_dpo_faithful"]
+    full = [s for s, k in zip(c["fit_seconds_per_user"][-1], used) if k == n]
+    threads = get(f, "machine", "threads")
+    return (f"its faithful fits of the {len(full)} users with all {n} pairs took {sig(min(full))}-{sig(max(full))} s "
+            f"with {num(threads)} threads")
 
 
 def personalize_machine(r: Results) -> str:
@@ -725,7 +740,7 @@ def readme_headline(r: Results) -> str:
                    f"{num(get(p, 'users_per_hour', 'head-only'), 0)} users/hour on {num(get(p, 'machine', 'cpus'))} "
                    f"CPU cores (batched fit only{_carried(p, 'throughput_detail')})")
             target = get(prod, "quality", "target_heldout_accuracy")
-            chance = ", below chance" if target is not None and target < 0.5 else ""
+            chance = ", below chance" if target is not None and target < CHANCE else ""
             return (f"head-only {uph}; one user alone at "
                     f"the {get(p, 'settings', 'preset')} preset's settings, faithful latent DPO "
                     f"{cheaper(get(prod, 'speedup_vs_lora_dpo', 'faithful'))} and head-only "
@@ -831,6 +846,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {   # region name -> its render
     "personalize-measured-on": personalize_measured_on,
     "personalize-passes": personalize_passes,
     "personalize-reading": personalize_reading,
+    "fewshot-full-users-fit": fewshot_full_users_fit,
     "capacity-terms": capacity_terms,
     "capacity-settings": capacity_settings,
     "capacity-predicted": capacity_predicted,
