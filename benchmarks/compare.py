@@ -13,7 +13,15 @@ same users, prompts and pairs:
 Per method the JSON holds the means over the evaluated users (and 95% bootstrap intervals) of win rate vs the
 true continuation, mean reward under each user's hidden reward, perplexity under the base LM, held-out
 preference accuracy, per-user fit seconds, trainable parameters, artifact bytes and, for the baselines, the
-FLOPs estimate and peak RSS. Everything is measured in this one invocation on this machine; the JSON records
+FLOPs estimate and peak RSS.
+Whether personalisation is *personal* (issue 27), per method as well: `win_rate_vs_base`, the share of prompts where
+the method's text beats the plain LM's (base_lm, same prompt and seed) under the user's hidden reward, and
+`own_vs_swapped`, the user's text against the text written for the evaluated user with the least similar hidden
+reward (same prompt and seed, judged by the user's reward; 0.5 = nothing personal learnt; null for base_lm,
+clap_prior and the oracle, whose text is nobody's own). The objects `seen` (users whose pairs the CLaP's training
+read), `unseen` (cohort users it never read) and `out_of_cohort` (users outside every cohort) hold the same figures
+over that group's users only (the night's `comparison_by_group.parquet`), for the groups the method has users in.
+Everything is measured in this one invocation on this machine; the JSON records
 the load average, since the box may be shared.
 """
 from __future__ import annotations
@@ -29,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 
-METRICS = ("win_rate_vs_prior", "win_rate", "mean_reward", "perplexity", "heldout_accuracy", "latent_heldout_accuracy")
+METRICS = ("win_rate_vs_prior", "win_rate", "mean_reward", "perplexity", "heldout_accuracy", "latent_heldout_accuracy",
+           "win_rate_vs_base", "own_vs_swapped")
+GROUPS = ("seen", "unseen", "out_of_cohort")   # tasks/evaluate/personal.GROUPS, in the order the JSON lists them
 BASELINES = ("lora_dpo", "full_dpo", "ptuning_dpo")
 
 
@@ -45,6 +55,22 @@ def _method_summary(row: dict[str, Any]) -> dict[str, Any]:
     for key in ("trainable_params", "artifact_bytes", "fit_flops", "peak_rss_bytes"):
         out[key] = None if row.get(key) is None else float(row[key])
     return out
+
+
+def _group_rows(night, run_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(group, method): comparison row} of one night: its `comparison_by_group.parquet`, else recomputed from its
+    per-user rows when they carry the group (a night written before the file existed has neither: {})."""
+    if night.exists("runs", run_id, "comparison_by_group.parquet"):
+        table = night.read_table("runs", run_id, "comparison_by_group.parquet")
+    else:
+        from latentpref.tasks.evaluate.evaluate import summarise_by_group
+        per_user = night.read_table("runs", run_id, "evaluation_per_user.parquet")
+        if "group" not in per_user.column_names:
+            logging.getLogger(__name__).warning("night %s has no user groups: no seen / unseen / out_of_cohort "
+                                                "figures", run_id)
+            return {}
+        table = summarise_by_group(per_user)
+    return {(row["group"], row["method"]): row for row in table.to_pylist()} if "method" in table.column_names else {}
 
 
 LATENT_METHODS = ("latent_dpo", "clap_prior")
@@ -79,6 +105,7 @@ def run(preset: str, store: str, users: int, latent_types: list[str], overrides:
         seconds = time.perf_counter() - t0
         night = Store(store)
         per_user = night.read_table("runs", report.run_id, "evaluation_per_user.parquet").to_pylist()
+        by_group = _group_rows(night, report.run_id)
         type_suffix = "" if latent_type == latent_types[0] else f"_{latent_type}"
         mode_suffix = "" if mode in (None, modes[0]) else "_" + mode.replace("-", "_")
         for row in night.read_table("runs", report.run_id, "comparison.parquet").to_pylist():
@@ -91,6 +118,7 @@ def run(preset: str, store: str, users: int, latent_types: list[str], overrides:
             methods[name] = _method_summary(row)
             methods[name]["latent_type"] = latent_type if method in LATENT_METHODS else None
             methods[name]["mode"] = cfg.personalize.mode if method == "latent_dpo" else None
+            methods[name].update({g: _method_summary(by_group[g, method]) for g in GROUPS if (g, method) in by_group})
         runs[f"{latent_type}/{cfg.personalize.mode}"] = {
             "mlflow_run_id": report.run_id, "clap_version": report.clap_version, "seconds": round(seconds, 1),
             "users": sorted({r["user_id"] for r in per_user})}
@@ -146,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.preset, store, args.users, latent_types, args.overrides, modes, baselines,
                      on_night=lambda partial: _write(args, partial))
     _write(args, result)
-    print(json.dumps({m: {k: v.get(k) for k in ("win_rate_vs_prior", "win_rate", "heldout_accuracy",
-                                                 "seconds_per_user")}
+    print(json.dumps({m: {k: v.get(k) for k in ("win_rate_vs_prior", "win_rate_vs_base", "own_vs_swapped", "win_rate",
+                                                 "heldout_accuracy", "seconds_per_user")}
                       for m, v in result["methods"].items()}, indent=1))
     return 0
 

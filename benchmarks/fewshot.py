@@ -1,7 +1,7 @@
 """Few-shot curve (issue #15 item 6): quality and cost of each method as a user's number of pairs N grows.
 
     python benchmarks/fewshot.py --out F [--preset tiny|default|small] [--store DIR] [--n-pairs 1,2,4,8,16,32,64]
-                                 [--users 16] [--resume]
+                                 [--users 16] [--out-of-cohort-users 0] [--resume]
 
 Reuses a finished night's store (prepare + pretrain done: `models/clap/current.json`, `data/population/*/`,
 `data/prompts/*/`); `--preset` must be the one that night ran (its evaluate / personalize settings are used).
@@ -14,7 +14,8 @@ in `--out` are kept and only the rest are measured (the small preset's curve tak
 refused unless the store's CLaP, the users, the preset, the overrides, the N values, the methods and the fit
 settings are those of the earlier run.
 
-For every N, each of `--users` users (sorted ids, those with held-out pairs) keeps the first N of its train pairs
+For every N, each of `--users` users (sorted ids, those with held-out pairs; then `--out-of-cohort-users` users from
+outside the cohorts, group "out_of_cohort" of the users table, appended) keeps the first N of its train pairs
 (a fixed per-user shuffle, so the N-sets are nested; N is capped at what the user has, `n_pairs_used` says so), and:
 - latent DPO, the preset's default mode (`latent_dpo`) and faithful (`latent_dpo_faithful`): the user's texts are
   encoded by the CLaP (`build_latent_cache`, the night's per-user cache encoding) and the user is fitted alone by
@@ -30,7 +31,20 @@ Quality comes from the night's evaluation, `tasks/evaluate/evaluate.evaluate_use
   prompt, same sampling seed) under the user's hidden reward (ties half). The prior against itself: 0.5.
 - seconds_per_user: latent DPO = encoding of the user's N pairs' texts + the fit, one user alone; LoRA-DPO = the
   reference log-probs of the user's N pairs + the fit (`fit_baseline`'s seconds, one user alone); prior 0.
-Each value is the mean over users with a 95% percentile bootstrap interval over users (`<metric>_ci`: [lo, hi]).
+Whether the personalisation is *personal* (issue 27), as the night measures it:
+- win_rate_vs_base: as win_rate_vs_prior, against the plain base LM's generation (base_lm, same prompt and seed).
+- own_vs_swapped: the user's generation against the generation of the same method, same N, for the curve's user with
+  the least similar hidden reward (`tasks/evaluate/personal.add_personal_measures` over all of the N's users and
+  methods together; partners among the users of the same method), judged by the user's own reward, ties half. 0.5 =
+  the method wrote nothing this user prefers over another user's text (it learnt only what users share); null for
+  the prior (the same text for everyone) and for a method with fewer than two users.
+Each value is the mean over users with a 95% percentile bootstrap interval over users (`<metric>_ci`: [lo, hi]); the
+per-user values are in `<metric>_per_user` (one list per N, in the order of `users`, LoRA-DPO: its first users).
+Per method, the objects `seen` (users whose pairs the CLaP's training read), `unseen` (cohort users it never read)
+and `out_of_cohort` hold `users` and the same means and intervals over that group's users only, for the groups the
+method has users in; `user_groups` says each user's group, `clap_read_pairs` whether the CLaP read pairs (the preset's
+pretrain settings: the LPC pair objective of a discrete CLaP, the population preference term of a Gaussian one).
+`--resume` refuses an earlier JSON without these (they need every N's generated texts): rerun it without `--resume`.
 """
 from __future__ import annotations
 
@@ -56,7 +70,9 @@ import torch
 
 log = logging.getLogger("fewshot_bench")
 N_PAIRS = (1, 2, 4, 8, 16, 32, 64)
-METRICS = ("heldout_accuracy", "win_rate_vs_prior", "seconds_per_user")
+METRICS = ("heldout_accuracy", "win_rate_vs_prior", "seconds_per_user", "win_rate_vs_base", "own_vs_swapped")
+PERSONAL = ("win_rate_vs_base", "own_vs_swapped")   # issue 27: absent from curves measured before it
+GROUPS = ("seen", "unseen", "out_of_cohort")        # tasks/evaluate/personal.GROUPS
 
 
 @dataclass
@@ -210,10 +226,42 @@ def reference_logps(night: Night, triples: list[tuple[str, str, str]]) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------------ the curve
-def pick_users(night: Night, n: int) -> list[str]:
+def pick_users(night: Night, n: int, n_out_of_cohort: int = 0) -> list[str]:
+    """The first `n` sorted ids with train and held-out pairs, then the first `n_out_of_cohort` of the users outside
+    the cohorts (users table group "out_of_cohort") not among them."""
+    from latentpref.tasks.data.users import OUT_OF_COHORT, user_groups
     held = set(night.heldout["user_id"].to_pylist())
     have = set(night.train["user_id"].to_pylist())
-    return sorted(u for u in set(night.users["user_id"].to_pylist()) if u in held and u in have)[:n]
+    eligible = sorted(u for u in set(night.users["user_id"].to_pylist()) if u in held and u in have)
+    picked = eligible[:n]
+    outside = {u for u, g in zip(night.users["user_id"].to_pylist(), user_groups(night.users)) if g == OUT_OF_COHORT}
+    return picked + [u for u in eligible if u in outside and u not in picked][:n_out_of_cohort]
+
+
+def clap_read_pairs(cfg) -> bool:
+    """Whether the night's CLaP trained on population users' pairs (they then count as "seen"): from the preset's
+    pretrain settings, as the pretrain stage decides it (the CLaP's manifest does not record it)."""
+    from latentpref.pipelines.pretrain import _uses_pairs
+    return _uses_pairs(cfg.pretrain)
+
+
+def evaluation_groups(night: Night, cfg, user_ids: list[str]) -> dict[str, str]:
+    """{user: "seen" / "unseen" / "out_of_cohort"} as the night's evaluate stage assigns them."""
+    from latentpref.tasks.data.users import user_groups
+    from latentpref.tasks.evaluate.personal import evaluation_group
+    stored = dict(zip(night.users["user_id"].to_pylist(), user_groups(night.users)))
+    read = clap_read_pairs(cfg)
+    return {u: evaluation_group(stored[u], read) for u in user_ids}
+
+
+def personal_measures(rows: list[dict[str, Any]], users: pa.Table) -> dict[tuple[str, str], float | None]:
+    """{(method, user): own_vs_swapped} over one N's evaluation rows of every method (methods already renamed to the
+    curve's names), as the night computes it over its per-user table."""
+    from latentpref.tasks.evaluate.personal import add_personal_measures
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = add_personal_measures(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows]), users)
+    return {(m, u): v for m, u, v in zip(table["method"].to_pylist(), table["user_id"].to_pylist(),
+                                         table["own_vs_swapped"].to_pylist())}
 
 
 def subsets(night: Night, user_ids: list[str], seed: int) -> dict[str, pa.Table]:
@@ -254,13 +302,14 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
             for m in set(modes.values())}
     by_user = subsets(night, user_ids, seed)
     lora_users = list(user_ids if lora_users is None else lora_users)
+    groups = evaluation_groups(night, cfg, user_ids)
     methods = [*modes, *(["lora_dpo"] if lora_users else []), "clap_prior"]
     per: dict[str, dict[str, list[list[float]]]] = {m: {k: [] for k in (*METRICS, "fit_seconds", "encode_seconds")}
                                                      for m in methods}
     used: list[list[int]] = []
 
     def summary() -> dict:
-        return _summary(per, methods, modes, user_ids, lora_users, used, pcfg, cfg, seed)
+        return _summary(per, methods, modes, user_ids, lora_users, used, pcfg, cfg, seed, groups)
 
     if done:
         k = len(done.get("n_pairs_used") or [])
@@ -276,6 +325,10 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
                              "the same preset and --set overrides")
         if k > len(n_pairs) or list(done.get("n_pairs", n_pairs[:k])) != n_pairs[:k]:
             raise ValueError(f"the earlier curve has N = {done.get('n_pairs')}; this run's N = {n_pairs}")
+        lacking = sorted({key for m in methods for key in PERSONAL if f"{key}_per_user" not in done["methods"][m]})
+        if lacking:
+            raise ValueError(f"the earlier curve has no {' / '.join(lacking)} (measured before issue 27; they need "
+                             "every N's generated texts, which it did not keep): rerun without --resume")
         for m in methods:
             for key in per[m]:
                 per[m][key] = [list(v) for v in done["methods"][m][f"{key}_per_user"]]
@@ -287,6 +340,7 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
         tables = {u: t.slice(0, min(n, t.num_rows)) for u, t in by_user.items()}
         used.append([tables[u].num_rows for u in user_ids])
         train = pa.concat_tables([tables[u] for u in user_ids])
+        evaluated: list[dict[str, Any]] = []   # this N's rows of every method, for own_vs_swapped
         for k, (name, mode) in enumerate(modes.items()):
             policies, enc, fit = {}, [], []
             for u in user_ids:
@@ -301,8 +355,12 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
                                   user_policies=policies,
                                   settings=eval_settings(cfg, night, (), pcfg[mode].fit_settings())).to_pylist()
             lat = {r["user_id"]: r for r in rows if r["method"] == "latent_dpo"}
+            # the shared rows (base LM, prior, oracle) once; each mode's latent rows under the curve's name
+            evaluated += [{**r, "method": name} if r["method"] == "latent_dpo" else r for r in rows
+                          if k == 0 or r["method"] == "latent_dpo"]
             per[name]["heldout_accuracy"].append([lat[u]["heldout_accuracy"] for u in user_ids])
             per[name]["win_rate_vs_prior"].append([lat[u]["win_rate_vs_prior"] for u in user_ids])
+            per[name]["win_rate_vs_base"].append([lat[u]["win_rate_vs_base"] for u in user_ids])
             per[name]["seconds_per_user"].append([a + b for a, b in zip(enc, fit)])
             per[name]["fit_seconds"].append(fit)
             per[name]["encode_seconds"].append(enc)
@@ -310,6 +368,7 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
                 prior = {r["user_id"]: r for r in rows if r["method"] == "clap_prior"}
                 per["clap_prior"]["heldout_accuracy"].append([0.5] * len(user_ids))   # its own reference: ties
                 per["clap_prior"]["win_rate_vs_prior"].append([prior[u]["win_rate_vs_prior"] for u in user_ids])
+                per["clap_prior"]["win_rate_vs_base"].append([prior[u]["win_rate_vs_base"] for u in user_ids])
                 for key in ("seconds_per_user", "fit_seconds", "encode_seconds"):
                     per["clap_prior"][key].append([0.0] * len(user_ids))
                 default_policies = policies
@@ -321,12 +380,17 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
                                   settings=eval_settings(cfg, night, ("lora_dpo",),
                                                          pcfg[default_mode].fit_settings())).to_pylist()
             b = {r["user_id"]: r for r in rows if r["method"] == "lora_dpo"}
+            evaluated += list(b.values())
             ref_s = [reference_logps(night, triples_of(tables[u]))[1] for u in lora_users]
             per["lora_dpo"]["heldout_accuracy"].append([b[u]["heldout_accuracy"] for u in lora_users])
             per["lora_dpo"]["win_rate_vs_prior"].append([b[u]["win_rate_vs_prior"] for u in lora_users])
+            per["lora_dpo"]["win_rate_vs_base"].append([b[u]["win_rate_vs_base"] for u in lora_users])
             per["lora_dpo"]["fit_seconds"].append([b[u]["fit_seconds"] for u in lora_users])
             per["lora_dpo"]["encode_seconds"].append(ref_s)
             per["lora_dpo"]["seconds_per_user"].append([b[u]["fit_seconds"] + s for u, s in zip(lora_users, ref_s)])
+        own = personal_measures(evaluated, night.users)
+        for m in methods:
+            per[m]["own_vs_swapped"].append([own.get((m, u)) for u in (lora_users if m == "lora_dpo" else user_ids)])
         log.info("N = %d done in %.0fs: %s", n, time.perf_counter() - t_n,
                  ", ".join(f"{m} acc {np.mean(per[m]['heldout_accuracy'][-1]):.3f} "
                            f"win {np.mean(per[m]['win_rate_vs_prior'][-1]):.3f} "
@@ -336,18 +400,31 @@ def run_curve(night: Night, cfg, user_ids: list[str], n_pairs: list[int], seed: 
     return summary()
 
 
-def _summary(per, methods, modes, user_ids, lora_users, used, pcfg, cfg, seed) -> dict:
+def _means(values: list[list[float | None]], seed: int) -> tuple[list, list]:
+    """Per N: the mean over users and its [lo, hi] (None where no user has a value)."""
+    stats = [_ci([v for v in vs if v is not None], seed) if any(v is not None for v in vs)
+             else (None, None, None) for vs in values]
+    return [s[0] for s in stats], [[s[1], s[2]] for s in stats]
+
+
+def _summary(per, methods, modes, user_ids, lora_users, used, pcfg, cfg, seed, groups: dict[str, str]) -> dict:
     out: dict[str, Any] = {}
     for m in methods:
-        entry: dict[str, Any] = {"mode": modes.get(m), "users": len(lora_users if m == "lora_dpo" else user_ids)}
+        users = lora_users if m == "lora_dpo" else user_ids
+        entry: dict[str, Any] = {"mode": modes.get(m), "users": len(users)}
         for metric, values in per[m].items():
-            stats = [_ci([v for v in vs if v is not None], seed) if any(v is not None for v in vs)
-                     else (None, None, None) for vs in values]
-            entry[metric] = [s[0] for s in stats]
-            entry[f"{metric}_ci"] = [[s[1], s[2]] for s in stats]
+            entry[metric], entry[f"{metric}_ci"] = _means(values, seed)
             entry[f"{metric}_per_user"] = values
+        for group in GROUPS:   # the same means over the group's users (its per-user values: `user_groups`)
+            at = [i for i, u in enumerate(users) if groups[u] == group]
+            if at:
+                entry[group] = {"users": len(at)}
+                for metric in METRICS:
+                    entry[group][metric], entry[group][f"{metric}_ci"] = _means(
+                        [[vs[i] for i in at] for vs in per[m][metric]], seed)
         out[m] = entry
-    return {"methods": out, "n_pairs_used": used, "settings": _settings(pcfg, modes, cfg)}
+    return {"methods": out, "n_pairs_used": used, "settings": _settings(pcfg, modes, cfg),
+            "user_groups": {u: groups[u] for u in user_ids}}
 
 
 def _settings(pcfg, modes, cfg) -> dict:
@@ -384,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override section.key=value, as the night's --set (repeatable)")
     ap.add_argument("--n-pairs", default=",".join(map(str, N_PAIRS)), help="comma list of N (pairs per user)")
     ap.add_argument("--users", type=int, default=16, help="users (sorted ids with held-out pairs)")
+    ap.add_argument("--out-of-cohort-users", type=int, default=0,
+                    help="users from outside the cohorts added after --users (the out_of_cohort group)")
     ap.add_argument("--no-faithful", action="store_true", help="leave out latent DPO in faithful mode")
     ap.add_argument("--lora-users", type=int, default=None,
                     help="LoRA-DPO on the first K of the users only (its fits dominate the cost); 0 leaves it out")
@@ -399,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.preset, overrides=args.overrides)
     t0, load0 = time.perf_counter(), os.getloadavg()
     night = load_night(ensure_store(args.store, args.preset), seed=cfg.data.seed)
-    user_ids = pick_users(night, args.users)
+    user_ids = pick_users(night, args.users, args.out_of_cohort_users)
     max_have = max(night.train.filter(pc.is_in(night.train["user_id"], value_set=pa.array(user_ids)))
                    .group_by("user_id").aggregate([("prompt", "count")])["prompt_count"].to_pylist())
     requested = [int(x) for x in args.n_pairs.split(",") if x]
@@ -428,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_pairs_used": curve["n_pairs_used"],
             "methods": curve["methods"], "settings": curve["settings"], "preset": args.preset,
             "overrides": args.overrides, "users": user_ids, "store": night.store, "clap_version": night.clap_version,
+            "user_groups": curve["user_groups"], "clap_read_pairs": clap_read_pairs(cfg),
             "heldout_pairs_per_user": [night.heldout.filter(pc.equal(night.heldout["user_id"], u)).num_rows
                                        for u in user_ids],
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -439,6 +519,14 @@ def main(argv: list[str] | None = None) -> int:
                                     "LoRA-DPO: vs the base LM); ties half; prior = 0.5 (its own reference)",
                 "win_rate_vs_prior": "share of test prompts where the method's generation beats the prior's under the "
                                      "user's hidden reward (same prompt and seed), ties half",
+                "win_rate_vs_base": "the same against the plain base LM's generation",
+                "own_vs_swapped": "share of test prompts where the user's generation beats, under the user's hidden "
+                                  "reward, the same method's generation (same N, prompt and seed) for the curve's "
+                                  "user with the least similar hidden reward (ties half); 0.5 = nothing personal; "
+                                  "null for the prior",
+                "seen / unseen / out_of_cohort": "per method: the same means over the users the CLaP's training "
+                                                 "read / cohort users it never read / users outside every cohort "
+                                                 "(user_groups)",
                 "seconds_per_user": "one user alone: latent = CLaP encoding of the user's N pairs + fit; LoRA-DPO = "
                                     "reference log-probs of the N pairs + fit",
                 "ci": "95% percentile bootstrap over users ([lo, hi] per N)",

@@ -493,6 +493,8 @@ COMPARE_COLUMNS = (   # (key, header, digits); a column shows when any method ha
     ("mode", "mode", None),
     ("users", "users", 0),
     ("win_rate_vs_prior", "win rate vs prior [95% CI]", 2),
+    ("win_rate_vs_base", "win rate vs base LM [95% CI]", 2),   # issue 27 (absent from earlier JSONs: no column)
+    ("own_vs_swapped", "own vs swapped [95% CI]", 2),
     ("win_rate", "win rate [95% CI]", 2),
     ("mean_reward", "mean reward [95% CI]", 2),
     ("perplexity", "perplexity", 0),
@@ -505,6 +507,36 @@ COMPARE_COLUMNS = (   # (key, header, digits); a column shows when any method ha
 
 
 TEXT_COLUMNS = ("latent_type", "mode")
+# issue 27: per user group, the figures that say whether personalisation is personal
+GROUPS = ("seen", "unseen", "out_of_cohort")
+GROUP_COLUMNS = (("win_rate_vs_prior", "win rate vs prior"), ("win_rate_vs_base", "win rate vs base LM"),
+                 ("own_vs_swapped", "own vs swapped"))
+GROUP_NOTE = ("seen = users whose pairs the CLaP's training read, unseen = cohort users it never read, out of cohort = "
+              "users outside every cohort; own vs swapped = the user's text against the text written for the evaluated "
+              "user with the least similar hidden reward, judged by the user's reward (0.5 = nothing personal)")
+
+
+def _personal(pairs: list[tuple[str, str | None]]) -> str:
+    """' (label value, ...)' of the (label, value) pairs that have a value; '' when none has (an earlier JSON)."""
+    shown = [f"{label} {value}" for label, value in pairs if value is not None]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
+def _compare_groups(methods: dict) -> str:
+    """The per-group figures of a comparison (`seen` / `unseen` / `out_of_cohort` objects of each method) as a table;
+    '' when no method has any (a JSON made before issue 27)."""
+    rows = []
+    for method, m in methods.items():
+        for group in GROUPS:
+            g = m.get(group)
+            if isinstance(g, dict):
+                rows.append([method, group.replace("_", " "), num(g.get("users")),
+                             *(ci(g[k], g.get(f"{k}_ci95")) if g.get(k) is not None else "" for k, _ in GROUP_COLUMNS)])
+    if not rows:
+        return ""
+    return ("By user group (" + GROUP_NOTE + "):\n\n"
+            + table(["method", "group", "users", *(f"{h} [95% CI]" for _, h in GROUP_COLUMNS)], rows, "llr" + "r" * 3)
+            + "\n\n")
 
 
 def _compare_table(r: Results, name: str) -> str:
@@ -543,7 +575,8 @@ def _compare_table(r: Results, name: str) -> str:
     if c.get("notes"):
         note += " " + " ".join(c["notes"])
     align = "l" + "".join("l" if key in TEXT_COLUMNS else "r" for key, _, _ in cols)
-    return table(["method", *(h for _, h, _ in cols)], rows, align) + "\n\n" + note + " " + source(name)
+    return (table(["method", *(h for _, h, _ in cols)], rows, align) + "\n\n" + _compare_groups(methods) + note + " "
+            + source(name))
 
 
 def compare_table(r: Results) -> str:
@@ -697,10 +730,11 @@ def fewshot_table(r: Results) -> str:
     for method, curves in f.get("methods", {}).items():
         label = method + (f" ({curves['mode']})" if curves.get("mode") else "") + \
             (f", {curves['users']} users" if curves.get("users") else "")
-        for metric in ("heldout_accuracy", "win_rate_vs_prior", "seconds_per_user"):
+        for metric in ("heldout_accuracy", "win_rate_vs_prior", "win_rate_vs_base", "own_vs_swapped",
+                       "seconds_per_user"):
             values, cis = curves.get(metric), curves.get(f"{metric}_ci") or []
-            if values is None:
-                continue
+            if values is None or (metric in FEWSHOT_PERSONAL and all(v is None for v in values)):
+                continue   # issue 27's measures: absent from earlier curves, null for the prior
             cells = []
             for i in range(len(n_pairs)):
                 v = values[i] if i < len(values) else None
@@ -716,7 +750,33 @@ def fewshot_table(r: Results) -> str:
             f"{load(m.get('load_avg_at_start'))} at the start. "
             + " ".join(n.rstrip() if n.rstrip().endswith(".") else n.rstrip() + "." for n in f.get("notes", [])))
     return table(["method", "measure", *(f"N = {n}" for n in n_pairs)], rows, "ll" + "r" * len(n_pairs)) + \
-        "\n\n" + note.strip() + " " + source("fewshot.json")
+        "\n\n" + _fewshot_groups(f) + note.strip() + " " + source("fewshot.json")
+
+
+FEWSHOT_PERSONAL = ("win_rate_vs_base", "own_vs_swapped")
+FEWSHOT_GROUP_COLUMNS = (("heldout_accuracy", "held-out accuracy"), *GROUP_COLUMNS)
+
+
+def _fewshot_groups(f: dict) -> str:
+    """The curve's per-group figures at its largest N (each method's `seen` / `unseen` / `out_of_cohort` objects) as
+    a table; '' when no method has any (a curve made before issue 27)."""
+    n_pairs = f.get("n_pairs") or []
+    rows = []
+    for method, curves in f.get("methods", {}).items():
+        for group in GROUPS:
+            g = curves.get(group)
+            if not isinstance(g, dict):
+                continue
+            cells = []
+            for key, _ in FEWSHOT_GROUP_COLUMNS:
+                v, lo_hi = get(g, key, -1), get(g, f"{key}_ci", -1)
+                cells.append("" if v is None else ci(v, lo_hi))
+            rows.append([method, group.replace("_", " "), num(g.get("users")), *cells])
+    if not rows:
+        return ""
+    return (f"By user group at N = {num(n_pairs[-1] if n_pairs else None)} (" + GROUP_NOTE + "):\n\n"
+            + table(["method", "group", "users", *(f"{h} [95% CI]" for _, h in FEWSHOT_GROUP_COLUMNS)], rows,
+                    "llr" + "r" * len(FEWSHOT_GROUP_COLUMNS)) + "\n\n")
 
 
 # ------------------------------------------------------------------------------------------------ README headline
@@ -759,13 +819,20 @@ def readme_headline(r: Results) -> str:
         c = r("compare.json")
         m = c.get("methods", {})
         key = "win_rate_vs_prior" if any("win_rate_vs_prior" in v for v in m.values()) else "win_rate"
-        shown = ", ".join(f"{k} {num(v.get(key))}" for k, v in m.items() if v.get(key) is not None)
+        shown = ", ".join(f"{k} {num(v.get(key))}" + _personal([
+            ("vs base LM", None if v.get("win_rate_vs_base") is None else num(v["win_rate_vs_base"])),
+            ("own vs swapped", None if v.get("own_vs_swapped") is None else num(v["own_vs_swapped"]))])
+            for k, v in m.items() if v.get(key) is not None)
         return f"{key.replace('_', ' ')} ({c.get('preset', NA)} preset, {num(get(m, 'latent_dpo', 'users'))} users): {shown}"
 
     def compare_small() -> str:
         c = r("compare-small.json")
         m = c.get("methods", {})
         shown = ", ".join(f"{k} {ci(v.get('win_rate_vs_prior'), v.get('win_rate_vs_prior_ci95'))}"
+                          + _personal([("vs base LM", None if v.get("win_rate_vs_base") is None
+                                        else ci(v["win_rate_vs_base"], v.get("win_rate_vs_base_ci95"))),
+                                       ("own vs swapped", None if v.get("own_vs_swapped") is None
+                                        else ci(v["own_vs_swapped"], v.get("own_vs_swapped_ci95")))])
                           + (f" at {num(v['seconds_per_user'], 3)} s/user" if v.get("seconds_per_user") else "")
                           + (f", perplexity {num(v['perplexity'], 0)}" if v.get("perplexity") is not None else "")
                           for k, v in m.items() if v.get("win_rate_vs_prior") is not None)
@@ -785,8 +852,11 @@ def readme_headline(r: Results) -> str:
                 continue
             label = method + (f" ({c['mode']})" if c.get("mode") else "") + \
                 (f" ({c['users']} users)" if c.get("users") and c["users"] != len(f.get("users") or []) else "")
+            personal = [(label_, None if get(c, key, -1) is None else ci(get(c, key, -1), get(c, f"{key}_ci", -1)))
+                        for label_, key in (("vs base LM", "win_rate_vs_base"), ("own vs swapped", "own_vs_swapped"))]
             parts.append(f"{label}: held-out accuracy {num(acc[0])} (N = {num(n[0])}) to {ci(acc[-1], acc_ci[-1])} "
-                         f"(N = {num(n[-1])}), win rate vs prior {ci(win[-1], win_ci[-1])}, {sig(secs[-1])} s/user")
+                         f"(N = {num(n[-1])}), win rate vs prior {ci(win[-1], win_ci[-1])}{_personal(personal)}, "
+                         f"{sig(secs[-1])} s/user")
         partial = "" if f.get("complete", True) else f"; partial: N = {', '.join(map(str, n))} done"
         return (f"LM-run held-out accuracy and win rate vs the prior [95% CI] as pairs per user grow "
                 f"({f.get('preset', NA)} preset, "

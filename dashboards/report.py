@@ -1,7 +1,10 @@
 """Static HTML report of one nightly run: index.html + PNG plots in one folder, viewable offline.
 
 Sections (stable element ids, checked by tests/integration/test_report.py):
-    comparison     per-method quality and per-user fit time side by side, means with 95% bootstrap intervals
+    comparison     per-method quality and per-user fit time side by side, means with 95% bootstrap intervals, pooled
+                   and per user group (seen / unseen / out_of_cohort)
+    cohorts        cohort x cohort mean hidden reward (rows judge, columns write), per method: is the diagonal personal?
+    generations    each evaluated user's first prompt and every method's continuation of it
     win-rates      distribution of per-user win rates, per method
     few-shot       quality as a user's pairs grow (benchmarks/fewshot.py's curve of this CLaP, when it was run)
     training       CLaP pretraining curves (stage 1, then stage 2)
@@ -25,11 +28,26 @@ import pyarrow as pa
 
 from latentpref.dashboards.user_map import UserMap
 
-SECTIONS = ("comparison", "generations", "win-rates", "few-shot", "training", "user-latents", "code-usage",
-            "lineage", "per-user")
+SECTIONS = ("comparison", "cohorts", "generations", "win-rates", "few-shot", "training", "user-latents",
+            "code-usage", "lineage", "per-user")
 # the methods a generation table shows, in this order: un-personalised first, then the personalised ones
 _GENERATION_METHODS = ("clap_prior", "latent_dpo", "lora_dpo", "ptuning_dpo", "full_dpo", "oracle_best_of_k",
                        "base_lm")
+# quality columns of the pooled and per-group comparison tables, in this order (absent ones are left out)
+_QUALITY_COLUMNS = ("win_rate_vs_prior", "win_rate_vs_base", "own_vs_swapped", "win_rate", "mean_reward",
+                    "heldout_accuracy", "latent_heldout_accuracy")
+# the evaluation's user groups (`group` column), in display order
+GROUPS = {
+    "seen": "users whose pairs the CLaP's training read",
+    "unseen": "cohort users held out from the CLaP's training",
+    "out_of_cohort": "users whose hidden reward is a random mixture of the scorer features, never read by the CLaP",
+}
+_NEW_COLUMNS_NOTE = (
+    "win_rate_vs_base: how often the method's text beats the base LM's under the user's hidden reward. "
+    "own_vs_swapped: the user's own text against the text written under the policy of the evaluated user with the "
+    "least similar hidden reward (swap_partner in the per-user table), same prompt and seed, judged by the user's "
+    "hidden reward: a win rate, 0.5 = nothing personal learnt (a fit that learnt only what most users share writes the "
+    "same text for both); – for methods without a per-user policy (base_lm, clap_prior, oracle_best_of_k).")
 _TRAINING_METRICS = ("loss", "nll_per_token", "kl", "contrastive", "active_units")
 # the few-shot curve's panels: (metric of benchmarks/fewshot.py, axis label)
 _FEWSHOT_PANELS = (("heldout_accuracy", "held-out accuracy (LM-based)"), ("win_rate_vs_prior", "win rate vs the prior"))
@@ -42,6 +60,8 @@ class ReportData:
     summary: dict[str, str] = field(default_factory=dict)        # short facts under the title
     lineage: dict[str, list[tuple[str, str]]] = field(default_factory=dict)   # group -> (key, value) rows
     comparison: pa.Table | None = None       # evaluate.summarise(): method, users, <metric>, <metric>_lo/_hi
+    comparison_by_group: pa.Table | None = None   # the same per (group, method); `group` in GROUPS
+    cohort_matrix: dict | None = None        # comparison/cohort_matrix.json: {"methods": {m: {...}}, "baseline": m}
     per_user: pa.Table | None = None         # one row per (user, method)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
     history_source: str = ""
@@ -118,6 +138,74 @@ def plot_comparison(comparison: pa.Table, out_dir: str) -> str:
     fig.suptitle("mean over users with 95% bootstrap interval", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_dir, "comparison.png")
+
+
+def cohort_matrix_arrays(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, centred), both (judges, writers): the mean hidden reward of one method's cohort matrix (NaN where a
+    cell has no value) and each row minus its mean over the row's cells with a value. Reward scales differ per
+    judge, so only the centred values compare across rows.
+
+    Raises:
+        ValueError: `mean_reward` is not a judges x writers grid.
+    """
+    judges, writers = list(entry.get("judges") or []), list(entry.get("writers") or [])
+    rows = entry.get("mean_reward") or []
+    if len(rows) != len(judges) or any(not isinstance(r, list) or len(r) != len(writers) for r in rows):
+        raise ValueError(f"mean_reward is not a {len(judges)} x {len(writers)} grid (judges x writers)")
+    raw = np.array([[_num(v) for v in r] for r in rows], dtype=float).reshape(len(judges), len(writers))
+    centred = np.full_like(raw, np.nan)
+    for i, r in enumerate(raw):
+        if np.isfinite(r).any():
+            c = r - np.nanmean(r)
+            centred[i] = np.where(np.abs(c) < 1e-9 * max(np.nanmax(np.abs(r)), 1e-30), 0.0, c)   # no "-5.6e-17"
+    return raw, centred
+
+
+def _short(v: float, spec: str = ".3g") -> str:
+    return "–" if math.isnan(v) else format(v, spec)
+
+
+def plot_cohort_matrix(method: str, entry: dict[str, Any], out_dir: str) -> str:
+    """Heatmap of one method's cohort matrix: rows = judge cohort (whose reward), columns = writer cohort (whose
+    policies wrote). Colour = the row-centred value scaled by the row's largest deviation (each row uses the whole
+    scale: compare within rows); text = raw mean reward over its row-centred value; the row's maximum in bold; the
+    diagonal boxed."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+    judges, writers, users = entry["judges"], entry["writers"], entry.get("users") or {}
+    raw, centred = cohort_matrix_arrays(entry)
+    J, W = raw.shape
+    spread = np.abs(np.nan_to_num(centred)).max(axis=1, keepdims=True) if W else np.zeros((J, 1))
+    normed = centred / np.where(spread > 0, spread, 1.0)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#eeeeee")   # a cell without users
+    fig, ax = plt.subplots(figsize=(1.2 * W + 3.2, 0.7 * J + 2.2))
+    im = ax.imshow(np.ma.masked_invalid(normed), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+    for i in range(J):
+        best = int(np.nanargmax(raw[i])) if np.isfinite(raw[i]).any() else -1
+        for j in range(W):
+            if math.isnan(raw[i, j]):
+                ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="#777")
+                continue
+            ax.text(j, i, f"{_short(raw[i, j])}\n({_short(centred[i, j], '+.2g')})", ha="center", va="center",
+                    fontsize=8, fontweight="bold" if j == best else "normal",
+                    color="white" if abs(normed[i, j]) > 0.65 else "black")
+        if judges[i] in writers:   # "personal" = this cell is the row's maximum
+            j = writers.index(judges[i])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=2.2))
+    label = (lambda c: f"{c} (n={users[c]})" if c in users else str(c))
+    ax.set_xticks(range(W), [label(c) for c in writers], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(J), [label(c) for c in judges], fontsize=8)
+    ax.set_xlabel("writer cohort (whose policies wrote the texts)")
+    ax.set_ylabel("judge cohort (whose hidden reward)")
+    ax.set_title(f"{method}: mean hidden reward (row-centred in brackets)", fontsize=10)
+    bar = fig.colorbar(im, ax=ax, fraction=0.045, pad=0.03)
+    bar.set_label("row-centred / row's largest deviation", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_dir, f"cohorts_{_file_safe(method)}.png")
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name)) or "method"
 
 
 def plot_win_rates(per_user: pa.Table, out_dir: str) -> str:
@@ -328,7 +416,8 @@ _STYLE = ("body{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:1250
           "th{background:#f0f0f0;text-align:left}img{max-width:100%;border:1px solid #eee}"
           "dl.summary{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px}"
           "dl.summary dt{font-weight:600}dl.summary dd{margin:0}.note{color:#555;font-size:13px}"
-          ".missing{color:#a33}code{font-size:12px}nav a{margin-right:12px;font-size:14px}")
+          ".missing{color:#a33}code{font-size:12px}nav a{margin-right:12px;font-size:14px}"
+          "table.cohorts td{text-align:right}table.cohorts td.diag{outline:2px solid #222;outline-offset:-2px}")
 
 
 def generations_html(per_user: pa.Table | None) -> str:
@@ -350,6 +439,97 @@ def generations_html(per_user: pa.Table | None) -> str:
             for m in _GENERATION_METHODS if m in mine)
         out.append(head + "<table><thead><tr><th>method</th><th>continuation</th><th>reward (this text)</th>"
                    "<th>win rate vs prior (all prompts)</th></tr></thead><tbody>" + cells + "</tbody></table>")
+    return "".join(out)
+
+
+def group_tables_html(by_group: pa.Table) -> str:
+    """One small comparison table per user group (GROUPS order, then any other group), with what the groups mean
+    and which have no evaluated users."""
+    if "group" not in by_group.column_names:
+        return _missing("the group column of the per-group comparison")
+    names = by_group["group"].to_pylist()
+    present = list(dict.fromkeys(names))
+    out = ["<p class='note'>Groups: " + "; ".join(f"<b>{_esc(g)}</b> = {_esc(m)}" for g, m in GROUPS.items())
+           + ".</p>"]
+    for group in [g for g in GROUPS if g in present] + [g for g in present if g not in GROUPS]:
+        sub = by_group.filter(pa.array([n == group for n in names]))
+        users = [u for u in (sub["users"].to_pylist() if "users" in sub.column_names else []) if u is not None]
+        count = f"{max(users)} users" if users else "users: –"
+        out.append(f"<h3 class='group'>{_esc(group)} <small>({count}; {_esc(GROUPS.get(group, 'unknown group'))})"
+                   "</small></h3>" + _table_html(sub, ["method", "users", *_QUALITY_COLUMNS]))
+    absent = [g for g in GROUPS if g not in present]
+    if absent:
+        out.append(f"<p class='note'>No evaluated users in: {_esc(', '.join(absent))}.</p>")
+    return "".join(out)
+
+
+def _cohort_methods(matrix: dict[str, Any]) -> list[str]:
+    """latent_dpo first, then the baseline, then any other method the file holds."""
+    methods = list(matrix.get("methods") or {})
+    first = ["latent_dpo", matrix.get("baseline")]
+    return [m for m in first if m in methods] + [m for m in methods if m not in first]
+
+
+def cohort_table_html(entry: dict[str, Any]) -> str:
+    """Rows = judge cohorts, columns = writer cohorts; a cell is the raw mean reward over its row-centred value, the
+    diagonal boxed, the row's maximum in bold, and per row whether the diagonal is that maximum."""
+    judges, writers, users = entry["judges"], entry["writers"], entry.get("users") or {}
+    raw, centred = cohort_matrix_arrays(entry)
+    label = (lambda c: f"{_esc(c)} <small>(n={_esc(users[c])})</small>" if c in users else _esc(c))
+    head = ("<th>judge ↓ · writer →</th>" + "".join(f"<th>{label(w)}</th>" for w in writers)
+            + "<th>diagonal is the row's max</th>")
+    rows = []
+    for i, judge in enumerate(judges):
+        best = int(np.nanargmax(raw[i])) if np.isfinite(raw[i]).any() else -1
+        cells = []
+        for j, writer in enumerate(writers):
+            text = f"{_short(raw[i, j])}<br><small>{_short(centred[i, j], '+.2g')}</small>"
+            cls = " class='diag'" if writer == judge else ""
+            cells.append(f"<td{cls}>" + (f"<b>{text}</b>" if j == best else text) + "</td>")
+        personal = "–" if judge not in writers or best < 0 else ("yes" if writers[best] == judge else "no")
+        rows.append(f"<tr><th>{label(judge)}</th>{''.join(cells)}<td>{personal}</td></tr>")
+    return f"<table class='cohorts'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def diagonal_summary(entry: dict[str, Any]) -> tuple[int, int]:
+    """(k, n): the diagonal is its row's maximum for k of the n judge cohorts that also write (out_of_cohort not
+    counted: its users share no reward, so its diagonal mixes unrelated users)."""
+    raw, _ = cohort_matrix_arrays(entry)
+    k = n = 0
+    for i, judge in enumerate(entry["judges"]):
+        if judge == "out_of_cohort" or judge not in entry["writers"] or not np.isfinite(raw[i]).any():
+            continue
+        n += 1
+        k += int(entry["writers"][int(np.nanargmax(raw[i]))] == judge)
+    return k, n
+
+
+_COHORTS_NOTE = (
+    "Rows: the judge cohort, whose hidden reward scores the texts; columns: the writer cohort, whose policies wrote "
+    "them. A cell is the mean, over the judge cohort's users and the writer cohort's users, of the judge's hidden "
+    "reward of the writer's texts (top line). Reward scales differ per judge, so read along a row: the line below is "
+    "the cell minus its row's mean, and the heatmap's colour is that row-centred value divided by the row's largest "
+    "deviation. A personal method makes the diagonal (boxed) its row's maximum (bold). out_of_cohort gathers users "
+    "whose random rewards share nothing, so its diagonal need not stand out.")
+
+
+def cohorts_html(matrix: dict[str, Any] | None, out_dir: str) -> str:
+    """Per method (latent DPO, then the baseline): heatmap PNG, the numbers as a table, and a one-line verdict."""
+    methods = _cohort_methods(matrix) if isinstance(matrix, dict) and isinstance(matrix.get("methods"), dict) else []
+    if not methods:
+        return _missing("the cohort x cohort matrix (comparison/cohort_matrix.json, evaluate stage)")
+    out = []
+    for method in methods:
+        entry = matrix["methods"][method]
+        tag = " <small>(baseline)</small>" if method == matrix.get("baseline") else ""
+        out.append(f"<h3>{_esc(method)}{tag}</h3>")
+        try:
+            k, n = diagonal_summary(entry)
+            out.append(f"<p class='note'>Diagonal is its row's maximum for {k} of {n} cohorts.</p>"
+                       + _img(plot_cohort_matrix(method, entry, out_dir), f"cohort matrix of {method}")
+                       + cohort_table_html(entry))
+        except (KeyError, TypeError, ValueError) as err:   # one malformed method, not a failed report
+            out.append(_missing(f"a readable cohort matrix for {method} ({type(err).__name__}: {err})"))
     return "".join(out)
 
 
@@ -414,13 +594,23 @@ def render_report(out_dir: str, data: ReportData) -> str:
     # quality and fit time side by side
     if data.comparison is not None and data.comparison.num_rows:
         body = _img(plot_comparison(data.comparison, out_dir), "quality and fit time per method") + _table_html(
-            data.comparison, ["method", "users", "win_rate_vs_prior", "win_rate", "mean_reward", "heldout_accuracy",
-                              "latent_heldout_accuracy", "z_sensitivity_nats", "reward_spread", "perplexity",
-                              "fit_seconds", "trainable_params", "artifact_bytes"])
+            data.comparison, ["method", "users", *_QUALITY_COLUMNS, "z_sensitivity_nats", "reward_spread",
+                              "perplexity", "fit_seconds", "trainable_params", "artifact_bytes"])
+        if {"win_rate_vs_base", "own_vs_swapped"} & set(data.comparison.column_names):
+            body += f"<p class='note'>{_esc(_NEW_COLUMNS_NOTE)}</p>"
     else:
         body = _missing("the comparison table (evaluate stage)")
+    body += "<h3>Per user group</h3>" + (
+        group_tables_html(data.comparison_by_group)
+        if data.comparison_by_group is not None and data.comparison_by_group.num_rows
+        else _missing("the per-group comparison (comparison/comparison_by_group.parquet, evaluate stage)"))
     parts.append(_section("comparison", "Quality and per-user fit time, side by side (mean [95% bootstrap CI])",
                           body, notes.get("comparison")))
+
+    body = cohorts_html(data.cohort_matrix, out_dir)
+    guide = _COHORTS_NOTE if "<img" in body else None   # how to read the heatmaps, when there are some
+    parts.append(_section("cohorts", "Cohort x cohort: whose reward (rows) of whose policies' texts (columns)", body,
+                          " ".join(x for x in (guide, notes.get("cohorts")) if x) or None))
 
     parts.append(_section("generations", "What each evaluated user gets: the same prompt and sampling seed, "
                           "un-personalised (clap_prior) next to each personalised method", generations_html(data.per_user),
@@ -473,7 +663,8 @@ def render_report(out_dir: str, data: ReportData) -> str:
     parts.append(_section("lineage", "Lineage", lineage or _missing("lineage"), notes.get("lineage")))
 
     if data.per_user is not None and data.per_user.num_rows:
-        body = _table_html(data.per_user, ["user_id", "cohort", "method", "n_train_pairs", "win_rate_vs_prior",
+        body = _table_html(data.per_user, ["user_id", "cohort", "group", "method", "n_train_pairs",
+                                           "win_rate_vs_prior", "win_rate_vs_base", "own_vs_swapped", "swap_partner",
                                            "win_rate", "mean_reward", "heldout_accuracy", "z_sensitivity_nats",
                                            "perplexity", "fit_seconds"])
     else:

@@ -27,6 +27,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="store root: local folder or s3://bucket/prefix")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite in the store)")
+    p.add_argument("--seed-shift", type=int, default=0, metavar="N",
+                   help="add N to every stage's seed (data, CLaP, fits, evaluation): another draw of the night")
 
 
 def _load(args):
@@ -38,7 +40,8 @@ def _load(args):
         overrides.append(f"runtime.ray_address={args.ray_address}")
     if args.mlflow_uri:
         overrides.append(f"runtime.mlflow_tracking_uri={args.mlflow_uri}")
-    return load_config(args.preset, file=args.config, overrides=overrides)
+    return load_config(args.preset, file=args.config, overrides=overrides,
+                       seed_shift=getattr(args, "seed_shift", 0))
 
 
 def _run_flow(args, until: str) -> int:
@@ -98,9 +101,18 @@ def _night_summary(screen, cfg, report, command: str) -> None:
         if b:
             line += f", best baseline {b['method']} {b['value']:.3f}"
         screen.line(line + f" ({q['label']})")
+        personal = q.get("personal") or {}
+        if personal:
+            screen.line("  personal      : latent_dpo " + ", ".join(
+                f"{name} {p['value']:.3f}" + (f" [{p['lo']:.3f}, {p['hi']:.3f}]" if p.get("lo") is not None else "")
+                for name, p in personal.items() if p.get("value") is not None))
+        for group, figures in (q.get("groups") or {}).items():
+            screen.line(f"  {group:<14}: latent_dpo " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
     metric = q.get("metric", "win_rate")   # the headline column (win_rate_vs_prior when the evaluation has it)
     for row in report.comparison:
-        screen.line(f"  {row['method']:<16} {metric}={row.get(metric) or 0:.3f} "
+        extra = "".join(f" {k}={row[k]:.3f}" for k in ("win_rate_vs_base", "own_vs_swapped")
+                        if row.get(k) is not None)
+        screen.line(f"  {row['method']:<16} {metric}={row.get(metric) or 0:.3f}{extra} "
                     f"mean_reward={row.get('mean_reward') or 0:.3f} fit_s/user={row.get('fit_seconds') or 0:.3f}")
     screen.line(f"  past nights   : latentpref runs --store {report.store}")
 

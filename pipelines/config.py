@@ -63,6 +63,11 @@ class DataConfig(_Section):
     min_pairs: int = 2
     max_pairs: int = 64
     heldout_pairs_per_user: int = 8
+    # who the evaluation can judge personalisation on (users.make_population): a share of the cohort users held out
+    # from everything the CLaP's training reads ("unseen" when evaluated), and users outside every cohort (a random
+    # signed mixture of the scorer features; never read by the CLaP either)
+    holdout_share: float = Field(0.25, ge=0.0, lt=1.0)
+    n_out_of_cohort: int = Field(0, ge=0)
     seed: int = 0
 
 
@@ -119,6 +124,14 @@ class PretrainConfig(_Section):
     preference_weight: Annotated[float, Field(ge=0)] = 0.0
     preference_lr: Annotated[float, Field(gt=0)] = 1e-2          # the user directions' own learning rate
     preference_pairs_per_batch: Annotated[int, Field(ge=1)] = 16
+    # population preference space (Gaussian only; tasks/models/preference_space.py, issue 28): before the first
+    # step, every population user's pairs fit a logistic read-out of the base LM's states after `preference_layer`
+    # blocks (mean over the response); the top `preference_dims` directions of those read-outs become the first
+    # coordinates of the posterior mean, so the LM learns to write at a position of that space and a user's latent
+    # DPO fit (LM-free) places them in it. Reads the "population" users' pairs (never the held-out ones). 0 = off
+    preference_dims: Annotated[int, Field(ge=0)] = 0
+    preference_layer: Annotated[int, Field(ge=1)] = 8
+    preference_l2: Annotated[float, Field(gt=0)] = 1.0
     # learning rate of the latent adapter (None = lr): anchored prefixes need a smaller one than the encoder
     adapter_lr: Annotated[float, Field(gt=0)] | None = None
     use_gpu: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_to_str)] = "auto"  # auto: GPUs if the cluster has them
@@ -199,7 +212,11 @@ class PersonalizeConfig(_Section):
 class EvaluateConfig(_Section):
     """evaluate: personalised generation scored by each user's hidden reward, against baselines."""
 
-    n_users: int = 6                          # users sampled for the (costly) baseline comparison
+    n_users: int = 6                          # cohort users evaluated (balanced over seen / unseen and cohorts)
+    n_out_of_cohort_users: int = Field(0, ge=0)   # users from outside the cohorts evaluated too (data.n_out_of_cohort)
+    # the baselines (a DPO run through the LM per user, ~100x a latent user's evaluation) on this many of the
+    # evaluated users, spread over the groups; None = every evaluated user
+    baseline_users: Annotated[int, Field(ge=1)] | None = None
     user_ids: tuple[str, ...] = ()            # evaluate exactly these users instead of a sample (must be fitted)
     prompts_per_user: int = 8
     max_new_tokens: int = 24
@@ -260,6 +277,12 @@ class NightlyConfig(_Section):
             raise ValueError(f"personalize.mode={self.personalize.mode!r} needs a Gaussian CLaP; with "
                              "pretrain.latent_type='discrete' a user is K code offsets fitted on cached posteriors: "
                              "use personalize.mode=head-only")
+        if self.pretrain.latent_type == "discrete" and self.pretrain.preference_dims > 0:
+            raise ValueError(f"pretrain.preference_dims={self.pretrain.preference_dims} needs "
+                             "pretrain.latent_type=gaussian (the discrete CLaP has no Gaussian posterior mean)")
+        if self.pretrain.preference_dims > self.pretrain.latent_dim:
+            raise ValueError(f"pretrain.preference_dims={self.pretrain.preference_dims} exceeds "
+                             f"pretrain.latent_dim={self.pretrain.latent_dim}")
         if self.pretrain.latent_type == "discrete" and self.pretrain.preference_weight > 0:
             raise ValueError(f"pretrain.preference_weight={self.pretrain.preference_weight} is the Gaussian CLaP's "
                              "population preference term; a discrete CLaP pools the pairs with "
@@ -292,8 +315,10 @@ def _parse_override(item: str) -> dict[str, Any]:
 
 
 def load_config(preset: str = "default", *, file: str | os.PathLike | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> NightlyConfig:
+                overrides: list[str] | tuple[str, ...] = (), seed_shift: int = 0) -> NightlyConfig:
     """Preset YAML, then an optional user YAML file, then `section.key=value` overrides, validated once.
+    `seed_shift` then adds the same number to every section's seed (data, CLaP, fits, evaluation): another draw of
+    the whole night, for the spread of its figures over seeds.
 
     Raises:
         ValueError: unknown preset, unreadable file, malformed override, or a config error (pydantic
@@ -312,4 +337,11 @@ def load_config(preset: str = "default", *, file: str | os.PathLike | None = Non
     for item in overrides:
         data = _deep_update(data, _parse_override(item))
     data["preset"] = preset
-    return NightlyConfig.model_validate(data)
+    cfg = NightlyConfig.model_validate(data)
+    if seed_shift:
+        for name in type(cfg).model_fields:
+            section = getattr(cfg, name)
+            if isinstance(section, BaseModel) and "seed" in type(section).model_fields:
+                data[name] = {**(data.get(name) or {}), "seed": section.seed + seed_shift}
+        cfg = NightlyConfig.model_validate(data)
+    return cfg

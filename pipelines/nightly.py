@@ -76,9 +76,17 @@ def _stage_line(name: str, result, report: NightlyReport) -> str:
             text += f", latent_dpo {q['label']} {p['value']:.3f}"
             if p.get("lo") is not None:
                 text += f" [{p['lo']:.3f}, {p['hi']:.3f}]"
+        personal = q.get("personal", {})
+        if personal.get("win_rate_vs_base", {}).get("value") is not None:
+            text += f", vs base LM {personal['win_rate_vs_base']['value']:.3f}"
+        if personal.get("own_vs_swapped", {}).get("value") is not None:
+            text += f", own vs swapped {personal['own_vs_swapped']['value']:.3f}"
         if q.get("best_baseline"):
             b = q["best_baseline"]
             text += f"; best baseline {b['method']} {b['value']:.3f}"
+        groups = q.get("groups") or {}
+        if groups:
+            text += " | " + ", ".join(f"{g} {v['win_rate']:.2f}" for g, v in groups.items() if "win_rate" in v)
         return text
     return str(result)
 
@@ -152,7 +160,7 @@ def nightly(cfg: NightlyConfig, until: Stage = "report") -> NightlyReport:
                         evaluation, s = stage("evaluate", evaluate_stage, cfg.evaluate, cfg.data, cfg.personalize,
                                               data, clap, fits, store, run_id)
                         report.comparison = evaluation.comparison
-                        metric, quality = runs.quality_metrics(evaluation.comparison)
+                        metric, quality = runs.quality_metrics(evaluation.comparison, evaluation.by_group)
                         mlflow.set_tag("quality_metric", metric)
                         if quality:
                             mlflow.log_metrics(quality)

@@ -33,6 +33,9 @@ class ClapArtifact:
     skipped: bool = False
     model_name: str | None = None   # MLflow registered model and version number of this CLaP
     model_version: int | None = None
+    # whether its training read population users' pairs (the LPC pair objective or the population preference term):
+    # the evaluation then counts those users as "seen"
+    read_pairs: bool = False
 
 
 # PretrainConfig fields that only a discrete CLaP reads: left out of a Gaussian CLaP's digest, so adding them did
@@ -42,6 +45,7 @@ DISCRETE_FIELDS = frozenset({"latent_type", "n_codes", "tau_start", "tau_end", "
 
 
 PREFERENCE_FIELDS = frozenset({"preference_weight", "preference_lr", "preference_pairs_per_batch"})
+SPACE_FIELDS = frozenset({"preference_dims", "preference_layer", "preference_l2"})
 
 
 def _uses_pairs(cfg: PretrainConfig) -> bool:
@@ -49,7 +53,7 @@ def _uses_pairs(cfg: PretrainConfig) -> bool:
     on the pooled preference pairs too."""
     if cfg.latent_type == "discrete":
         return cfg.lpc_pair_weight > 0
-    return cfg.preference_weight > 0
+    return cfg.preference_weight > 0 or cfg.preference_dims > 0
 
 
 def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts) -> str:
@@ -64,6 +68,8 @@ def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts)
         exclude |= {"bow_weight", "bow_lr"}
     if cfg.latent_type == "discrete" or cfg.preference_weight == 0:
         exclude |= PREFERENCE_FIELDS
+    if cfg.latent_type == "discrete" or cfg.preference_dims == 0:
+        exclude |= SPACE_FIELDS
     from latentpref.tasks.models.clap import ADAPTER_LAYOUT
     inputs = {"pretrain": cfg.model_dump(exclude=exclude), "base": data.base_model_version, "layout": ADAPTER_LAYOUT,
               "prompts": data.prompts.digest, "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
@@ -72,6 +78,7 @@ def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts)
               "lm_dtype": str(precision.lm_dtype(_train_device(cfg))).removeprefix("torch.")}
     if _uses_pairs(cfg):
         inputs["pairs"] = data.pairs.digest
+        inputs["users"] = data.users.digest   # which users' pairs it reads (their groups)
     return json_digest(inputs)
 
 
@@ -177,7 +184,7 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
             logger.info("pretrain: CLaP %s already trained (%s version %d), skipped", version, CLAP_MODEL_NAME,
                         model_version)
             store.write_json({"version": version}, "models", "clap", "current.json")
-            return ClapArtifact(version, folder, done.get("final_metrics", {}), skipped=True,
+            return ClapArtifact(version, folder, done.get("final_metrics", {}), skipped=True, read_pairs=_uses_pairs(cfg),
                                 model_name=CLAP_MODEL_NAME, model_version=model_version)
         use_gpu = _use_gpu(cfg.use_gpu)
         prefix_init = _prefix_init(cfg, data_cfg)
@@ -185,6 +192,7 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                           prompts_path=list(data.prompts.path), candidates_path=list(data.candidates.path),
                           prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
                           pairs_path=list(data.pairs.path) if _uses_pairs(cfg) else None,
+                          users_path=list(data.users.path) if _uses_pairs(cfg) else None,
                           prefix_init=prefix_init,
                           # auto: standardise the encoder's features exactly where the adapter is anchored
                           feature_norm=(prefix_init == "anchor" if cfg.feature_norm is None
@@ -195,7 +203,7 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                                                     "stage1_steps", "stage2_steps", "prompts_per_batch",
                                                     "responses_per_prompt", "lr", "kl_samples", "kl_weight",
                                                     "contrastive_weight", "max_grad_norm", "checkpoint_every", "seed",
-                                                    *DISCRETE_FIELDS, *PREFERENCE_FIELDS}),
+                                                    *DISCRETE_FIELDS, *PREFERENCE_FIELDS, *SPACE_FIELDS}),
                           **TEST_FAULT)
         logger.info("pretrain: CLaP %s on Ray Train, %d workers, gpu=%s, %d+%d steps", version, cfg.num_workers,
                     use_gpu, cfg.stage1_steps, cfg.stage2_steps)
@@ -236,4 +244,5 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
         logger.info("pretrain: done, nll/token %.3f, kl %.3f, active units %d, %.0f tokens/s; registered %s "
                     "version %d", final.get("nll_per_token", 0), final.get("kl", 0),
                     int(final.get("active_units", 0)), final.get("tokens_per_s", 0), CLAP_MODEL_NAME, model_version)
-    return ClapArtifact(version, folder, final, model_name=CLAP_MODEL_NAME, model_version=model_version)
+    return ClapArtifact(version, folder, final, model_name=CLAP_MODEL_NAME, model_version=model_version,
+                        read_pairs=_uses_pairs(cfg))

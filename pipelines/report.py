@@ -91,6 +91,41 @@ def artifact_table(client, run_id: str | None, path: str) -> pa.Table | None:
         return None
 
 
+def artifact_json(client, run_id: str | None, path: str) -> Any:
+    """A JSON artifact of `run_id`, or None when it is missing (the caller falls back to the store's copy)."""
+    if run_id is None:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with open(client.download_artifacts(run_id, path, d), encoding="utf-8") as fh:
+                return json.load(fh)
+    except Exception as err:   # noqa: BLE001 - a missing artifact only empties one section
+        log.info("report: artifact %s of run %s unavailable (%s)", path, run_id, err)
+        return None
+
+
+COHORT_MATRIX = "cohort_matrix.json"   # parent run artifact comparison/<this>; store runs/<id>/<this>
+
+
+def cohort_matrix(client, store: Store, run_id: str) -> tuple[dict[str, Any] | None, str]:
+    """The evaluate stage's cohort x cohort matrix of the night (MLflow artifact, else the store's copy) and a note
+    when there is none: a night from before the matrix existed, or an unreadable file, only empties one section."""
+    found = artifact_json(client, run_id, f"comparison/{COHORT_MATRIX}")
+    where = f"MLflow run {run_id} (comparison/{COHORT_MATRIX})"
+    if found is None:
+        where = store.url("runs", run_id, COHORT_MATRIX)
+        try:
+            if not store.exists("runs", run_id, COHORT_MATRIX):
+                return None, f"The night wrote no cohort matrix (no {where} and no MLflow artifact)."
+            found = store.read_json("runs", run_id, COHORT_MATRIX)
+        except Exception as err:  # noqa: BLE001 - one empty section, never a failed report
+            log.warning("report: cohort matrix %s unreadable: %s", where, err)
+            return None, f"The cohort matrix at {where} could not be read: {type(err).__name__}: {err}"
+    if not isinstance(found, dict) or not isinstance(found.get("methods"), dict) or not found["methods"]:
+        return None, f"The cohort matrix from {where} has no methods: not the evaluate stage's cohort_matrix.json."
+    return found, ""
+
+
 def training_history(client, root, stages: dict[str, Any], clap_version: str | None
                      ) -> tuple[dict[str, list[tuple[int, float]]], str, str | None]:
     """CLaP metric histories from the pretrain run that trained this CLaP version (tonight's, or the earlier run
@@ -375,6 +410,10 @@ def collect(client, run_id: str, fallback_store: Store | None = None):
         return found
 
     comparison = table(rid, "comparison/comparison.parquet", "comparison.parquet")
+    by_group = table(rid, "comparison/comparison_by_group.parquet", "comparison_by_group.parquet")
+    matrix, matrix_note = cohort_matrix(client, store, rid)
+    if matrix_note:
+        notes["cohorts"] = matrix_note
     per_user = table(sid.get("evaluate"), "evaluation_per_user.parquet", "evaluation_per_user.parquet")
     records = table(sid.get("personalize"), "personalize_users.parquet", "personalize_users.parquet")
 
@@ -434,7 +473,8 @@ def collect(client, run_id: str, fallback_store: Store | None = None):
         lineage["Data"].append(("pairs digest (run tag)", tags["pairs_digest"]))
 
     return ReportData(run_id=rid, title=f"latentpref nightly run {root.info.run_name or rid}", summary=summary,
-                      lineage=lineage, comparison=comparison, per_user=per_user, history=history,
+                      lineage=lineage, comparison=comparison, comparison_by_group=by_group,
+                      cohort_matrix=matrix, per_user=per_user, history=history,
                       history_source=history_source, stage_boundary=boundary, user_map=umap, latent_type=latent_type,
                       code_usage=usage, fewshot=fewshot, notes=notes)
 

@@ -76,31 +76,54 @@ def quality_metric(rows: list[dict]) -> str:
     return PREFERRED_METRIC if any(r.get(PREFERRED_METRIC) is not None for r in rows) else FALLBACK_METRIC
 
 
-def quality_metrics(rows: list[dict]) -> tuple[str, dict[str, float]]:
-    """(metric column, {`win_rate.<method>`, `win_rate_lo.<method>`, `win_rate_hi.<method>`: value}) for the parent
-    run: one set of names whichever column they come from (the tag `quality_metric` says which)."""
+# whether the text is the user's own (issue 27): logged beside the headline as `<figure>{,_lo,_hi}.<method>`, and per
+# user group as `<group>.<figure>.<method>` (with the headline column as `<group>.win_rate.<method>`)
+PERSONAL_FIGURES = ("own_vs_swapped", "win_rate_vs_base")
+GROUPS = ("seen", "unseen", "out_of_cohort")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and v == v
+
+
+def quality_metrics(rows: list[dict], by_group: dict[str, list[dict]] | None = None) -> tuple[str, dict[str, float]]:
+    """(metric column, {`win_rate.<method>`, `win_rate_lo.<method>`, `win_rate_hi.<method>`: value, plus the personal
+    figures and the per-group ones}) for the parent run: one set of names whichever column the headline comes from
+    (the tag `quality_metric` says which)."""
     metric = quality_metric(rows)
     out: dict[str, float] = {}
     for r in rows:
-        for suffix, key in (("", metric), ("_lo", f"{metric}_lo"), ("_hi", f"{metric}_hi")):
-            v = r.get(key)
-            if isinstance(v, (int, float)) and v == v:
-                out[f"win_rate{suffix}.{r['method']}"] = float(v)
+        for name, col in (("win_rate", metric), *((f, f) for f in PERSONAL_FIGURES)):
+            for suffix in ("", "_lo", "_hi"):
+                v = r.get(f"{col}{suffix}")
+                if _finite(v):
+                    out[f"{name}{suffix}.{r['method']}"] = float(v)
+    for group, group_rows in (by_group or {}).items():
+        for r in group_rows:
+            for name, col in (("win_rate", metric), *((f, f) for f in PERSONAL_FIGURES)):
+                if _finite(r.get(col)):
+                    out[f"{group}.{name}.{r['method']}"] = float(r[col])
     return metric, out
 
 
 def headline(metrics: dict[str, float], metric: str) -> dict[str, Any]:
-    """Latent DPO and the best per-user baseline from a night's `win_rate*.<method>` metrics."""
-    def point(method: str) -> dict[str, Any]:
-        return {"method": method, "value": metrics.get(f"win_rate.{method}"),
-                "lo": metrics.get(f"win_rate_lo.{method}"), "hi": metrics.get(f"win_rate_hi.{method}")}
+    """Latent DPO and the best per-user baseline from a night's `win_rate*.<method>` metrics, with latent DPO's
+    personal figures and its per-group headline when the night has them."""
+    def point(method: str, name: str = "win_rate") -> dict[str, Any]:
+        return {"method": method, "value": metrics.get(f"{name}.{method}"),
+                "lo": metrics.get(f"{name}_lo.{method}"), "hi": metrics.get(f"{name}_hi.{method}")}
     methods = sorted(k.split(".", 1)[1] for k in metrics if k.startswith("win_rate."))
     baselines = [m for m in methods if m not in NOT_BASELINES and not m.startswith("oracle")]   # ceilings aren't
     best = max(baselines, key=lambda m: metrics[f"win_rate.{m}"], default=None)
     label = "win rate vs prior" if metric == PREFERRED_METRIC else "win_rate (vs reference; no win_rate_vs_prior)"
+    personal = {f: point("latent_dpo", f) for f in PERSONAL_FIGURES if f"{f}.latent_dpo" in metrics}
+    groups = {g: {name: metrics[f"{g}.{name}.latent_dpo"] for name in ("win_rate", *PERSONAL_FIGURES)
+                  if f"{g}.{name}.latent_dpo" in metrics}
+              for g in GROUPS if f"{g}.win_rate.latent_dpo" in metrics}
     return {"metric": metric, "label": label,
             "latent_dpo": point("latent_dpo") if "latent_dpo" in methods else None,
-            "best_baseline": point(best) if best else None}
+            "best_baseline": point(best) if best else None,
+            "personal": personal, "groups": groups}
 
 
 # ------------------------------------------------------------------------------------------------ nights
@@ -160,7 +183,8 @@ def night_of(client, run, stage_runs: list, *, newest: bool) -> dict[str, Any]:
              for k in ("total", "fitted", "unchanged", "cold_start")}
     users = {k: v for k, v in users.items() if v >= 0}
     metric = tags.get("quality_metric", FALLBACK_METRIC)
-    wr = {k: v for k, v in metrics.items() if k.startswith("win_rate")}
+    wr = {k: v for k, v in metrics.items()
+          if k.startswith(("win_rate", *PERSONAL_FIGURES)) or k.split(".", 1)[0] in GROUPS}
     quality = headline(wr, metric)
     win_rates = {k.split(".", 1)[1]: (v, wr.get(f"win_rate_lo.{k.split('.', 1)[1]}"),
                                       wr.get(f"win_rate_hi.{k.split('.', 1)[1]}"))
@@ -207,13 +231,17 @@ def _wr(p: dict | None) -> str:
     return f"{p['value']:.2f}{ci}"
 
 
+def _value(p: dict | None) -> str:
+    return "–" if not p or p.get("value") is None else f"{p['value']:.2f}"
+
+
 def format_nights(nights: list[dict[str, Any]]) -> str:
     """A plain-text table, one night a line, then what failed and how to resume."""
     if not nights:
         return "no nightly runs in this MLflow experiment yet"
     head = (f"{'run id':<12} {'started (UTC)':<19} {'status':<8} {'total':>6} "
             + " ".join(f"{s[:8]:>8}" for s in STAGES) + f" {'fit/same/cold':>13} {'latent_dpo':>17} "
-            f"{'best baseline':>26} {'CLaP':<10}")
+            f"{'own/swap':>8} {'best baseline':>26} {'CLaP':<10}")
     lines = [head]
     for n in nights:
         u = n["users"]
@@ -222,11 +250,17 @@ def format_nights(nights: list[dict[str, Any]]) -> str:
         best_txt = f"{best['method']} {_wr(best)}" if best else "–"
         lines.append(f"{n['run_id'][:12]:<12} {n['start'] or '–':<19} {n['status']:<8} {_dur(n['seconds']):>6} "
                      + " ".join(f"{_dur(n['stages'].get(s)) if s in n['stages'] else '':>8}" for s in STAGES)
-                     + f" {users:>13} {_wr(n['quality']['latent_dpo']):>17} {best_txt:>26} "
+                     + f" {users:>13} {_wr(n['quality']['latent_dpo']):>17} "
+                     f"{_value(n['quality'].get('personal', {}).get('own_vs_swapped')):>8} {best_txt:>26} "
                      f"{(n['clap_version'] or '–')[:10]:<10}")
     labels = {n["quality"]["label"] for n in nights if n["quality"]["latent_dpo"]}
     if labels:
-        lines.append("quality: " + "; ".join(sorted(labels)) + ", mean over evaluated users [95% CI]")
+        lines.append("quality: " + "; ".join(sorted(labels)) + ", mean over evaluated users [95% CI]; own/swap: "
+                     "latent DPO's text vs the text of the least similar user's policy, by the user's reward")
+    newest = next((n for n in nights if n["quality"].get("groups")), None)
+    if newest:
+        lines.append(f"by user group ({newest['run_id'][:12]}, latent_dpo): " + "; ".join(
+            f"{g} " + ", ".join(f"{k} {v:.2f}" for k, v in figs.items()) for g, figs in newest["quality"]["groups"].items()))
     for n in nights:
         if n["status"] in ("FAILED", "KILLED"):
             lines.append(f"{n['run_id'][:12]} {n['status'].lower()} in stage {n['failed_stage'] or '?'}: "

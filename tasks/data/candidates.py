@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from latentpref.tasks.data.scorers import SentimentClassifier, score_texts
+from latentpref.tasks.data.validate import clean_text
 from latentpref.tasks.models import precision
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def generate_candidates(
 
     Returns:
         candidates table (CANDIDATES_SCHEMA), prompts in input order, cand_idx 0..k-1. Text is the
-        decoded new tokens up to the first eos (if any).
+        decoded new tokens up to the first eos (if any), cleaned (`validate.clean_text`: no control
+        characters, no U+FFFD from a multi-byte character cut at max_new_tokens).
 
     Raises:
         ValueError: bad k / sizes, missing columns, or generate_fn returned the wrong shape.
@@ -147,7 +149,7 @@ def generate_candidates(
                 out["candidate_id"].append(f"{prompt_ids[p]}-{j}")
                 out["prompt_id"].append(prompt_ids[p])
                 out["cand_idx"].append(j)
-                out["text"].append(tokenizer.decode(tokens))
+                out["text"].append(clean_text(tokenizer.decode(tokens)))
                 out["seed"].append(call_seed)
         if progress is not None:
             progress(n_done, len(calls))

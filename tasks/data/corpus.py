@@ -6,6 +6,9 @@ sample (1,500 full movie reviews, lower-cased and tokenized; see tasks/assets/co
 Tables (column names are the contract, notes/CONTRACT.md):
 - documents: doc_id:str, text:str, label:str (nullable)
 - prompts:   prompt_id:str, doc_id:str, split:str in {train,val,test}, prompt:str, reference:str
+
+Texts are cleaned (validate.clean_text: control characters and U+FFFD removed) as documents are loaded and
+again on every decoded prompt / reference, so each one passes the feedback validation.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from latentpref.tasks.data.validate import clean_text
+
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -41,6 +46,9 @@ PROMPTS_SCHEMA = pa.schema(
     ]
 )
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+# Seven vendored reviews carry Windows-1252 punctuation with its high bit stripped (0x92 -> 0x12): put
+# back the corpus's own ASCII spelling (don't, "quoted", " - ", ". . .") before the generic cleaning.
+_VENDORED_PUNCT = str.maketrans({"\x12": "'", "\x13": '"', "\x14": '"', "\x16": "-", "\x05": ". . ."})
 
 
 def _format_of(source: str) -> str:
@@ -122,7 +130,7 @@ def load_documents(source: str | None = None, *, text_column: str = "text", limi
         limit: keep only the first `limit` documents (after dropping empty and duplicate texts).
 
     Returns:
-        Table with DOCUMENTS_SCHEMA, texts unique and non-empty.
+        Table with DOCUMENTS_SCHEMA, texts cleaned (`clean_text`), unique and non-empty.
 
     Raises:
         ValueError: the file lacks `text_column`, or `limit` < 1.
@@ -142,7 +150,9 @@ def load_documents(source: str | None = None, *, text_column: str = "text", limi
             f"Pass text_column=<one of them>."
         )
 
-    texts = [t if isinstance(t, str) else None for t in table.column(column).to_pylist()]
+    raw = [t if isinstance(t, str) else None for t in table.column(column).to_pylist()]
+    repair = (lambda t: t.translate(_VENDORED_PUNCT)) if source is None else (lambda t: t)
+    texts = [None if t is None else clean_text(repair(t)) for t in raw]
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(texts)
     given_ids = table.column("doc_id").to_pylist() if "doc_id" in table.column_names else None
 
@@ -154,7 +164,8 @@ def load_documents(source: str | None = None, *, text_column: str = "text", limi
         if text is None or not text.strip() or text in seen_text:
             dropped += 1
             continue
-        doc_id = str(given_ids[i]) if given_ids is not None and given_ids[i] is not None else _content_id(text)
+        # the hash is of the text as read, so cleaning leaves ids (hence splits and prompt choice) unchanged
+        doc_id = str(given_ids[i]) if given_ids is not None and given_ids[i] is not None else _content_id(raw[i])
         if doc_id in seen_id:
             raise ValueError(f"{name}: doc_id {doc_id!r} occurs twice (row {i}); doc ids must be unique")
         seen_text.add(text)
@@ -284,19 +295,20 @@ def make_prompts(
             short += 1
             continue
         prompt_ids = ids[:prompt_tokens]
-        prompt = tokenizer.decode(prompt_ids)
+        # clean_text: a cut inside a multi-byte character decodes to U+FFFD, which validation refuses
+        prompt = clean_text(tokenizer.decode(prompt_ids))
         # Decode/encode is not always an exact round trip (a cut inside a multi-byte character,
         # a word cut between BPE pieces); drop tokens until the prompt re-encodes within budget.
         while len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > prompt_tokens:
             prompt_ids = prompt_ids[:-1]
-            prompt = tokenizer.decode(prompt_ids)
+            prompt = clean_text(tokenizer.decode(prompt_ids))
         chosen[split].append(
             {
                 "prompt_id": f"{doc_ids[i]}-0",
                 "doc_id": doc_ids[i],
                 "split": split,
                 "prompt": prompt,
-                "reference": tokenizer.decode(ids[prompt_tokens:need]),
+                "reference": clean_text(tokenizer.decode(ids[prompt_tokens:need])),
             }
         )
     for split, quota in quotas.items():

@@ -19,6 +19,7 @@ import torch
 from latentpref.tasks.data import candidates as candidates_lib
 from latentpref.tasks.data import corpus, users
 from latentpref.tasks.data.store import MANIFEST, Store, json_digest, stage_done, table_digest
+from latentpref.tasks.data.validate import CLEAN_TEXT_VERSION
 from latentpref.tasks.models import precision
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,10 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
     timings: dict[str, float] = {}
     skipped: list[str] = []
 
-    # 1. prompts (split by document)
+    # 1. prompts (split by document). "clean" in this key and the next two: texts are cleaned as they are made
+    # (validate.clean_text), so a store made before (or with another cleaning) is not reused
     key = json_digest({"corpus": cfg.corpus, "n": cfg.n_prompts, "pt": cfg.prompt_tokens,
-                       "rt": cfg.response_tokens, "seed": cfg.seed, "v": 1})
+                       "rt": cfg.response_tokens, "seed": cfg.seed, "v": 1, "clean": CLEAN_TEXT_VERSION})
     folder = ("data", "prompts", key)
     t0 = time.perf_counter()
     if stage_done(store, *folder):
@@ -96,7 +98,8 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
 
     # 2. base LM, briefly fine-tuned on the TRAIN documents only (no text of val/test prompts leaks in)
     base_version = json_digest({"base": cfg.base_model, "sft_steps": cfg.sft_steps, "lr": cfg.sft_lr,
-                                "bs": cfg.sft_batch_size, "prompts": prompts_ref.digest, "seed": cfg.seed})
+                                "bs": cfg.sft_batch_size, "prompts": prompts_ref.digest, "seed": cfg.seed,
+                                "clean": CLEAN_TEXT_VERSION})   # the SFT documents are cleaned too
     base_folder = ("models", "base", base_version)
     t0 = time.perf_counter()
     if stage_done(store, *base_folder):
@@ -145,6 +148,7 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
     key = json_digest({"prompts": prompts_ref.digest, "base": base_version, "k": cfg.n_candidates,
                        "scorer": scorer_info.get("path"),
                        "rt": cfg.response_tokens, "pt": cfg.prompt_tokens, "top_k": cfg.top_k, "seed": cfg.seed,
+                       "clean": CLEAN_TEXT_VERSION,
                        # bf16 and fp32 sampling draw different candidates from the same seed
                        "lm_dtype": str(precision.lm_dtype()).removeprefix("torch.")})
     folder = ("data", "candidates", key)
@@ -174,7 +178,10 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
     # 4. simulated users (hidden) + 5. their preference pairs
     key = json_digest({"cands": cand_ref.digest, "prompts": prompts_ref.digest, "n_users": cfg.n_users,
                        "mix": cfg.cohort_mix, "min": cfg.min_pairs, "max": cfg.max_pairs,
-                       "heldout": cfg.heldout_pairs_per_user, "seed": cfg.seed})
+                       "heldout": cfg.heldout_pairs_per_user, "seed": cfg.seed,
+                       # hashed only when on, so stores prepared before the groups existed keep their population
+                       **({"holdout": cfg.holdout_share} if cfg.holdout_share else {}),
+                       **({"out_of_cohort": cfg.n_out_of_cohort} if cfg.n_out_of_cohort else {})})
     folder = ("data", "population", key)
     t0 = time.perf_counter()
     if stage_done(store, *folder):
@@ -187,7 +194,8 @@ def prepare_data(cfg, store: Store, *, progress: Progress | None = None) -> Data
         cands = store.read_table(*cand_ref.path)
         stats = users.feature_stats(cands)
         population = users.make_population(cfg.n_users, feature_stats=stats, cohort_mix=cfg.cohort_mix,
-                                           seed=cfg.seed, min_pairs=cfg.min_pairs, max_pairs=cfg.max_pairs)
+                                           seed=cfg.seed, min_pairs=cfg.min_pairs, max_pairs=cfg.max_pairs,
+                                           holdout_share=cfg.holdout_share, n_out_of_cohort=cfg.n_out_of_cohort)
         pairs = users.make_pairs(population, prompts, cands, heldout_pairs_per_user=cfg.heldout_pairs_per_user,
                                  seed=cfg.seed)
         store.write_table(population, *folder, "users.parquet")

@@ -6,7 +6,11 @@ of many users: each belongs to a cohort (a direction in feature space), with per
 Bradley-Terry label-noise temperature and a heavy-tailed number of feedback pairs.
 
 Tables (notes/CONTRACT.md):
-- users (HIDDEN, evaluation only): user_id, cohort, weights_json, bt_temperature:float32, n_pairs:int32
+- users (HIDDEN, evaluation only): user_id, cohort, weights_json, bt_temperature:float32, n_pairs:int32,
+  group in USER_GROUPS: "population" (cohort users whose pairs the CLaP's training may read), "holdout" (cohort users
+  held out from everything the CLaP's training reads) or "out_of_cohort" (cohort OUT_OF_COHORT: a random mixture of
+  the scorer features with random signs, never read by the CLaP either). Tables written before the column existed
+  read as all "population" (`user_groups`).
 - pairs: user_id, prompt, chosen, rejected, created_at timestamp[us, UTC], weight float32, prompt_id,
   chosen_id, rejected_id, split in {train, heldout}; plus pair_kind in {top_bottom, random}
   (an extension: which rule made the pair, for analysis; validate.py drops it).
@@ -40,6 +44,9 @@ COHORTS: dict[str, dict[str, float]] = {
     "enthusiastic": {"exclamation_rate": 1.0, "sentiment": 1.0},
 }
 
+OUT_OF_COHORT = "out_of_cohort"
+USER_GROUPS = ("population", "holdout", OUT_OF_COHORT)
+
 USERS_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -47,6 +54,7 @@ USERS_SCHEMA = pa.schema(
         ("weights_json", pa.string()),
         ("bt_temperature", pa.float32()),
         ("n_pairs", pa.int32()),
+        ("group", pa.string()),
     ]
 )
 # the public feedback contract (validate.FEEDBACK_SCHEMA) plus how the simulated pair was drawn
@@ -75,6 +83,14 @@ def _allocate(n: int, probs: np.ndarray) -> np.ndarray:
     return counts
 
 
+def _usable_std(feature: str, std: float) -> float:
+    std = float(std)
+    if not math.isfinite(std) or std <= 0:
+        log.warning("feature %r has std %r in the candidate pool; using 1.0 (it cannot rank candidates)", feature, std)
+        return 1.0
+    return std
+
+
 def make_population(
     n_users: int,
     *,
@@ -87,6 +103,8 @@ def make_population(
     pairs_sigma: float = 1.0,
     jitter: float = 0.1,
     temperature_range: tuple[float, float] = (0.1, 1.0),
+    holdout_share: float = 0.0,
+    n_out_of_cohort: int = 0,
 ) -> pa.Table:
     """Sample a hidden user population.
 
@@ -101,6 +119,12 @@ def make_population(
             no two users are identical and ties in a cohort's features are broken.
         temperature_range: Bradley-Terry temperature ~ log-uniform on this range (reward units =
             pool stds); P(a > b) = sigmoid((r_a - r_b) / T).
+        holdout_share: share of the n_users cohort users (rounded, at least one when > 0 and n_users > 1) put in
+            group "holdout": users the CLaP's training never reads, so the evaluation can judge personalisation
+            on users the shared model never saw. Drawn with the seed, spread over cohorts.
+        n_out_of_cohort: extra users (after the n_users cohort users, same id format) in group and cohort
+            "out_of_cohort": weights = random signs times a Dirichlet(1) mixture over every scorer feature present,
+            unit norm in pool-std units (like a one-feature cohort), plus the same jitter.
 
     Returns:
         users table (USERS_SCHEMA); weights_json maps feature -> weight in raw feature units.
@@ -110,6 +134,10 @@ def make_population(
     """
     if n_users < 1:
         raise ValueError(f"n_users={n_users!r} must be >= 1")
+    if not 0.0 <= holdout_share < 1.0:
+        raise ValueError(f"holdout_share={holdout_share!r} must be in [0, 1)")
+    if n_out_of_cohort < 0:
+        raise ValueError(f"n_out_of_cohort={n_out_of_cohort!r} must be >= 0")
     if not 1 <= min_pairs <= max_pairs:
         raise ValueError(f"need 1 <= min_pairs <= max_pairs, got min_pairs={min_pairs}, max_pairs={max_pairs}")
     lo_t, hi_t = temperature_range
@@ -132,13 +160,7 @@ def make_population(
 
     jitter_features = [f for f in FEATURES if f in feature_stats]
     features = sorted(set(jitter_features) | {f for c in names for f in COHORTS[c]})
-    stds = {}
-    for f in features:
-        std = float(feature_stats[f][1])
-        if not math.isfinite(std) or std <= 0:
-            log.warning("feature %r has std %r in the candidate pool; using 1.0 (it cannot rank candidates)", f, std)
-            std = 1.0
-        stds[f] = std
+    stds = {f: _usable_std(f, feature_stats[f][1]) for f in features}
     base = np.array([[COHORTS[names[c]].get(f, 0.0) for f in features] for c in range(len(names))])  # (C, F)
     noise = rng.normal(0.0, jitter, size=(n_users, len(features)))
     noise[:, [f not in jitter_features for f in features]] = 0.0
@@ -146,17 +168,60 @@ def make_population(
 
     n_pairs = np.clip(np.rint(rng.lognormal(math.log(median_pairs), pairs_sigma, size=n_users)), min_pairs, max_pairs)
     temperature = np.exp(rng.uniform(math.log(lo_t), math.log(hi_t), size=n_users))
-    width = max(5, len(str(n_users - 1)))
+    cohort_names = [names[c] for c in cohorts]
+    groups = np.full(n_users, "population", dtype=object)
+    if holdout_share > 0 and n_users > 1:
+        # its own generator: turning the holdout on leaves every user's weights, pairs count and temperature as they were
+        n_hold = min(n_users - 1, max(1, int(round(holdout_share * n_users))))
+        order = np.random.default_rng([seed, 1]).permutation(n_users)
+        # spread over cohorts: take users round-robin by cohort in the permuted order
+        by_cohort: dict[int, list[int]] = {}
+        for i in order:
+            by_cohort.setdefault(int(cohorts[i]), []).append(int(i))
+        picked: list[int] = []
+        while len(picked) < n_hold:
+            for c in sorted(by_cohort):
+                if by_cohort[c] and len(picked) < n_hold:
+                    picked.append(by_cohort[c].pop(0))
+        groups[picked] = "holdout"
+    weight_rows = [dict(zip(features, map(float, row))) for row in weights]
+    if n_out_of_cohort:
+        # outside every cohort: a random mixture of all the scorer features present, random signs, its own generator
+        ooc_rng = np.random.default_rng([seed, 2])
+        # (the lexical features only: the evaluation scores generated text without the learned classifier)
+        ooc_features = [f for f in FEATURES if f in feature_stats]
+        shares = ooc_rng.dirichlet(np.ones(len(ooc_features)), size=n_out_of_cohort)
+        signs = ooc_rng.choice([-1.0, 1.0], size=shares.shape)
+        w_std = (signs * shares / np.linalg.norm(shares, axis=1, keepdims=True)
+                 + ooc_rng.normal(0.0, jitter, size=shares.shape))
+        ooc_stds = np.array([_usable_std(f, feature_stats[f][1]) for f in ooc_features])
+        weight_rows += [dict(zip(ooc_features, map(float, row))) for row in w_std / ooc_stds]
+        n_pairs = np.concatenate([n_pairs, np.clip(np.rint(ooc_rng.lognormal(math.log(median_pairs), pairs_sigma,
+                                                                            size=n_out_of_cohort)), min_pairs, max_pairs)])
+        temperature = np.concatenate([temperature, np.exp(ooc_rng.uniform(math.log(lo_t), math.log(hi_t),
+                                                                           size=n_out_of_cohort))])
+        cohort_names += [OUT_OF_COHORT] * n_out_of_cohort
+        groups = np.concatenate([groups, np.full(n_out_of_cohort, OUT_OF_COHORT, dtype=object)])
+    total = len(cohort_names)
+    width = max(5, len(str(total - 1)))
     return pa.table(
         {
-            "user_id": [f"u{i:0{width}d}" for i in range(n_users)],
-            "cohort": [names[c] for c in cohorts],
-            "weights_json": [json.dumps(dict(zip(features, map(float, row)))) for row in weights],
+            "user_id": [f"u{i:0{width}d}" for i in range(total)],
+            "cohort": cohort_names,
+            "weights_json": [json.dumps(row) for row in weight_rows],
             "bt_temperature": temperature.astype(np.float32),
             "n_pairs": n_pairs.astype(np.int32),
+            "group": list(groups),
         },
         schema=USERS_SCHEMA,
     )
+
+
+def user_groups(users: pa.Table) -> list[str]:
+    """Each user's group (USER_GROUPS); a users table written before groups existed is all "population"."""
+    if "group" in users.column_names:
+        return [g or "population" for g in users.column("group").to_pylist()]
+    return ["population"] * users.num_rows
 
 
 def user_rewards(weights: str | Mapping[str, float], features: Mapping[str, np.ndarray]) -> np.ndarray:

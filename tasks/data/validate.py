@@ -33,7 +33,13 @@ log = logging.getLogger(__name__)
 # at most 128 chars. No '/', '\\', whitespace or control characters, so an id can never walk a path.
 USER_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _USER_ID_RE2 = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"  # RE2 (pyarrow) has no look-ahead: '..' checked apart
-_CONTROL_RE2 = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"      # C0 controls except \t \n \r, and DEL
+# The one definition of a control character (feedback validation and prepare-stage cleaning): Unicode
+# category Cc except tab, newline and carriage return, i.e. C0 controls, DEL and C1 controls (U+0080-U+009F).
+# The same pattern is read by Python `re` and by RE2 (pyarrow), which both take \xHH as a code point.
+CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+_UNCLEAN = re.compile(CONTROL_CHARS + "|\ufffd")
+# Bump when clean_text changes what it removes: prepare-stage keys include it, so stores re-clean.
+CLEAN_TEXT_VERSION = 1
 MIN_CREATED_AT = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 REQUIRED = ("user_id", "prompt", "chosen", "rejected")
@@ -68,7 +74,7 @@ REASONS = (
     "missing_value",   # null / absent required value
     "bad_user_id",     # fails USER_ID (path traversal, slashes, control chars, > 128 chars)
     "empty_text",      # prompt / chosen / rejected empty or whitespace only
-    "control_chars",   # control characters (other than tab / newline) in a text
+    "control_chars",   # control characters (CONTROL_CHARS: C0 but tab / newline / CR, DEL, C1) in a text
     "oversize_text",   # text longer than max_text_chars
     "same_response",   # chosen == rejected (text or id)
     "bad_split",       # split not in SPLITS
@@ -91,6 +97,13 @@ class FeedbackFileError(ValueError):
 
 class InvalidUserId(ValueError):
     pass
+
+
+def clean_text(text: str) -> str:
+    """text without the characters validate_feedback refuses in a prompt or response: control characters
+    (CONTROL_CHARS) and U+FFFD (a lossy decode, e.g. a token cut inside a multi-byte character). Removed,
+    not replaced; tab, newline and carriage return are kept. Emptiness and length are not its business."""
+    return _UNCLEAN.sub("", text)
 
 
 def check_user_id(user_id: str) -> str:
@@ -479,7 +492,7 @@ def validate_feedback(
         s = strings[name]
         reasons.flag(_np_bool(pc.equal(pc.utf8_trim_whitespace(s), "")), f"empty_text: {name} is empty")
         reasons.flag(_np_bool(pc.match_substring(s, "\ufffd")), f"invalid_utf8: {name} contains U+FFFD (lossy decode upstream)")
-        reasons.flag(_np_bool(pc.match_substring_regex(s, _CONTROL_RE2)), f"control_chars: {name} contains a control character")
+        reasons.flag(_np_bool(pc.match_substring_regex(s, CONTROL_CHARS)), f"control_chars: {name} contains a control character")
         length = pc.fill_null(pc.utf8_length(s), 0).to_numpy(zero_copy_only=False)
         _flag_each(reasons, length > max_text_chars, length,
                    lambda k, name=name: f"oversize_text: {name} has {k} chars > max_text_chars={max_text_chars}")
@@ -490,7 +503,7 @@ def validate_feedback(
             s = strings[name]
             strings[name] = pc.if_else(pc.equal(pc.utf8_trim_whitespace(s), ""), pa.scalar(None, pa.string()), s)
             if name != "split":
-                reasons.flag(_np_bool(pc.match_substring_regex(strings[name], _CONTROL_RE2)), f"control_chars: {name} contains a control character")
+                reasons.flag(_np_bool(pc.match_substring_regex(strings[name], CONTROL_CHARS)), f"control_chars: {name} contains a control character")
 
     reasons.flag(
         _np_bool(pc.equal(pc.utf8_trim_whitespace(strings["chosen"]), pc.utf8_trim_whitespace(strings["rejected"]))),

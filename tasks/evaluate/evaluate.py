@@ -13,11 +13,15 @@ Methods (rows of the result):
     lora_dpo / full_dpo / ptuning_dpo   baselines (tasks/evaluate/baselines.py)
 Generation uses the same prompts and the same sampling seed for every method, so differences come from
 the method alone. Headline: `win_rate_vs_prior`, the share of prompts where a method's text beats the
-un-personalised model's (clap_prior, same prompt, same seed) under the user's hidden reward (ties half); `win_rate`
-compares against the prompt's real continuation.
+un-personalised model's (clap_prior, same prompt, same seed) under the user's hidden reward (ties half);
+`win_rate_vs_base` the same against the plain LM (base_lm); `win_rate` compares against the prompt's real
+continuation. Whether it is *personal* is `own_vs_swapped` (`add_personal_measures`, over all evaluated users): the
+user's text against the text written under the policy of the evaluated user with the least similar hidden reward,
+same prompt and seed, judged by the user's reward; a fit that only learnt what most users share scores 0.5 there.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -53,11 +57,20 @@ class EvalSettings:
     oracle_k: int = 4                # samples per prompt of the un-personalised model for oracle_best_of_k
     # the night's P-Tuning-SFT prefix (baselines.fit_prefix_sft): init and reference of every P-Tuning-DPO fit
     ptuning_prefix: dict[str, torch.Tensor] | None = None
+    # users the baselines are fitted for (a subset of the evaluated users: a fit through the LM costs ~100x a latent
+    # user's evaluation); None = every evaluated user
+    baseline_user_ids: tuple[str, ...] | None = None
 
 
 def _user_reward(weights_json: str, texts: list[str]) -> np.ndarray:
     feats = scorers.score_texts(texts)
     return users_lib.user_rewards(weights_json, feats)
+
+
+def _features_json(features: dict[str, np.ndarray]) -> str:
+    """Per-prompt scorer features of a method's texts, so any user's hidden reward of them can be computed after the
+    fan-out (rewards are linear in the features): {feature: [value per prompt]}."""
+    return json.dumps({f: [float(x) for x in v] for f, v in features.items()})
 
 
 @torch.no_grad()
@@ -188,13 +201,17 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         pool_reward = np.stack([_user_reward(weights_json, t) for t in prior_samples])   # (K, prompts)
         prior_reward = pool_reward[0]
 
+        base_reward = _user_reward(weights_json, shared["base_lm"])
+
         def row(method: str, texts: list[str], reward: np.ndarray | None = None, **extra) -> dict[str, Any]:
-            reward = _user_reward(weights_json, texts) if reward is None else reward
+            features = scorers.score_texts(texts)
+            reward = users_lib.user_rewards(weights_json, features) if reward is None else reward
             return {"user_id": user_id, "cohort": cohort, "method": method, "n_train_pairs": len(triples),
                     "mean_reward": float(reward.mean()), "win_rate": metrics.win_rate(reward, ref_reward),
                     "win_rate_vs_prior": metrics.win_rate(reward, prior_reward),
+                    "win_rate_vs_base": metrics.win_rate(reward, base_reward),
                     "perplexity": ppl(texts), "sample_prompt": prompts[0][-200:], "sample": texts[0][:200],
-                    "sample_reward": float(reward[0]), **extra}
+                    "sample_reward": float(reward[0]), "text_features_json": _features_json(features), **extra}
 
         for method, texts in shared.items():
             rows.append(row(method, texts, heldout_accuracy=None, fit_seconds=0.0, trainable_params=0,
@@ -228,7 +245,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
 
         # baselines on exactly the same pairs
         for method in settings.baselines:
-            if not triples:
+            if not triples or (settings.baseline_user_ids is not None and user_id not in settings.baseline_user_ids):
                 continue
             cfg = baselines.BaselineConfig(method=method, beta=settings.baseline_beta[method],
                                            lr=settings.baseline_lr[method], steps=settings.baseline_steps,
@@ -258,6 +275,11 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
     return pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
 
 
+SUMMARY_COLUMNS = ("mean_reward", "win_rate", "win_rate_vs_prior", "win_rate_vs_base", "own_vs_swapped",
+                   "heldout_accuracy", "latent_heldout_accuracy", "z_sensitivity_nats", "latent_shift", "perplexity",
+                   "fit_seconds", "reward_spread")
+
+
 def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
     """Per method: mean and 95% bootstrap interval over users of each metric."""
     out = []
@@ -265,8 +287,7 @@ def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
     for method in methods:
         sub = per_user.filter(pa.compute.equal(per_user["method"], method))
         entry: dict[str, Any] = {"method": method, "users": sub.num_rows}
-        for col in ("mean_reward", "win_rate", "win_rate_vs_prior", "heldout_accuracy", "latent_heldout_accuracy",
-                    "z_sensitivity_nats", "latent_shift", "perplexity", "fit_seconds", "reward_spread"):
+        for col in SUMMARY_COLUMNS:
             if col not in sub.column_names:
                 continue
             vals = np.array([v for v in sub[col].to_pylist() if v is not None], dtype=float)
@@ -282,3 +303,13 @@ def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
             entry[col] = float(np.median(vals)) if vals else None
         out.append(entry)
     return pa.Table.from_pylist(out)
+
+
+def summarise_by_group(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
+    """`summarise` within each user group (the per-user column `group`: seen / unseen / out_of_cohort), one row per
+    (group, method) for the groups that have users, with a `group` column first."""
+    parts = []
+    for group in dict.fromkeys(per_user["group"].to_pylist()):
+        sub = summarise(per_user.filter(pa.compute.equal(per_user["group"], group)), seed=seed)
+        parts.append(sub.add_column(0, "group", pa.array([group] * sub.num_rows, pa.string())))
+    return pa.concat_tables(parts, promote_options="default") if parts else pa.table({"group": pa.array([], pa.string())})

@@ -82,6 +82,14 @@ class CLaPConfig:
     # only, KL pressure leaves z with whatever helps the *next* tokens most: on SmolLM2 the stage-1 posterior
     # encoded the response's first token, while what a user prefers (tone, wording) is spread over all of it.
     bow_head: bool = False
+    # Gaussian only (issue 28): the first `preference_dims` coordinates of the posterior mean are the text's position
+    # in the population preference space (tasks/models/preference_space.py: top directions of every population
+    # user's read-out of the base LM's states after `preference_layer` blocks, mean over the response), fixed before
+    # training by `set_preference_space`, with posterior std `preference_std`. The LM is then trained to write text
+    # at a given position of that space, and a user's latent DPO fit places them in it. 0 = off (the spec's CLaP).
+    preference_dims: int = 0
+    preference_layer: int = 8
+    preference_std: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "n_query", "n_prefix", "encoder_layers"):
@@ -96,6 +104,13 @@ class CLaPConfig:
             raise ValueError(f"CLaPConfig.prefix_init={self.prefix_init!r}; expected one of {PREFIX_INITS}")
         if not self.anchor_scale > 0:
             raise ValueError(f"CLaPConfig.anchor_scale={self.anchor_scale} must be > 0")
+        if not 0 <= self.preference_dims <= self.latent_dim:
+            raise ValueError(f"CLaPConfig.preference_dims={self.preference_dims} must be in [0, latent_dim]")
+        if self.preference_dims and self.latent_type != "gaussian":
+            raise ValueError("CLaPConfig.preference_dims needs latent_type='gaussian'")
+        if self.preference_dims and not (self.preference_layer >= 1 and self.preference_std > 0):
+            raise ValueError(f"CLaPConfig.preference_layer={self.preference_layer} must be >= 1 and "
+                             f"preference_std={self.preference_std} > 0")
         if self.latent_dim % self.n_query:
             raise ValueError(
                 f"CLaPConfig.latent_dim={self.latent_dim} must be divisible by n_query={self.n_query} "
@@ -436,6 +451,11 @@ class CLaP(nn.Module):
         self.bow = nn.Linear(self.cfg.latent_dim, vocab) if self.cfg.bow_head else None
         p = next(base_lm.parameters())
         self.to(device=p.device, dtype=p.dtype)
+        if self.cfg.preference_dims:   # fp32 buffers (saved with the model); identity-free zeros until set
+            r = self.cfg.preference_dims
+            self.register_buffer("preference_directions", torch.zeros(r, d, device=p.device))
+            self.register_buffer("preference_mean", torch.zeros(d, device=p.device))
+            self.register_buffer("preference_scale", torch.ones(r, device=p.device))
 
     @property
     def discrete(self) -> bool:
@@ -474,7 +494,37 @@ class CLaP(nn.Module):
         if self.discrete:
             raise ValueError("CLaP.encode returns a Gaussian posterior; this CLaP has latent_type='discrete': use "
                              "encode_logits (code posterior) and encoder.code_latent")
-        return self.encoder.head(self.posterior_features(prompt_ids, prompt_mask, response_ids, response_mask))
+        mu, logvar = self.encoder.head(self.posterior_features(prompt_ids, prompt_mask, response_ids, response_mask))
+        r = self.cfg.preference_dims
+        if r:
+            coords = self.preference_coords(prompt_ids, prompt_mask, response_ids, response_mask)
+            mu = torch.cat([coords, mu[:, r:]], dim=1)
+            logvar = torch.cat([torch.full_like(coords, 2 * math.log(self.cfg.preference_std)), logvar[:, r:]], dim=1)
+        return mu, logvar
+
+    @torch.no_grad()
+    def preference_coords(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                          response_mask: Tensor) -> Tensor:
+        """The response's position in the population preference space: (B, preference_dims) float32."""
+        from latentpref.tasks.models.preference_space import pooled_states
+        states = pooled_states(self.base_lm, prompt_ids, prompt_mask, response_ids, response_mask,
+                               self.cfg.preference_layer)
+        return (((states - self.preference_mean.float()) @ self.preference_directions.float().T)
+                / self.preference_scale.float())
+
+    @torch.no_grad()
+    def set_preference_space(self, space) -> None:
+        """Fix the population preference space (a `preference_space.PreferenceSpace` of this CLaP's dims/layer)."""
+        r = self.cfg.preference_dims
+        if not r:
+            raise ValueError("set_preference_space needs CLaPConfig.preference_dims > 0")
+        if tuple(space.directions.shape) != tuple(self.preference_directions.shape) or \
+                space.layer != self.cfg.preference_layer:
+            raise ValueError(f"preference space of shape {tuple(space.directions.shape)} at layer {space.layer} does "
+                             f"not fit this CLaP ({r} dims at layer {self.cfg.preference_layer})")
+        self.preference_directions.copy_(space.directions)
+        self.preference_mean.copy_(space.mean)
+        self.preference_scale.copy_(space.scale)
 
     def _posterior_input(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
                          response_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -80,11 +80,19 @@ class PretrainJob(BaseModel):
     lpc_beta: float = 0.1
     lpc_gamma: float = 0.0
     pairs_path: list[str] | None = None   # path parts of the pairs table (train split used); None = no pairs read
+    # path parts of the hidden users table: only users of group "population" are read (users.user_groups), so the
+    # "holdout" and "out_of_cohort" users stay unseen by the CLaP; None = every user's pairs
+    users_path: list[str] | None = None
     # Gaussian only: weight of the population preference term (ClapObjective; PretrainConfig documents it), the
     # user directions' learning rate, and the pairs per step
     preference_weight: float = 0.0
     preference_lr: float = 1e-2
     preference_pairs_per_batch: int = 16
+    # Gaussian only: the population preference space carried by the posterior's first coordinates (CLaPConfig;
+    # PretrainConfig documents it), fitted on the readable users' train pairs before the first step
+    preference_dims: int = 0
+    preference_layer: int = 8
+    preference_l2: float = 1.0
 
 
 def _load_training_data(job: PretrainJob):
@@ -108,9 +116,50 @@ def _load_pairs(job: PretrainJob) -> tuple[list[PreferencePair], int]:
     user (`user_index`: the user's row among the sorted user ids) and weight."""
     if job.pairs_path is None:
         return [], 0
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from latentpref.tasks.data.store import Store
-    train, _, n_users = population_pairs(Store(job.store_root).read_table(*job.pairs_path))
+    from latentpref.tasks.data.users import user_groups
+    store = Store(job.store_root)
+    pairs = store.read_table(*job.pairs_path)
+    if job.users_path is not None:
+        users = store.read_table(*job.users_path)
+        readable = [u for u, g in zip(users["user_id"].to_pylist(), user_groups(users)) if g == "population"]
+        pairs = pairs.filter(pc.is_in(pairs["user_id"], value_set=pa.array(readable, pa.string())))
+    train, _, n_users = population_pairs(pairs)
     return train, n_users
+
+
+def fit_population_space(model, tokenizer, pairs: list[PreferencePair], n_users: int, job: PretrainJob,
+                         batch_size: int = 32):
+    """The population preference space (tasks/models/preference_space.py) of these users' train pairs, read from the
+    CLaP's (frozen) base LM: each distinct (prompt, response) text is run once."""
+    from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
+    from latentpref.tasks.models.preference_space import fit_preference_space, pooled_states
+
+    if not pairs:
+        raise ValueError("preference_dims > 0 needs population users' train pairs; the pairs table holds none "
+                         "readable by the CLaP (every user is held out or out of cohort?)")
+    keys = list(dict.fromkeys((p.prompt, y) for p in pairs for y in (p.chosen, p.rejected)))
+    states = []
+    model.eval()
+    for i in range(0, len(keys), batch_size):
+        chunk = keys[i:i + batch_size]
+        p_ids, p_mask = tokenize_prompts(tokenizer, [k[0] for k in chunk], job.prompt_tokens)
+        r_ids, r_mask = tokenize_responses(tokenizer, [k[1] for k in chunk], job.response_tokens)
+        states.append(pooled_states(model.base_lm, p_ids, p_mask, r_ids, r_mask, job.preference_layer))
+    row = {k: i for i, k in enumerate(keys)}
+    states_t = torch.cat(states)
+    chosen = states_t[[row[(p.prompt, p.chosen)] for p in pairs]]
+    rejected = states_t[[row[(p.prompt, p.rejected)] for p in pairs]]
+    t0 = time.perf_counter()
+    space = fit_preference_space(chosen, rejected, torch.tensor([p.user_index for p in pairs]), n_users,
+                                 dims=job.preference_dims, layer=job.preference_layer,
+                                 weights=torch.tensor([p.weight for p in pairs]), l2=job.preference_l2)
+    log.info("population preference space: %d dims from %d pairs of %d users (%d texts), fit %.1f s",
+             job.preference_dims, len(pairs), n_users, len(keys), time.perf_counter() - t0)
+    return space
 
 
 def _build_clap(job: PretrainJob):
@@ -124,7 +173,8 @@ def _build_clap(job: PretrainJob):
                               encoder_layers=job.encoder_layers, latent_type=job.latent_type, n_codes=job.n_codes,
                               prefix_init=job.prefix_init, anchor_scale=job.anchor_scale,
                               feature_norm=job.feature_norm, pool_tokens=job.pool_tokens,
-                              bow_head=job.bow_weight > 0)
+                              bow_head=job.bow_weight > 0, preference_dims=job.preference_dims,
+                              preference_layer=job.preference_layer)
     model = clap_lib.CLaP(base, cfg)
     return model, tokenizer
 
@@ -359,6 +409,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                          max_prompt_tokens=job.prompt_tokens, max_response_tokens=job.response_tokens,
                                          seed=job.seed * 1000 + rank + 104729))
         model.calibrate_posterior(calib.prompt_ids, calib.prompt_mask, calib.response_ids, calib.response_mask)
+    if job.preference_dims and start_step == 0:
+        # every rank fits the same space from the same pairs (deterministic); DDP broadcasts rank 0's buffers anyway
+        space_pairs, n_space_users = _load_pairs(job)
+        model.set_preference_space(fit_population_space(model, tokenizer, space_pairs, n_space_users, job))
     total = job.stage1_steps + job.stage2_steps
     device = ray.train.torch.get_device()
 

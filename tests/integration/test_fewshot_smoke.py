@@ -6,9 +6,11 @@ into it (`reports/fewshot/<clap_version>.json`, for the report), so it runs on t
 """
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_generate import SMALLER, tiny_night   # tests/integration is on sys.path (pytest's default rootdir imports)
@@ -49,6 +51,22 @@ def test_curve_has_every_method_and_point(curve):
             assert len(m[f"{metric}_ci"]) == 2 and all(len(ci) == 2 for ci in m[f"{metric}_ci"])
         assert all(0.0 <= v <= 1.0 for v in m["heldout_accuracy"] + m["win_rate_vs_prior"]), name
         assert m["users"] == 2
+    # issue 27: is it personal (per method and N, the night's measures), and per user group
+    for name, m in result["methods"].items():
+        for metric in ("win_rate_vs_base", "own_vs_swapped"):
+            assert len(m[metric]) == 2 and len(m[f"{metric}_ci"]) == 2, (name, metric)
+            assert [len(v) for v in m[f"{metric}_per_user"]] == [2, 2], (name, metric)
+        assert all(0.0 <= v <= 1.0 for v in m["win_rate_vs_base"]), name
+        if name != "clap_prior":   # two users: each is the other's swap partner
+            assert all(0.0 <= v <= 1.0 for v in m["own_vs_swapped"]), name
+        groups = [result["user_groups"][u] for u in result["users"][:m["users"]]]
+        assert {g for g in ("seen", "unseen", "out_of_cohort") if g in m} == set(groups), name
+        for g in set(groups):
+            assert m[g]["users"] == groups.count(g) and len(m[g]["win_rate_vs_prior"]) == 2, (name, g)
+    assert result["methods"]["clap_prior"]["own_vs_swapped"] == [None, None]   # the same text for everyone
+    assert set(result["user_groups"]) == set(result["users"])
+    assert result["clap_read_pairs"] is False   # the tiny preset's CLaP reads no pairs: no user is "seen"
+    assert "seen" not in result["user_groups"].values()
     assert result["methods"]["clap_prior"]["heldout_accuracy"] == [0.5, 0.5]
     assert result["methods"]["clap_prior"]["win_rate_vs_prior"] == [0.5, 0.5]
     for name in ("latent_dpo", "latent_dpo_faithful", "lora_dpo"):
@@ -114,3 +132,26 @@ def test_resume_keeps_the_measured_points_and_refuses_other_inputs(curve, tmp_pa
         _fewshot().main([*argv[:7], "1", *argv[8:]])     # --users 1
     with pytest.raises(ValueError, match="--lora-users"):
         _fewshot().main([*argv, "--lora-users", "1"])    # LoRA-DPO on 1 of the 2 users: its per-user lists differ
+    # a curve measured before issue 27 lacks own_vs_swapped / win_rate_vs_base: refused (its texts are gone)
+    for m in partial["methods"].values():
+        for key in [k for k in m if k.startswith(("own_vs_swapped", "win_rate_vs_base"))]:
+            del m[key]
+    out.write_text(json.dumps(partial))
+    with pytest.raises(ValueError, match="own_vs_swapped / win_rate_vs_base .* rerun without --resume"):
+        _fewshot().main(argv)
+
+
+def test_out_of_cohort_users_are_added_after_the_others(curve):
+    """--out-of-cohort-users K: the first K users outside the cohorts join after the --users sorted ids."""
+    _, _, store = curve
+    fewshot = _fewshot()
+    pairs = fewshot.pq.read_table(fewshot._newest(os.path.join(store, "data", "population", "*", "pairs.parquet")))
+    users = fewshot.pq.read_table(fewshot._newest(os.path.join(store, "data", "population", "*", "users.parquet")))
+    split = pairs["split"].to_pylist()
+    night = SimpleNamespace(users=users, train=pairs.filter(fewshot.pa.array([s == "train" for s in split])),
+                            heldout=pairs.filter(fewshot.pa.array([s == "heldout" for s in split])))
+    first = fewshot.pick_users(night, 2)
+    assert fewshot.pick_users(night, 2, 0) == first
+    picked = fewshot.pick_users(night, 2, 1)
+    group = dict(zip(users["user_id"].to_pylist(), users["group"].to_pylist()))
+    assert picked[:2] == first and len(picked) == 3 and group[picked[2]] == "out_of_cohort"

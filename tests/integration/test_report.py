@@ -2,8 +2,10 @@
 opened in headless Chromium (Debian package `chromium`), screenshotted, and checked for its sections, decoded
 plots and an empty console.
 
-The night is the session's one tiny night shared with test_generate.py (`tiny_night`).
+The night is the session's one tiny night shared with test_generate.py (`tiny_night`); the last two tests render
+hand-built report data (no night).
 """
+import json
 import os
 import re
 import signal
@@ -49,8 +51,17 @@ def _has_fewshot(night) -> bool:
     return os.path.exists(os.path.join(store, "reports", "fewshot", f"{report.clap_version}.json"))
 
 
+def _cohort_images(night) -> set[str]:
+    """One heatmap per method of the night's cohort matrix (latent DPO and the baseline the evaluation shows)."""
+    _, report, store = night
+    path = os.path.join(store, "runs", report.run_id, "cohort_matrix.json")
+    assert os.path.exists(path), f"the evaluate stage wrote no {path}"
+    with open(path) as fh:
+        return {f"cohorts_{method}.png" for method in json.load(fh)["methods"]}
+
+
 def _expected_images(night) -> set[str]:
-    return {"comparison.png", "win_rates.png", "clap_training.png", "user_latents.png"} | (
+    return {"comparison.png", "win_rates.png", "clap_training.png", "user_latents.png"} | _cohort_images(night) | (
         {"fewshot.png"} if _has_fewshot(night) else set())
 
 
@@ -77,8 +88,13 @@ def test_report_has_every_section_and_its_plots(night, report_dir):
         assert run.info.run_id in page, run.info.run_name
         for d in run.inputs.dataset_inputs:
             assert d.dataset.digest in page, d.dataset.name
-    # the per-method table shows means with intervals
+    # the per-method table shows means with intervals, pooled and per user group
     assert re.search(r"latent_dpo</td><td>\d+</td><td>[0-9.]+ \[[0-9.]+, [0-9.]+\]", page)
+    comparison = re.search(r"<section id='comparison'>.*?</section>", page, re.S).group(0)
+    assert "<th>win_rate_vs_base</th><th>own_vs_swapped</th>" in comparison
+    assert re.findall(r"<h3 class='group'>([a-z_]+) ", comparison), "no per-group table"
+    cohorts = re.search(r"<section id='cohorts'>.*?</section>", page, re.S).group(0)
+    assert "<h3>latent_dpo</h3>" in cohorts and "Diagonal is its row's maximum for" in cohorts
 
 
 def test_any_run_of_the_night_gives_its_report(night, tmp_path):
@@ -136,6 +152,43 @@ def test_report_renders_in_headless_chromium(night, report_dir, tmp_path):
     # set by the page's load handler: every <img> decoded (naturalWidth > 0)
     images = len(_expected_images(night))
     assert f'data-images="{images}"' in dom and 'data-broken-images="0"' in dom, re.findall(r"<body[^>]*>", dom)
+    console = [line for line in (res.stderr + "\n").splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    assert console == [], console
+
+
+def _synthetic_groups_and_cohorts() -> ReportData:
+    """Report data with the issue-27 inputs only: pooled and per-group comparison, a 3 x 3 cohort matrix for latent
+    DPO and its baseline."""
+    row = {"users": 3, "win_rate_vs_prior": 0.6, "win_rate_vs_prior_lo": 0.5, "win_rate_vs_prior_hi": 0.7,
+           "win_rate_vs_base": 0.55, "win_rate_vs_base_lo": 0.45, "win_rate_vs_base_hi": 0.65,
+           "own_vs_swapped": 0.7, "own_vs_swapped_lo": 0.6, "own_vs_swapped_hi": 0.8}
+    comparison = pa.Table.from_pylist([dict(row, method="latent_dpo"), dict(row, method="lora_dpo")])
+    by_group = pa.Table.from_pylist([dict(row, method=m, group=g) for g in ("seen", "unseen", "out_of_cohort")
+                                     for m in ("latent_dpo", "lora_dpo")])
+    cohorts = ["positive", "negative", "out_of_cohort"]
+    entry = {"judges": cohorts, "writers": cohorts, "users": {c: 2 for c in cohorts}}
+    matrix = {"baseline": "lora_dpo", "methods": {
+        "latent_dpo": dict(entry, mean_reward=[[1.0, -1.0, 0.2], [-0.5, 0.4, 0.0], [0.1, 0.2, 0.3]]),
+        "lora_dpo": dict(entry, mean_reward=[[0.1, 0.3, 0.2], [0.0, 0.1, None], [0.1, 0.2, 0.1]])}}
+    return ReportData(run_id="r", title="groups and cohorts", comparison=comparison, comparison_by_group=by_group,
+                      cohort_matrix=matrix)
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason=f"{CHROMIUM} not installed (Debian: apt-get install -y chromium)")
+def test_group_and_cohort_sections_render_in_headless_chromium(tmp_path):
+    """The comparison's per-group tables and the cohort heatmaps decode and lay out in a browser (hand-built data:
+    the night's own check is test_report_renders_in_headless_chromium)."""
+    out = str(tmp_path / "site")
+    url = "file://" + render_report(out, _synthetic_groups_and_cohorts())
+    res = _chromium(["--virtual-time-budget=5000", "--dump-dom", url], str(tmp_path / "profile-dom"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = res.stdout
+    assert '<section id="comparison">' in dom and '<section id="cohorts">' in dom
+    assert len(re.findall(r'<h3 class="group">', dom)) == 3
+    assert len(re.findall(r'<td class="diag">', dom)) == 6          # 3 cohorts x 2 methods
+    # comparison.png + one heatmap per method
+    assert 'data-images="3"' in dom and 'data-broken-images="0"' in dom, re.findall(r"<body[^>]*>", dom)
     console = [line for line in (res.stderr + "\n").splitlines() if ":CONSOLE" in line or "Uncaught" in line]
     assert console == [], console
 

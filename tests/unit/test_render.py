@@ -145,3 +145,95 @@ def test_the_personalize_reading_says_dearer_and_flags_a_target_below_chance(ren
     prod["quality"]["target_heldout_accuracy"] = 0.6
     (tmp_path / "personalize.json").write_text(json.dumps({"product": prod}))
     assert "below chance" not in render.personalize_reading(render.Results(tmp_path))
+
+
+def _personal_row(win, base, own, users=4):
+    """A comparison method in compare.py's layout with issue 27's figures."""
+    row = {"users": users, "win_rate_vs_prior": win, "win_rate_vs_prior_ci95": [win - 0.1, win + 0.1],
+           "win_rate_vs_base": base, "win_rate_vs_base_ci95": [base - 0.1, base + 0.1], "own_vs_swapped": own,
+           "trainable_params": 64.0, "seconds_per_user": 0.5, "seconds_per_user_ci95": [0.4, 0.6]}
+    if own is not None:
+        row["own_vs_swapped_ci95"] = [own - 0.1, own + 0.1]
+    return row
+
+
+def test_the_comparison_shows_whether_personalisation_is_personal(render, tmp_path):
+    """compare.py's issue-27 figures: win rate vs the base LM and own vs swapped get columns, the seen / unseen /
+    out_of_cohort objects a table of their own, and the headline both figures; a JSON without them renders as before."""
+    base_lm = {**_personal_row(0.45, 0.5, None, users=6), "trainable_params": 0.0}
+    latent = {**_personal_row(0.625, 0.75, 0.6875, users=6), "seen": _personal_row(0.75, 0.8, 0.8125, users=2),
+              "unseen": _personal_row(0.5, 0.7, 0.5, users=2),
+              "out_of_cohort": _personal_row(0.625, 0.75, 0.75, users=2)}
+    result = {"methods": {"base_lm": {**base_lm, "seen": _personal_row(0.45, 0.5, None, users=3)},
+                          "latent_dpo": latent},
+              "runs": {}, "preset": "small", "overrides": [], "seconds": 10.0, "complete": True, "cpu_count": 2,
+              "load_average": [1, 1, 1]}
+    (tmp_path / "compare-small.json").write_text(json.dumps(result))
+    text = render.compare_small_table(render.Results(tmp_path))
+    header = text.splitlines()[0]
+    assert "| win rate vs prior [95% CI] | win rate vs base LM [95% CI] | own vs swapped [95% CI] |" in header
+    latent_line = next(line for line in text.splitlines() if line.startswith("| latent_dpo | 6 |"))
+    assert "| 0.62 [0.53, 0.72] | 0.75 [0.65, 0.85] | 0.69 [0.59, 0.79] |" in latent_line
+    base_line = next(line for line in text.splitlines() if line.startswith("| base_lm | 6 |"))
+    assert "| 0.50 [0.40, 0.60] |  |" in base_line                  # own vs swapped: nobody's own text
+    assert "By user group (seen = users whose pairs the CLaP's training read" in text
+    assert "| latent_dpo | seen | 2 | 0.75 [0.65, 0.85] | 0.80 [0.70, 0.90] | 0.81 [0.71, 0.91] |" in text
+    assert "| latent_dpo | unseen | 2 | 0.50 [0.40, 0.60] | 0.70 [0.60, 0.80] | 0.50 [0.40, 0.60] |" in text
+    assert "| latent_dpo | out of cohort | 2 |" in text and "| base_lm | seen | 3 | 0.45 [0.35, 0.55] |" in text
+    assert text.index("By user group") < text.index("Preset `small`")
+    row = next(line for line in render.readme_headline(render.Results(tmp_path)).splitlines()
+               if "compare-small" in line)
+    assert ("latent_dpo 0.62 [0.53, 0.72] (vs base LM 0.75 [0.65, 0.85], own vs swapped 0.69 [0.59, 0.79]) at "
+            "0.500 s/user") in row
+    assert "base_lm 0.45 [0.35, 0.55] (vs base LM 0.50 [0.40, 0.60]) at" in row
+
+    # a JSON made before issue 27: no new column, no group table, the headline as it was
+    old = {**result, "methods": {m: {k: v for k, v in row.items() if k.startswith(("users", "win_rate_vs_prior",
+                                                                                   "trainable", "seconds"))}
+                                 for m, row in result["methods"].items()}}
+    (tmp_path / "compare-small.json").write_text(json.dumps(old))
+    text = render.compare_small_table(render.Results(tmp_path))
+    assert "vs base LM" not in text and "own vs swapped" not in text and "By user group" not in text
+    assert "latent_dpo 0.62 [0.53, 0.72] at 0.500 s/user" in render.readme_headline(render.Results(tmp_path))
+
+
+def test_the_few_shot_curve_shows_whether_personalisation_is_personal(render, tmp_path):
+    """fewshot.py's issue-27 figures: rows for win rate vs the base LM and own vs swapped (none for the prior, whose
+    own vs swapped is null), a per-group table at the largest N, and both figures in the headline."""
+    def method(users, own, mode=None, groups=()):
+        entry = {"users": users, **({"mode": mode} if mode else {}), "heldout_accuracy": [0.5, 0.75],
+                 "heldout_accuracy_ci": [[0.4, 0.6], [0.65, 0.85]], "win_rate_vs_prior": [0.5, 0.625],
+                 "win_rate_vs_prior_ci": [[0.4, 0.6], [0.55, 0.7]], "seconds_per_user": [0.05, 0.125],
+                 "win_rate_vs_base": [0.5, 0.6875], "win_rate_vs_base_ci": [[0.4, 0.6], [0.6, 0.8]],
+                 "own_vs_swapped": own, "own_vs_swapped_ci": [[None, None] if v is None else [v - 0.1, v + 0.1]
+                                                               for v in own]}
+        for g, k in groups:
+            entry[g] = {"users": k, **{key: entry[key] for key in entry if key.startswith(
+                ("heldout_accuracy", "win_rate", "own_vs_swapped", "seconds_per_user"))}}
+        return entry
+    curve = {"n_pairs": [1, 64], "complete": True, "preset": "small", "users": ["u0", "u1", "u2", "u3"],
+             "methods": {"latent_dpo": method(4, [0.5, 0.8125], "head-only", [("seen", 2), ("unseen", 2)]),
+                         "clap_prior": method(4, [None, None], groups=[("seen", 2), ("unseen", 2)])},
+             "machine": {}}
+    (tmp_path / "fewshot.json").write_text(json.dumps(curve))
+    text = render.fewshot_table(render.Results(tmp_path))
+    assert "| latent_dpo (head-only), 4 users | win rate vs base | 0.50 [0.40, 0.60] | 0.69 [0.60, 0.80] |" in text
+    assert "| latent_dpo (head-only), 4 users | own vs swapped | 0.50 [0.40, 0.60] | 0.81 [0.71, 0.91] |" in text
+    assert "| clap_prior, 4 users | win rate vs base |" in text
+    assert "| clap_prior, 4 users | own vs swapped |" not in text    # null: the same text for everyone
+    assert "By user group at N = 64 (seen = users whose pairs" in text
+    assert ("| latent_dpo | seen | 2 | 0.75 [0.65, 0.85] | 0.62 [0.55, 0.70] | 0.69 [0.60, 0.80] | "
+            "0.81 [0.71, 0.91] |") in text
+    assert "| clap_prior | unseen | 2 | 0.75 [0.65, 0.85] | 0.62 [0.55, 0.70] | 0.69 [0.60, 0.80] |  |" in text
+    row = next(line for line in render.readme_headline(render.Results(tmp_path)).splitlines() if "fewshot" in line)
+    assert ("win rate vs prior 0.62 [0.55, 0.70] (vs base LM 0.69 [0.60, 0.80], own vs swapped 0.81 [0.71, 0.91]), "
+            "0.125 s/user") in row
+
+    old = {**curve, "methods": {m: {k: v for k, v in c.items() if not k.startswith(("win_rate_vs_base", "own_vs",
+                                                                                    "seen", "unseen"))}
+                                for m, c in curve["methods"].items()}}
+    (tmp_path / "fewshot.json").write_text(json.dumps(old))
+    text = render.fewshot_table(render.Results(tmp_path))
+    assert "win rate vs base" not in text and "own vs swapped" not in text and "By user group" not in text
+    row = next(line for line in render.readme_headline(render.Results(tmp_path)).splitlines() if "fewshot" in line)
+    assert "win rate vs prior 0.62 [0.55, 0.70], 0.125 s/user" in row
