@@ -1,6 +1,6 @@
 """`latentpref serve`: every user of a night behind one OpenAI-style completions API, on Ray Serve.
 
-    POST /v1/completions   {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "user"}
+    POST /v1/completions   {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "user", "best_of"}
     GET  /v1/models        the served model id, CLaP version and release
     GET  /health           liveness + what is served (no token needed: for probes)
 
@@ -10,6 +10,11 @@ Requests of different users are batched into one decode (`OnlineGenerator.comple
 replica watches `serving/current.json`; a new release is loaded beside the old one and swapped in with one
 reference assignment: every batch reads the reference once, so in-flight requests finish on the old release
 and no batch mixes two. Config-file deployments (infra/serve/) use `app_builder`.
+
+`best_of` = K is a personal best-of-K (`serving.complete_best_of`): K samples in the batch's one decode, the one
+with the highest latent reward of the request's user returned; `personalization` says `best_of` and that reward
+(`best_of_reward`, null where the population prior answered: then one sample is drawn). As OpenAI counts it,
+`usage.completion_tokens` covers every sample drawn.
 """
 # no `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime
 
@@ -58,13 +63,14 @@ class ServeOptions(BaseModel):
     max_prompt_chars: int = 4000
     max_tokens_cap: int = 64
     default_max_tokens: int = 16
+    max_best_of: int = 8               # best_of's cap: a request costs up to this many rows of a decode
     token_file: str | None = None      # bearer token file; $LATENTPREF_SERVE_TOKEN wins; neither = no auth
     onednn_cache: int = 128            # oneDNN kernels a replica keeps (one per bf16 matmul shape; oneDNN's
     #                                    default 1024 lets RSS grow ~200 MB with the shapes seen: evaluate/memory.py)
 
     def limits(self) -> ServeLimits:
         return ServeLimits(max_prompt_chars=self.max_prompt_chars, max_tokens_cap=self.max_tokens_cap,
-                           default_max_tokens=self.default_max_tokens)
+                           default_max_tokens=self.default_max_tokens, max_best_of=self.max_best_of)
 
 
 def _rss_mb() -> float:
@@ -131,8 +137,9 @@ class Completions:
         self._stop.set()
 
     def _complete_batch(self, requests: list[CompletionRequest]):   # runs in the batcher's worker thread
+        from latentpref.tasks.evaluate.serving import complete_best_of
         state = self.state               # read once: the whole batch is served by one release
-        results = state.complete(requests)
+        results = complete_best_of(state, requests)
         self.served += len(requests)
         return [(state, r) for r in results]
 
@@ -153,17 +160,18 @@ class Completions:
             return self._refuse(err)
         if req.user is not None:   # load the user's policy into the LRU here, concurrently, not in the model's
             await asyncio.to_thread(self.state.served_user, req.user)   # thread between two decodes
-        state, c = await self.batcher.submit(req)
-        release = state.release
+        state, chosen = await self.batcher.submit(req)
+        c, release = chosen.completion, state.release
         return {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": self.opts.model_name,
             "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                      "total_tokens": c.prompt_tokens + c.completion_tokens},
+            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": chosen.completion_tokens,
+                      "total_tokens": c.prompt_tokens + chosen.completion_tokens},
             "personalization": {"served": "personalized" if c.personalized else "prior", "reason": c.reason,
                                 "user": req.user, "clap_version": release.clap_version,
-                                "user_artifact_version": c.user_artifact_version, "release": release.release_id},
+                                "user_artifact_version": c.user_artifact_version, "release": release.release_id,
+                                "best_of": chosen.best_of, "best_of_reward": chosen.reward},
         }
 
     @api.get("/v1/models")

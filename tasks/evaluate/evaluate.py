@@ -82,7 +82,7 @@ def _clap_generate(clap, tokenizer, prompts: list[str], z: torch.Tensor | None, 
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
-def _latent_implicit_reward(mu_p, logvar_p, mu_y) -> torch.Tensor:
+def latent_implicit_reward(mu_p, logvar_p, mu_y) -> torch.Tensor:
     """R_θ(z) = log p_θ(z|x) − log N(z; 0, I) at the response's posterior mean (spec §3.6)."""
     return latent.gaussian_log_prob(mu_y, mu_p, logvar_p) - latent.standard_normal_log_prob(mu_y)
 
@@ -107,8 +107,8 @@ def _latent_heldout_accuracy(clap, tokenizer, policy, held: list[tuple[str, str,
     mu_h, logvar_h = policy.latent(clap.encoder, p_ids, p_mask)
     mu_c, _ = clap.encode(p_ids, p_mask, c_ids, c_mask)
     mu_r, _ = clap.encode(p_ids, p_mask, r_ids, r_mask)
-    return metrics.preference_accuracy(_latent_implicit_reward(mu_h, logvar_h, mu_c).numpy(),
-                                       _latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
+    return metrics.preference_accuracy(latent_implicit_reward(mu_h, logvar_h, mu_c).numpy(),
+                                       latent_implicit_reward(mu_h, logvar_h, mu_r).numpy())
 
 
 @torch.no_grad()

@@ -31,8 +31,9 @@ TOKEN_ENV = "LATENTPREF_SERVE_TOKEN"          # bearer token value (takes preced
 TOKEN_FILE_ENV = "LATENTPREF_SERVE_TOKEN_FILE"  # or a file holding it (a mounted Secret)
 
 # ------------------------------------------------------------------------------------------------ requests
-# OpenAI completions fields we accept; `n` and `stream` only with the values we implement (1, false)
-FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "user", "n", "stream")
+# OpenAI completions fields we accept; `n` and `stream` only with the values we implement (1, false). `best_of`: K
+# samples, the one with the highest latent reward of the request's user returned (serving.complete_best_of)
+FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "user", "n", "stream", "best_of")
 
 
 class BadRequest(ValueError):
@@ -54,6 +55,7 @@ class ServeLimits:
     max_tokens_cap: int = 64        # new tokens per request (the tiny GPT-2 has 128 positions)
     default_max_tokens: int = 16    # OpenAI's default
     max_body_bytes: int = 64 * 1024
+    max_best_of: int = 8            # samples per request for best_of: a request costs up to this many decode rows
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class CompletionRequest:
     seed: int | None = None
     user: str | None = None         # end-user id whose latent is applied; None = the population prior
     model: str = ""
+    best_of: int = 1                # K samples, the best under the user's latent reward returned (1 = one sample)
 
 
 def _int(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
@@ -95,7 +98,8 @@ def parse_completion_request(body: bytes, content_type: str | None, limits: Serv
 
     Raises:
         BadRequest: 415 wrong content type; 413 body too large; 404 unknown model; 400 anything else (malformed
-            JSON, unknown field, missing/empty/oversize prompt, max_tokens out of range, bad user id, ...).
+            JSON, unknown field, missing/empty/oversize prompt, max_tokens or best_of out of range, best_of > 1 with
+            temperature 0, bad user id, ...).
     """
     media = (content_type or "").split(";")[0].strip().lower()
     if media != "application/json":
@@ -131,20 +135,24 @@ def parse_completion_request(body: bytes, content_type: str | None, limits: Serv
         raise BadRequest(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}",
                          param="prompt", code="prompt_too_long")
     if parsed.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported", param="n")
+        raise BadRequest("only n=1 is supported (best_of=K returns the best of K samples)", param="n")
     if parsed.get("stream", False) not in (False, None):
         raise BadRequest("streaming is not supported (stream must be false)", param="stream")
     max_tokens = _int(parsed, "max_tokens", limits.default_max_tokens, 1, limits.max_tokens_cap)
+    temperature = _float(parsed, "temperature", 1.0, 0.0, 2.0)
+    best_of = _int(parsed, "best_of", 1, 1, limits.max_best_of) or 1    # OpenAI: best_of >= n, and n is 1
+    if best_of > 1 and temperature == 0:
+        raise BadRequest(f"best_of={best_of} needs sampling: with temperature=0 every sample is the same greedy "
+                         "text; set temperature > 0 or best_of=1", param="best_of")
     user = parsed.get("user")
     if user is not None:
         try:
             check_user_id(user)
         except InvalidUserId as err:
             raise BadRequest(str(err), param="user", code="invalid_user") from None
-    return CompletionRequest(prompt=prompt, max_tokens=max_tokens,
-                             temperature=_float(parsed, "temperature", 1.0, 0.0, 2.0),
+    return CompletionRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                              top_p=_float(parsed, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                             seed=_int(parsed, "seed", None, 0, 2**63 - 1), user=user, model=model)
+                             seed=_int(parsed, "seed", None, 0, 2**63 - 1), user=user, model=model, best_of=best_of)
 
 
 def load_token(token_file: str | None = None) -> str | None:

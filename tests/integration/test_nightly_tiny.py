@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("nightly")
     store = str(root / "store")
+    # plus users outside the cohorts (evaluated too) and the baselines on a subset of the evaluated users (issue 27)
     cfg = load_config("tiny", overrides=[f"runtime.store={store}", "runtime.ray_num_cpus=2",
-                                         "runtime.mlflow_experiment=it-nightly"])
+                                         "runtime.mlflow_experiment=it-nightly", "data.n_out_of_cohort=4",
+                                         "evaluate.n_out_of_cohort_users=2", "evaluate.baseline_users=3"])
     report = nightly(cfg)
     return cfg, report, store
 
@@ -181,19 +183,20 @@ def test_lineage_command_reaches_the_evaluation_runs(tiny_run, capsys):
 
 def test_every_user_has_an_artifact_and_data_is_parquet(tiny_run):
     cfg, report, store = tiny_run
-    assert report.users["total"] == cfg.data.n_users
-    assert report.users["fitted"] + report.users["cold_start"] == cfg.data.n_users
+    assert report.users["total"] == cfg.data.n_users + cfg.data.n_out_of_cohort
+    assert report.users["fitted"] + report.users["cold_start"] == cfg.data.n_users + cfg.data.n_out_of_cohort
     currents = []
     for dirpath, _, files in os.walk(os.path.join(store, "users")):
         if "current.json" in files:
             currents.append(dirpath)
             assert any(f == "head.safetensors" for _, _, fs in os.walk(dirpath) for f in fs)
-    assert len(currents) == cfg.data.n_users
+    assert len(currents) == cfg.data.n_users + cfg.data.n_out_of_cohort
     pairs_files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(store, "data")) for f in fs
                    if f == "pairs.parquet"]
     assert len(pairs_files) == 1
     pairs = pq.read_table(pairs_files[0])
-    assert set(pairs["user_id"].to_pylist()) <= {f"u{i:05d}" for i in range(cfg.data.n_users)}
+    total = cfg.data.n_users + cfg.data.n_out_of_cohort
+    assert set(pairs["user_id"].to_pylist()) <= {f"u{i:05d}" for i in range(total)}
     assert {"user_id", "prompt", "chosen", "rejected"} <= set(pairs.column_names)
     assert os.path.exists(os.path.join(store, "runs", report.run_id, "report", "index.html"))
 

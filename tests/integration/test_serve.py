@@ -113,7 +113,10 @@ def test_completion_contract(server):
     ("prompt over the limit", {"body": {"model": "latentpref", "prompt": "x" * 4001}}, 400),
     ("max_tokens over the cap", {"body": {"model": "latentpref", "prompt": "hi", "max_tokens": 25}}, 400),
     ("negative max_tokens", {"body": {"model": "latentpref", "prompt": "hi", "max_tokens": -2}}, 400),
-    ("unknown field", {"body": {"model": "latentpref", "prompt": "hi", "best_of": 3}}, 400),
+    ("unknown field", {"body": {"model": "latentpref", "prompt": "hi", "suffix": "!"}}, 400),
+    ("best_of with greedy decoding", {"body": {"model": "latentpref", "prompt": "hi", "best_of": 2,
+                                               "temperature": 0}}, 400),
+    ("best_of over the cap", {"body": {"model": "latentpref", "prompt": "hi", "best_of": 9}}, 400),
     ("path in user id", {"body": {"model": "latentpref", "prompt": "hi", "user": "../../etc/passwd"}}, 400),
     ("control char in user id", {"body": {"model": "latentpref", "prompt": "hi", "user": "bob\u0007"}}, 400),
     ("wrong content type", {"body": {"model": "latentpref", "prompt": "hi"}, "content_type": "text/plain"}, 415),
@@ -129,6 +132,24 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server, kind, request_kw, 
     assert body["error"]["message"], kind
     assert TOKEN not in json.dumps(body)
     assert complete(base, user="user-1")[0] == 200, f"server down after {kind}"
+
+
+def test_best_of_is_a_personal_rerank(server):
+    base, _ = server
+    status, body = complete(base, user="user-0", temperature=1.0, seed=3, best_of=3)
+    assert status == 200, body
+    served = body["personalization"]
+    assert served["served"] == "personalized" and served["best_of"] == 3
+    assert isinstance(served["best_of_reward"], float)
+    assert body["usage"]["completion_tokens"] <= 3 * 6       # every sample drawn counts, as OpenAI counts it
+    again = complete(base, user="user-0", temperature=1.0, seed=3, best_of=3)[1]
+    assert again["choices"][0]["text"] == body["choices"][0]["text"]     # a fixed seed is reproducible
+    # the prior has no reward to rank by: one sample, the plain request's own
+    status, prior = complete(base, user="never-seen", temperature=1.0, seed=3, best_of=3)
+    assert status == 200 and prior["personalization"]["best_of_reward"] is None
+    assert prior["choices"][0]["text"] == complete(base, user="never-seen", temperature=1.0, seed=3)[1][
+        "choices"][0]["text"]
+    assert complete(base, user="user-0")[1]["personalization"]["best_of"] == 1
 
 
 def test_models_needs_the_token(server):

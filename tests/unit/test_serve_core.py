@@ -42,6 +42,18 @@ def test_a_full_request_parses_and_defaults_apply():
         ("only one", 16, 1.0, 1.0, None, None)
 
 
+def test_best_of_parses_within_its_cap():
+    base = {"model": "latentpref", "prompt": "hi"}
+    assert parse(base).best_of == 1 and parse({**base, "best_of": None}).best_of == 1
+    assert parse({**base, "best_of": 8, "n": 1}).best_of == 8
+    assert parse({**base, "best_of": 1, "temperature": 0}).best_of == 1      # greedy with one sample is fine
+    assert parse({**base, "best_of": 2, "temperature": 0.7, "seed": 3}) == \
+        CompletionRequest("hi", 16, 0.7, 1.0, 3, None, "latentpref", best_of=2)
+    raw = json.dumps({**base, "best_of": 3}).encode()
+    with pytest.raises(BadRequest, match="best_of=3 must be between 1 and 2"):
+        parse_completion_request(raw, JSON, ServeLimits(max_best_of=2), model="latentpref")
+
+
 @pytest.mark.parametrize("body, status, param, words", [
     (b"{not json", 400, None, "not valid JSON"),
     (b"\xff\xfe", 400, None, "not valid JSON"),
@@ -59,6 +71,12 @@ def test_a_full_request_parses_and_defaults_apply():
     ({"model": "latentpref", "prompt": "hi", "seed": -3}, 400, "seed", "between 0"),
     ({"model": "latentpref", "prompt": "hi", "logit_bias": {}}, 400, "logit_bias", "unknown field"),
     ({"model": "latentpref", "prompt": "hi", "n": 2}, 400, "n", "n=1"),
+    ({"model": "latentpref", "prompt": "hi", "n": 2, "best_of": 3}, 400, "n", "n=1"),
+    ({"model": "latentpref", "prompt": "hi", "best_of": 0}, 400, "best_of", "between 1 and 8"),
+    ({"model": "latentpref", "prompt": "hi", "best_of": 9}, 400, "best_of", "between 1 and 8"),
+    ({"model": "latentpref", "prompt": "hi", "best_of": 2.0}, 400, "best_of", "integer"),
+    ({"model": "latentpref", "prompt": "hi", "best_of": "2"}, 400, "best_of", "integer"),
+    ({"model": "latentpref", "prompt": "hi", "best_of": 2, "temperature": 0}, 400, "best_of", "temperature=0"),
     ({"model": "latentpref", "prompt": "hi", "stream": True}, 400, "stream", "stream"),
     ({"model": "latentpref", "prompt": "hi", "user": "../../etc/passwd"}, 400, "user", "user_id"),
     ({"model": "latentpref", "prompt": "hi", "user": "a/b"}, 400, "user", "user_id"),
