@@ -776,7 +776,7 @@ class CLaP(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Tensor:
         """Batched decoding with each row's own prefix; exactly `max_new_tokens` tokens (no EOS stop, spec §4.1).
 
@@ -787,7 +787,8 @@ class CLaP(nn.Module):
             z: (B, latent_dim) or None (plain base LM).
             prompt_ids, prompt_mask: (B, Tp) left-padded, at least one real token per row.
             do_sample: False = greedy argmax; True = sample from softmax(logits / temperature), top_k > 0 keeps
-                the k most likely tokens. `generator` makes sampling reproducible.
+                the k most likely tokens. `generator` makes sampling reproducible; a list of B generators gives
+                every row its own stream (a row's text then does not depend on the batch it is in).
         Returns:
             (B, max_new_tokens) LongTensor of new tokens.
         """
@@ -820,7 +821,7 @@ class CLaP(nn.Module):
 @torch.no_grad()
 def decode(base_lm: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, *, cache: DynamicCache | None = None,
            n_prefix: int = 0, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> Tensor:
+           generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
     """Incremental decoding of exactly `max_new_tokens` tokens over an explicit cache (which may already hold
     `n_prefix` prefix slots per layer). Left-padded prompts; the mask grows one column per step and each row's
     position by one, so batched == row-by-row. Used by CLaP.generate and for plain-LM candidate sampling.
@@ -833,7 +834,7 @@ def decode(base_lm: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, *,
 
 def _decode(base_lm: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor, *, cache: DynamicCache | None,
             n_prefix: int, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-            generator: torch.Generator | None) -> Tensor:
+            generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
     B = prompt_ids.shape[0]
     P = n_prefix
     body, lm_head = base_lm.base_model, base_lm.get_output_embeddings()
@@ -868,7 +869,7 @@ _GREEDY_CHUNK_COLS = 4096
 
 
 def _next_token(last: Tensor, lm_head: nn.Module, do_sample: bool, temperature: float, top_k: int,
-                generator: torch.Generator | None) -> Tensor:
+                generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
     """Next token (B,) from the last hidden states (B, C)."""
     weight = getattr(lm_head, "weight", None)
     if (not do_sample and isinstance(lm_head, nn.Linear)
@@ -890,17 +891,31 @@ def _greedy_by_slices(last: Tensor, weight: Tensor, bias: Tensor | None) -> Tens
     return torch.stack(index, dim=-1).gather(-1, best).squeeze(-1)
 
 
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int,
+          generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """Next token per row. `generator` may be one per row (a list): each row then draws from its own stream, so its
+    sample does not depend on what it is batched with (evaluation batches many users' rows of one prompt)."""
     if not do_sample:
         return logits.argmax(-1)
     logits = logits / temperature
+    per_row = isinstance(generator, (list, tuple))
+    if per_row and len(generator) != logits.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {logits.shape[0]} rows")
     if top_k > 0:
         # sample among the k best only: torch.multinomial over a 50k vocabulary is slow on CPU
         values, index = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
+        probs = torch.softmax(values, dim=-1)
+        if per_row:
+            choice = torch.stack([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generator)])
+        else:
+            choice = torch.multinomial(probs, 1, generator=generator)
         return index.gather(-1, choice).squeeze(-1)
     # Gumbel-max: an exact categorical sample, O(V) and vectorised
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
+    if per_row:
+        u = torch.stack([torch.rand(logits.shape[1:], generator=g, device=logits.device) for g in generator])
+    else:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    u = u.clamp_(min=1e-20)
     return (logits - torch.log(-torch.log(u))).argmax(-1)
 
 

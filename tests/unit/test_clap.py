@@ -307,3 +307,21 @@ def test_save_load_roundtrip(spec, tmp_path):
     other = "tiny-llama" if spec == "tiny-gpt2" else "tiny-gpt2"
     with pytest.raises(ValueError, match="architecture"):
         load_clap(tmp_path / "clap", base_spec=other)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_generate_with_a_stream_per_row_does_not_depend_on_the_batch(clap, top_k):
+    """A list of generators gives each row its own stream: a row's sample is the same alone or batched with others
+    (the evaluation decodes many users' rows of one prompt together, and they must draw the same noise)."""
+    prompt_ids, prompt_mask, *_ = _batch()
+    z = torch.randn(3, clap.cfg.latent_dim, generator=torch.Generator().manual_seed(5))
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    together = clap.generate(z, prompt_ids, prompt_mask, max_new_tokens=6, do_sample=True, top_k=top_k,
+                             generator=gens([11, 12, 13]))
+    for r, seed in enumerate([11, 12, 13]):
+        alone = clap.generate(z[r:r + 1], prompt_ids[r:r + 1, -int(prompt_mask[r].sum()):],
+                              prompt_mask[r:r + 1, -int(prompt_mask[r].sum()):], max_new_tokens=6, do_sample=True,
+                              top_k=top_k, generator=gens([seed]))
+        assert torch.equal(together[r], alone[0])
+    with pytest.raises(ValueError, match="generators for"):
+        clap.generate(z, prompt_ids, prompt_mask, max_new_tokens=2, do_sample=True, generator=gens([1]))
