@@ -259,12 +259,17 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
         if held:
             lm_checks = _latent_lm_checks(clap, tokenizer, policy, held, settings)
             latent_acc = _latent_heldout_accuracy(clap, tokenizer, policy, held, settings)
-        # like-for-like timing: one user fitted alone from the cache (the nightly batched cost is lower)
+        # like-for-like timing: one user fitted alone from the cache, own encoding counted (the nightly batched cost
+        # is lower), on the users the baselines are fitted for (the comparison's users; the others keep the
+        # night's batched per-user seconds and are left out of the summary's fit_seconds)
+        timed = settings.baseline_user_ids is None or user_id in settings.baseline_user_ids
         refit_s = time_user_refit(clap, tokenizer, policy, triples, settings.latent_fit,
-                                  prompt_tokens=settings.prompt_tokens, response_tokens=settings.response_tokens)
+                                  prompt_tokens=settings.prompt_tokens,
+                                  response_tokens=settings.response_tokens) if timed else None
         fit_s = manifest.get("fit_seconds", 0.0) if refit_s is None else refit_s
         rows.append(row("latent_dpo", texts, **lm_checks, latent_heldout_accuracy=latent_acc,
                         latent_shift=float(mu_p.float().norm(dim=-1).mean()), fit_seconds=fit_s,
+                        fit_timed_alone=refit_s is not None,
                         trainable_params=int(manifest.get("trainable_params")
                                              or sum(t.numel() for t in policy.tensors.values())),
                         artifact_bytes=int(manifest.get("artifact_bytes", 0)),
@@ -314,10 +319,15 @@ def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:
     for method in methods:
         sub = per_user.filter(pa.compute.equal(per_user["method"], method))
         entry: dict[str, Any] = {"method": method, "users": sub.num_rows}
+        # a latent user's fit_seconds is like-for-like (one user alone) only where fit_timed_alone says so
+        alone = (sub["fit_timed_alone"].to_pylist() if "fit_timed_alone" in sub.column_names else [None] * sub.num_rows)
         for col in SUMMARY_COLUMNS:
             if col not in sub.column_names:
                 continue
-            vals = np.array([v for v in sub[col].to_pylist() if v is not None], dtype=float)
+            values = sub[col].to_pylist()
+            if col == "fit_seconds" and any(a is True for a in alone):
+                values = [v for v, a in zip(values, alone) if a is not False]
+            vals = np.array([v for v in values if v is not None], dtype=float)
             if len(vals):
                 m, lo, hi = metrics.bootstrap_ci(vals, seed=seed)
                 entry.update({col: m, f"{col}_lo": lo, f"{col}_hi": hi})

@@ -111,3 +111,13 @@ def test_population_groups_and_out_of_cohort_users():
     assert users_lib.user_groups(plain.drop_columns(["group"])) == ["population"] * 24
     with pytest.raises(ValueError, match="holdout_share"):
         users_lib.make_population(4, feature_stats=stats, holdout_share=1.0)
+
+
+def test_summary_fit_seconds_counts_the_users_timed_alone():
+    """Latent users timed alone (like-for-like with the baselines) make the summary's fit_seconds; the others carry
+    the night's batched per-user seconds, which would mix two costs."""
+    rows = [dict(_row(u, "latent_dpo", [1]), fit_seconds=s, fit_timed_alone=a)
+            for u, s, a in (("a", 2.0, True), ("b", 4.0, True), ("c", 0.01, False))]
+    assert summarise(pa.Table.from_pylist(rows)).to_pylist()[0]["fit_seconds"] == 3.0
+    untimed = [dict(r, fit_timed_alone=None) for r in rows]
+    assert summarise(pa.Table.from_pylist(untimed)).to_pylist()[0]["fit_seconds"] == pytest.approx(6.01 / 3)
