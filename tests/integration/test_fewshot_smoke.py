@@ -141,17 +141,17 @@ def test_resume_keeps_the_measured_points_and_refuses_other_inputs(curve, tmp_pa
         _fewshot().main(argv)
 
 
-def test_out_of_cohort_users_are_added_after_the_others(curve):
-    """--out-of-cohort-users K: the first K users outside the cohorts join after the --users sorted ids."""
-    _, _, store = curve
+def test_out_of_cohort_users_are_added_after_the_others():
+    """--out-of-cohort-users K: the first K users outside the cohorts join after the --users sorted ids (a hand-made
+    night: users of the three groups, every user with a train and a held-out pair except u00001's missing held-out)."""
     fewshot = _fewshot()
-    pairs = fewshot.pq.read_table(fewshot._newest(os.path.join(store, "data", "population", "*", "pairs.parquet")))
-    users = fewshot.pq.read_table(fewshot._newest(os.path.join(store, "data", "population", "*", "users.parquet")))
-    split = pairs["split"].to_pylist()
-    night = SimpleNamespace(users=users, train=pairs.filter(fewshot.pa.array([s == "train" for s in split])),
-                            heldout=pairs.filter(fewshot.pa.array([s == "heldout" for s in split])))
-    first = fewshot.pick_users(night, 2)
-    assert fewshot.pick_users(night, 2, 0) == first
-    picked = fewshot.pick_users(night, 2, 1)
-    group = dict(zip(users["user_id"].to_pylist(), users["group"].to_pylist()))
-    assert picked[:2] == first and len(picked) == 3 and group[picked[2]] == "out_of_cohort"
+    pa = fewshot.pa
+    users = pa.table({"user_id": ["u00000", "u00001", "u00002", "u00003", "u00004", "u00005"],
+                      "group": ["population", "population", "holdout", "population", "out_of_cohort",
+                                "out_of_cohort"]})
+    train = pa.table({"user_id": users["user_id"].to_pylist()})
+    heldout = pa.table({"user_id": ["u00000", "u00002", "u00003", "u00004", "u00005"]})
+    night = SimpleNamespace(users=users, train=train, heldout=heldout)
+    assert fewshot.pick_users(night, 2) == ["u00000", "u00002"] == fewshot.pick_users(night, 2, 0)
+    assert fewshot.pick_users(night, 2, 1) == ["u00000", "u00002", "u00004"]
+    assert fewshot.pick_users(night, 5, 2) == ["u00000", "u00002", "u00003", "u00004", "u00005"]
