@@ -90,6 +90,30 @@ def spread(nights: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+TABLE_FIGURES = (("win_rate_vs_prior", "win vs prior"), ("win_rate_vs_base", "win vs base LM"),
+                 ("own_vs_swapped", "own vs swapped"), ("heldout_accuracy", "held-out acc. (LM)"),
+                 ("latent_heldout_accuracy", "held-out acc. (latent)"), ("perplexity", "perplexity"))
+
+
+def markdown(nights: list[dict[str, Any]], label: str, method: str = "latent_dpo") -> str:
+    """`method`'s figures over the nights of `label`: mean +- std (min-max) per user group, as a markdown table."""
+    entry = spread(nights)[label]
+    lines = ["| " + " | ".join(["group", *(name for _, name in TABLE_FIGURES)]) + " |",
+             "|" + "---|" * (len(TABLE_FIGURES) + 1)]
+    for scope in ("pooled", "seen", "unseen", "out_of_cohort"):
+        figs = entry.get(scope, {}).get(method)
+        if not figs:
+            continue
+        cells = []
+        for key, _ in TABLE_FIGURES:
+            f = figs.get(key)
+            fmt = ".1f" if key == "perplexity" else ".2f"
+            cells.append("–" if f is None else
+                         f"{f['mean']:{fmt}} ± {f['std']:{fmt}} ({f['min']:{fmt}}-{f['max']:{fmt}})")
+        lines.append(f"| {'all' if scope == 'pooled' else scope} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_night(preset: str, store: str, seed_shift: int, overrides: list[str]) -> str:
     from latentpref.pipelines.config import load_config
     from latentpref.pipelines.nightly import nightly
@@ -128,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         nights.append(night)
         _write(args.out, nights)
     _write(args.out, nights)
-    print(json.dumps(spread(nights), indent=1)[:4000])
+    for label in dict.fromkeys(n["label"] for n in nights):
+        print(f"{label} ({sum(n['label'] == label for n in nights)} nights), latent_dpo, mean ± std (min-max):")
+        print(markdown(nights, label))
     return 0
 
 
