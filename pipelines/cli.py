@@ -245,13 +245,49 @@ def _lineage(args) -> int:
         print(f"user {args.user_id!r} has no stored fit in {store.url()}", file=sys.stderr)
         return 1
     clap = store.read_json("models", "clap", fit["clap_version"], "_manifest.json")
+    from latentpref.tasks.policy.table import PolicyTable
+    table = PolicyTable(store, fit["clap_version"])
     chain = {"user_id": args.user_id, "artifact_version": fit["version"], "data_hash": fit["data_hash"],
              "n_pairs": fit["n_pairs"], "cold_start": fit["cold_start"], "mode": fit["mode"],
              "clap_version": fit["clap_version"], "clap_registered_version": clap.get("clap_model_version"),
              "base_model_version": clap.get("base_model_version"),
              "base_model_path": "/".join(clap.get("base_model_path", [])),
+             "policy_table": table.uri, "nights": table.history(args.user_id),
              "evaluation_runs": _evaluation_runs(cfg, store, args.user_id)}
     print(json.dumps(chain, indent=2))
+    return 0
+
+
+def _policies(args) -> int:
+    """`latentpref policies {list,compact,migrate}`: the store's policy tables, their upkeep, old stores moved in."""
+    from latentpref.pipelines.runtime import open_store
+    from latentpref.tasks.data.locks import store_lock
+    from latentpref.tasks.policy.store import current_clap_version, migrate_legacy
+    from latentpref.tasks.policy.table import TABLE_DIR, PolicyTable
+    cfg = _load(args)
+    store = open_store(cfg.runtime)
+    versions = sorted(n.removesuffix(".lance") for n in store.listdir(TABLE_DIR) if n.endswith(".lance"))
+    if args.action == "list":
+        out = []
+        for v in versions:
+            table = PolicyTable(store, v)
+            out.append({"clap_version": v, "current": v == current_clap_version(store), "uri": table.uri,
+                        "rows": table.count(), "version": table.latest_version(), "tags": table.tags()})
+        print(json.dumps(out, indent=2))
+        return 0
+    # both rewrite the store's tables: never beside a night (the night's lock)
+    with store_lock(store, "nightly"):
+        if args.action == "migrate":
+            print(json.dumps(migrate_legacy(store), indent=2))
+            return 0
+        from latentpref.tasks.evaluate.serve_core import current_release
+        try:
+            served = current_release(store).policy_tag
+        except FileNotFoundError:
+            served = None
+        done = [PolicyTable(store, v).compact(keep_nights=args.keep_nights, protect=[served] if served else [])
+                for v in versions]
+        print(json.dumps(done, indent=2))
     return 0
 
 
@@ -302,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     _config_args(p)
     p.set_defaults(func=_runs)
+    p = sub.add_parser("policies", help="the policy tables: list them, compact them (merge files, keep the newest "
+                                        "nights' tags, drop untagged versions), or migrate per-user folders in")
+    p.add_argument("action", choices=("list", "compact", "migrate"))
+    p.add_argument("--keep-nights", type=int, default=7,
+                   help="compact: night tags kept per table, newest first (the served release's is always kept)")
+    _config_args(p)
+    p.set_defaults(func=_policies)
     p = sub.add_parser("lineage", help="print the data/model chain behind a user's artifact")
     p.add_argument("user_id")
     _config_args(p)

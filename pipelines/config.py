@@ -175,6 +175,10 @@ class PersonalizeConfig(_Section):
     evidence_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5  # spec §3.6 quantile mask (Gaussian latents)
     code_evidence_ratio: Annotated[float, Field(gt=0, le=1)] = 1.0  # discrete code fits: lpc.md §6.3 keeps all
     users_per_task: int = 256                 # users fitted together in one Ray task (batched)
+    # the driver commits finished tasks' rows to the policy table at most this often (and once at the end): a
+    # killed night keeps what was committed (its re-run finds those users unchanged); 0 = after every task
+    commit_every_s: float = 30.0
+    texts_per_encode_task: int = 512          # new texts per encoding task (Ray fan-out before the fits)
     min_pairs: int = 4                        # fewer -> cold start: population prior, flagged
     max_retries: int = 3
     seed: int = 0

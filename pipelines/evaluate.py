@@ -130,7 +130,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
     from latentpref.tasks.evaluate.chunk import EvalChunkJob, evaluate_chunk, table_from_ipc, table_to_ipc
     from latentpref.tasks.evaluate import personal
     from latentpref.tasks.evaluate.evaluate import EvalSettings, summarise, summarise_by_group
-    from latentpref.tasks.policy.store import load_user_policy
+    from latentpref.tasks.policy.table import PolicyTable
     from tqdm.auto import tqdm
     logger = get_run_logger()
     with mlflow.start_run(run_name="evaluate", parent_run_id=parent_run_id, nested=True) as stage_run:
@@ -158,7 +158,8 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
         for name, ref in (("prompts", data.prompts), ("pairs", data.pairs), ("users_hidden", data.users)):
             tracking.log_table_input(ref.url(store), name=name, digest=ref.digest, context="evaluation", rows=ref.rows)
 
-        heads = {u: load_user_policy(store, u) for u in user_ids}
+        table = PolicyTable(store, clap.version)
+        heads = table.policies(user_ids, fits.policy_tag)    # the night's tag: exactly what it fitted
         prefix = _ptuning_prefix(cfg, data_cfg, data, store, prompts) if "ptuning_dpo" in cfg.baselines else None
         settings = EvalSettings(
             prompts_per_user=cfg.prompts_per_user, max_new_tokens=cfg.max_new_tokens,
@@ -185,7 +186,8 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
                                train_ipc=subset(train, chunk), heldout_ipc=subset(heldout, chunk),
                                test_prompts=tuple(test["prompt"].to_pylist()),
                                references=tuple(test["reference"].to_pylist()), settings=settings,
-                               threads=cfg.threads_per_task)
+                               threads=cfg.threads_per_task, clap_version=clap.version,
+                               policy_at=fits.policy_tag)
             pending[remote_eval.remote(job)] = len(chunk)
         parts: list[pa.Table] = []
         with tqdm(total=len(user_ids), desc="evaluate users", unit="user") as bar:

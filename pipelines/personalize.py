@@ -1,6 +1,8 @@
 """personalize stage: latent cache once per CLaP version, then Ray tasks fitting chunks of users."""
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -20,12 +22,14 @@ from latentpref.tasks.data.store import Store, json_digest, table_digest
 @dataclass(frozen=True)
 class PersonalizeSummary:
     records_path: tuple[str, ...]     # per-user records table in the store
-    cache_path: tuple[str, ...]
+    cache_path: tuple[str, ...]       # the CLaP version's content-keyed latent table
     n_users: int
     n_fitted: int
     n_unchanged: int
     n_cold_start: int
     seconds: float
+    policy_tag: str | None = None     # the night's tag in the CLaP's policy table (evaluation reads it)
+    encoded_texts: int = 0            # texts the night encoded (the rest were in the latent table already)
 
 
 def training_pairs(store: Store, data: DataArtifacts) -> pa.Table:
@@ -43,6 +47,52 @@ def training_pairs(store: Store, data: DataArtifacts) -> pa.Table:
     return pairs
 
 
+@dataclass
+class NightTotals:
+    """What the driver keeps of the night's tasks: counts and sums, not per-user records (those stream to Parquet
+    from the tasks), so its memory does not grow with the number of users."""
+
+    users: int = 0
+    fitted: int = 0
+    unchanged: int = 0
+    cold_start: int = 0
+    fit_seconds_sum: float = 0.0
+    artifact_bytes_sum: float = 0.0
+    mixture_sum: list[float] | None = None
+    mixture_n: int = 0
+    last_written_at: float = 0.0
+
+    def add(self, result: dict) -> None:
+        for k in ("users", "fitted", "unchanged", "cold_start", "mixture_n"):
+            setattr(self, k, getattr(self, k) + int(result[k]))
+        self.fit_seconds_sum += result["fit_seconds_sum"]
+        self.artifact_bytes_sum += result["artifact_bytes_sum"]
+        self.last_written_at = max(self.last_written_at, result["last_written_at"])
+        if result["mixture_sum"] is not None:
+            self.mixture_sum = (list(result["mixture_sum"]) if self.mixture_sum is None
+                                else [a + b for a, b in zip(self.mixture_sum, result["mixture_sum"])])
+
+
+def _merge_parts(store: Store, parts_dir: tuple[str, ...], records_path: tuple[str, ...]) -> str:
+    """The tasks' per-user record files -> one Parquet table at `records_path`, one part in memory at a time; the
+    parts are removed after. Returns the merged file's local copy (for MLflow; the caller removes it)."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from latentpref.tasks.train.personalize import records_table
+    local = os.path.join(tempfile.mkdtemp(prefix="latentpref-records-"), records_path[-1])
+    names = [n for n in store.listdir(*parts_dir) if n.endswith(".parquet")]
+    schema = records_table([]).schema
+    with pq.ParquetWriter(local, schema, compression="zstd") as writer:
+        for name in names:
+            writer.write_table(store.read_table(*parts_dir, name).cast(schema))
+    store.put_file(local, *records_path)
+    for name in names:
+        store.delete(*parts_dir, name)
+    return local
+
+
 def _perplexity(usage) -> float:
     """exp(entropy) of a code-usage vector: the effective number of codes (K = all used equally)."""
     import torch
@@ -51,32 +101,44 @@ def _perplexity(usage) -> float:
     return float(code_usage_perplexity(torch.as_tensor(usage, dtype=torch.float64)))
 
 
-def _ensure_cache(store: Store, clap: ClapArtifact, data: DataArtifacts, pairs: pa.Table,
-                  extra_prompts: list[str], data_cfg: DataConfig, logger) -> tuple[str, ...]:
-    from latentpref.tasks.models.clap import load_clap
-    from latentpref.tasks.models.registry import load_tokenizer
-    from latentpref.tasks.policy.cache import CACHE_FORMAT, build_latent_cache
-    # the cache format is part of the digest: a cache written by older code (no prompt tokens) is not reused
-    texts_digest = json_digest([table_digest(pairs.select(["prompt", "chosen", "rejected"])),
-                                sorted(set(extra_prompts)), CACHE_FORMAT])
-    path = ("cache", clap.version, f"latents-{texts_digest}.safetensors")
-    if store.exists(*path):
-        logger.info("personalize: latent cache %s reused", texts_digest)
-        return path
+def _encode_new_texts(store: Store, clap: ClapArtifact, data: DataArtifacts, pairs: pa.Table,
+                      extra_prompts: list[str], data_cfg: DataConfig, cfg: PersonalizeConfig, logger) -> dict:
+    """Encode, in Ray tasks, the texts of tonight's pairs (and the evaluation prompts) that the CLaP version's
+    content-keyed latent table does not hold yet; the driver only plans and commits once. A text is encoded once per
+    CLaP version, whoever's feedback it is in (tasks/policy/text_cache.py)."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from latentpref.tasks.models.clap import CONFIG_FILE
+    from latentpref.tasks.policy.text_cache import TextLatentTable, encode_texts, plan_encode_jobs
     t0 = time.perf_counter()
-    model = load_clap(store.local_copy(*clap.path))
-    tokenizer = load_tokenizer(store.local_copy(*data.base_model_path))
-    prompts = pairs["prompt"].to_pylist()
-    pr = list(zip(prompts, pairs["chosen"].to_pylist())) + list(zip(prompts, pairs["rejected"].to_pylist()))
-    # discrete CLaPs also encode each train pair with the pair posterior (the mean_posterior estimator reads it)
-    triples = list(zip(prompts, pairs["chosen"].to_pylist(), pairs["rejected"].to_pylist()))
-    cache = build_latent_cache(model, tokenizer, prompts + extra_prompts, pr,
-                               prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
-                               pairs=triples)
-    store.write_bytes(cache.to_bytes(), *path)
-    logger.info("personalize: latent cache of %d prompts / %d responses built in %.1fs",
-                len(cache.prompt_index), len(cache.response_index), time.perf_counter() - t0)
-    return path
+    discrete = store.read_json(*clap.path, CONFIG_FILE)["clap_config"].get("latent_type") == "discrete"
+    table = TextLatentTable(store, clap.version)
+    prompts, chosen, rejected = (pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
+    jobs = plan_encode_jobs(table, prompts + extra_prompts,
+                            list(zip(prompts, chosen)) + list(zip(prompts, rejected)),
+                            list(zip(prompts, chosen, rejected)), discrete=discrete,
+                            texts_per_job=cfg.texts_per_encode_task, clap_path=tuple(clap.path),
+                            tokenizer_path=tuple(data.base_model_path), prompt_tokens=data_cfg.prompt_tokens,
+                            response_tokens=data_cfg.response_tokens, threads=1)
+    remote = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(encode_texts)
+    fragments, texts, tokens = [], 0, 0
+    n_texts = sum(j.n_texts for j in jobs)
+    pending = {remote.remote(j): j.n_texts for j in jobs}
+    with tqdm(total=n_texts, desc="encode new texts", unit="text", disable=not jobs) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                result = ray.get(ref)
+                fragments += result["fragments"]
+                texts += result["texts"]
+                tokens += result["tokens"]
+                bar.update(pending.pop(ref))
+                console.progress("encode", bar.n, n_texts)
+    table.commit(fragments)
+    seconds = time.perf_counter() - t0
+    logger.info("personalize: %d new texts (%d tokens) encoded by %d tasks in %.1fs", texts, tokens, len(jobs), seconds)
+    return {"encoded_texts": texts, "encoded_tokens": tokens, "encode_tasks": len(jobs), "encode_seconds": seconds}
 
 
 @task(name="personalize", cache_policy=NO_CACHE)
@@ -87,12 +149,18 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
     from tqdm.auto import tqdm
 
     from latentpref.tasks.data.ipc import table_to_ipc
-    from latentpref.tasks.train.personalize import ChunkJob, fit_chunk
+    from latentpref.tasks.policy.table import PolicyTable, StagedChunk, night_tag
+    from latentpref.tasks.train.personalize import ChunkJob, run_chunk
     logger = get_run_logger()
     t0 = time.perf_counter()
     with mlflow.start_run(run_name="personalize", parent_run_id=parent_run_id, nested=True):
         mlflow.set_tags({"clap_version": clap.version, "mode": cfg.mode})
         tracking.log_params(tracking.flatten("personalize", cfg))
+        from latentpref.tasks.policy.store import migrate_legacy, needs_migration
+        if needs_migration(store):   # a store from before the policy table: its users' fits are copied in once
+            moved = migrate_legacy(store)
+            logger.info("personalize: %d users' fits migrated from per-user folders into the policy table",
+                        moved["migrated"])
         pairs = training_pairs(store, data)
         tracking.log_table_input(data.pairs.url(store), name="pairs", digest=data.pairs.digest, context="training",
                                  rows=data.pairs.rows)
@@ -109,10 +177,15 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         sorted_users = pairs["user_id"].to_numpy(zero_copy_only=False)
         # prompts of the evaluation split are encoded too, so evaluation and serving find them cached
         prompts_tbl = store.read_table(*data.prompts.path)
-        cache_path = _ensure_cache(store, clap, data, pairs, prompts_tbl["prompt"].to_pylist(), data_cfg, logger)
+        encoded = _encode_new_texts(store, clap, data, pairs, prompts_tbl["prompt"].to_pylist(), data_cfg, cfg, logger)
+        mlflow.log_metrics({k: float(v) for k, v in encoded.items()})
+        cache_path = ("cache", clap.version, "texts.lance")
 
         fit = cfg.fit_settings()   # the same payload the evaluation times its refit with
-        remote_fit = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(fit_chunk)
+        remote_fit = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(run_chunk)
+        table = PolicyTable(store, clap.version)
+        read_version = table.latest_version()   # every task reads the users' rows of this version
+        parts_dir = ("runs", parent_run_id, "personalize_users")
 
         def jobs():
             for i in range(0, len(everyone), cfg.users_per_task):
@@ -120,17 +193,21 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
                 lo = int(np.searchsorted(sorted_users, chunk[0], side="left"))
                 hi = int(np.searchsorted(sorted_users, chunk[-1], side="right"))
                 # the encoder modes (trunk-frozen, faithful) load the CLaP in the worker, from the store
-                yield ChunkJob(store_root=store.root, clap_version=clap.version, cache_path=cache_path,
+                yield ChunkJob(store_root=store.root, clap_version=clap.version,
                                user_ids=chunk, pairs_ipc=table_to_ipc(pairs.slice(lo, hi - lo)), fit=fit,
                                mode=cfg.mode, min_pairs=cfg.min_pairs, clap_path=tuple(clap.path),
-                               discrete_estimator=cfg.discrete_estimator)
+                               discrete_estimator=cfg.discrete_estimator, read_version=read_version,
+                               night=parent_run_id,
+                               records_path=(*parts_dir, f"part-{i // cfg.users_per_task:07d}.parquet"))
 
         # a bounded window of tasks in flight: each job carries its pairs, and submitting every chunk at once
         # would put all of them in the object store together
         in_flight = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
         queue = jobs()
         pending = {}
-        records = []
+        totals = NightTotals()
+        to_commit = StagedChunk(read_version=read_version)
+        last_commit = time.monotonic()
         with tqdm(total=len(everyone), desc="personalize users", unit="user") as bar:
             while True:
                 for job in queue:
@@ -141,38 +218,44 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
                     break
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    records.extend(ray.get(ref))
+                    result = ray.get(ref)
+                    totals.add(result)
+                    to_commit = to_commit + result["staged"]
                     bar.update(pending.pop(ref))
                     rate = bar.format_dict.get("rate")
                     eta = f"{(len(everyone) - bar.n) / rate:.0f}s" if rate else "?"
                     logger.info("personalize: %d/%d users done, ETA %s", bar.n, len(everyone), eta)
                     console.progress("personalize", bar.n, len(everyone))
-        table = pa.Table.from_pylist([{k: r.get(k) for k in ("user_id", "status", "mode", "cold_start", "n_pairs",
-                                                             "fit_seconds", "train_accuracy", "final_loss",
-                                                             "artifact_bytes", "version", "data_hash")}
-                                      for r in records])
-        seconds = time.perf_counter() - t0
+                if to_commit.fragments and time.monotonic() - last_commit >= cfg.commit_every_s:
+                    table.commit(to_commit, message=f"night {parent_run_id}: {to_commit.users} users")
+                    to_commit, last_commit = StagedChunk(read_version=read_version), time.monotonic()
+        table.commit(to_commit, message=f"night {parent_run_id}: {to_commit.users} users")
+        tag = night_tag(parent_run_id)
+        policy_version = table.tag(tag) if table.exists() else None
         records_path = ("runs", parent_run_id, "personalize_users.parquet")
-        store.write_table(table, *records_path)
-        status = table["status"].to_pylist()
-        summary = PersonalizeSummary(records_path, cache_path, len(records), status.count("fitted"),
-                                     status.count("unchanged"), status.count("cold_start"), seconds)
-        fitted_s = [r["fit_seconds"] for r in records if r.get("status") == "fitted"]
-        mixtures = [r["code_mixture"] for r in records if r.get("code_mixture")]
-        if mixtures:   # discrete CLaP: how many codes the users' profiles spread over (lpc.md §6.3 metrics)
+        local_records = _merge_parts(store, parts_dir, records_path)
+        seconds = time.perf_counter() - t0
+        summary = PersonalizeSummary(records_path, cache_path, totals.users, totals.fitted, totals.unchanged,
+                                     totals.cold_start, seconds, tag if policy_version is not None else None,
+                                     encoded["encoded_texts"])
+        if totals.mixture_n:   # discrete CLaP: how many codes the users' profiles spread over (lpc.md §6.3)
             mlflow.set_tag("latent_type", "discrete")
-            mlflow.log_metric("user_code_usage_perplexity", _perplexity(np.mean(mixtures, axis=0)))
+            mlflow.log_metric("user_code_usage_perplexity",
+                              _perplexity(np.asarray(totals.mixture_sum) / totals.mixture_n))
         mlflow.log_metrics({"users": summary.n_users, "users_fitted": summary.n_fitted,
                             "users_unchanged": summary.n_unchanged, "users_cold_start": summary.n_cold_start,
                             "stage_seconds": seconds,
-                            "mean_fit_seconds_per_user": sum(fitted_s) / len(fitted_s) if fitted_s else 0.0,
-                            "mean_artifact_bytes": sum(r["artifact_bytes"] for r in records) / max(len(records), 1)})
-        tracking.log_table_artifact(table, "personalize_users")
+                            "mean_fit_seconds_per_user": totals.fit_seconds_sum / max(totals.fitted, 1),
+                            "mean_artifact_bytes": totals.artifact_bytes_sum / max(totals.users, 1)})
+        mlflow.set_tags({"policy_table": table.uri, "policy_tag": tag, "policy_version": str(policy_version)})
+        mlflow.log_artifact(local_records)
+        shutil.rmtree(os.path.dirname(local_records), ignore_errors=True)
         if user_ids is None:   # every user of the night is written: servers may switch to this CLaP and its users
             from latentpref.tasks.evaluate.serve_core import publish_release
             release = publish_release(store, clap_version=clap.version, run_id=parent_run_id, mode=cfg.mode,
                                       n_users=summary.n_users, records_path=list(records_path),
-                                      last_written_at=max((r.get("written_at", 0.0) for r in records), default=None))
+                                      last_written_at=totals.last_written_at or None, policy_tag=tag,
+                                      policy_version=policy_version)
             mlflow.set_tag("serving_release", release.release_id)
     logger.info("personalize: %d users (%d fitted, %d unchanged, %d cold start) in %.1fs", summary.n_users,
                 summary.n_fitted, summary.n_unchanged, summary.n_cold_start, seconds)

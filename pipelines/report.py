@@ -239,14 +239,13 @@ def prompt_features(store: Store, clap_version: str, prompts: list[str], model: 
     cache when it holds them all, else computed with the CLaP encoder."""
     import torch
 
-    from latentpref.tasks.policy.cache import LatentCache, text_key
-    keys = [text_key(p) for p in prompts]
-    for name in reversed(store.listdir("cache", clap_version)):
-        if not name.startswith("latents-"):
-            continue
-        cache = LatentCache.from_bytes(store.read_bytes("cache", clap_version, name))
-        if all(k in cache.prompt_index for k in keys):
-            return cache.features[[cache.prompt_index[k] for k in keys]].float(), "the latent cache"
+    from latentpref.tasks.policy.cache import text_key
+    from latentpref.tasks.policy.text_cache import TextLatentTable
+    try:
+        cache = TextLatentTable(store, clap_version).load(prompts, [])
+        return cache.features[[cache.prompt_index[text_key(p)] for p in prompts]].float(), "the latent cache"
+    except KeyError:     # not all of them encoded (or no table): the encoder computes them
+        pass
     clap, ids, mask = model.get()
     with torch.no_grad():
         return clap.encoder.features(ids, mask).float(), "the CLaP encoder"

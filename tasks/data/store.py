@@ -25,6 +25,7 @@ import os
 import posixpath
 import random
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -151,6 +152,31 @@ class Store:
             opts["endpoint_url"] = endpoint
         return opts
 
+    def lance_uri(self, *parts: str) -> str:
+        """URI of a Lance dataset under the root (a local path, or s3://bucket/...)."""
+        url = self.url(*parts)
+        return url.replace("s3a://", "s3://", 1)
+
+    def lance_options(self) -> dict[str, str] | None:
+        """Lance's `storage_options` for this store: the same endpoint as `fs` (AWS_ENDPOINT_URL[_S3]); credentials
+        and region from the standard AWS variables when set (else Lance's own env/IAM lookup)."""
+        if not self.root.startswith(("s3://", "s3a://")):
+            return None
+        opts: dict[str, str] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["aws_endpoint"] = endpoint
+            if endpoint.startswith("http://"):
+                opts["allow_http"] = "true"
+        for env, key in (("AWS_ACCESS_KEY_ID", "aws_access_key_id"), ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+                         ("AWS_SESSION_TOKEN", "aws_session_token")):
+            if os.environ.get(env):
+                opts[key] = os.environ[env]
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            opts["aws_region"] = region
+        return opts
+
     def _retry(self, what: str, parts: tuple[str, ...], call: Callable[[], T]) -> T:
         """Run one idempotent remote operation with bounded exponential backoff on transient errors."""
         if self.is_local:
@@ -221,6 +247,27 @@ class Store:
                 raise
         else:   # one PUT: the object appears whole or not at all, so a retry can only rewrite the same bytes
             self._retry("write", parts, lambda: fs.pipe_file(path, data))
+        return self.url(*parts)
+
+    def put_file(self, local_path: str, *parts: str) -> str:
+        """Copy a local file to `parts` atomically (local: temp file + rename; S3: one upload), without reading it
+        into memory: for outputs that grow with the number of users."""
+        path = self._path(*parts)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            os.close(fd)
+            try:
+                shutil.copyfile(local_path, tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            self._retry("write", parts, lambda: self.fs.put_file(local_path, path))
         return self.url(*parts)
 
     def write_many(self, items: Sequence[tuple[bytes, Sequence[str]]]) -> list[str]:

@@ -29,6 +29,8 @@ class EvalChunkJob:
     references: tuple[str, ...]
     settings: object            # tasks.evaluate.evaluate.EvalSettings (kept untyped here to stay import-light)
     threads: int = 1            # torch threads: the CPUs the task was given
+    clap_version: str | None = None   # the policy table to read (None: the store's current CLaP)
+    policy_at: str | int | None = None  # its tag / version: the night's (None: the latest)
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,13 +47,15 @@ def _models(store_root: str, clap_path: tuple[str, ...], base_model_path: tuple[
 def evaluate_chunk(job: EvalChunkJob) -> bytes:
     """Evaluate `job.user_ids` (their stored latent policies and the configured baselines); per-user rows as IPC."""
     from latentpref.tasks.evaluate.evaluate import evaluate_users
-    from latentpref.tasks.policy.store import load_user_policy
+    from latentpref.tasks.policy.store import policy_table
 
     import torch
     torch.set_num_threads(job.threads)   # Ray sets OMP_NUM_THREADS=1; the task owns this many CPUs
     store = Store(job.store_root)
     clap, base_model, tokenizer = _models(job.store_root, job.clap_path, job.base_model_path, job.base_seed)
-    policies = {u: load_user_policy(store, u) for u in job.user_ids}
+    table = policy_table(store, job.clap_version)
+    found = table.policies(job.user_ids, job.policy_at) if table is not None else {}
+    policies = {u: found.get(u) for u in job.user_ids}
     missing = [u for u, p in policies.items() if p is None]
     if missing:
         raise ValueError(f"users {missing[:5]} have no stored fit; run personalize before evaluate")

@@ -111,17 +111,16 @@ class OnlineGenerator(PersonalizedGenerator):
         hit = self.users.get(user_id)
         if hit is not None:
             return hit
-        from latentpref.tasks.policy.store import read_policy
         if user_id is None:
             entry = ServedUser("no user id in the request", None)
         else:
-            manifest, why = release_fit(self.store, user_id, self.release)
-            if manifest is None:
+            policy, why = release_fit(self.store, user_id, self.release)
+            if policy is None:
                 entry = ServedUser(why, None)
-            elif manifest.get("cold_start"):
-                entry = ServedUser("has too little feedback (cold start)", manifest["version"])
+            elif policy.cold_start:
+                entry = ServedUser("has too little feedback (cold start)", policy.manifest["version"])
             else:
-                entry = ServedUser(read_policy(self.store, user_id, manifest), manifest["version"])
+                entry = ServedUser(policy, policy.manifest["version"])
         self.users.put(user_id, entry)
         return entry
 

@@ -12,6 +12,7 @@ are served as a "legacy" release: models/clap/current.json and each user's curre
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import math
@@ -229,12 +230,15 @@ class Release:
     clap_version: str
     published_at: float | None     # None: legacy release (no time bound on the users' fits)
     run_id: str | None = None
+    policy_tag: str | None = None   # the night's tag in the CLaP's policy table (None: a release from before it)
 
     def admits(self, manifest: dict[str, Any]) -> bool:
-        """Whether a user's fit manifest belongs to this release (its CLaP, written before publication)."""
+        """Whether a user's fit manifest belongs to this release (its CLaP, written before publication); only asked
+        of releases without a policy tag (a tag pins exactly the night's rows)."""
         if manifest.get("clap_version") != self.clap_version:
             return False
-        return self.published_at is None or float(manifest.get("written_at", 0.0)) <= self.published_at
+        written = manifest.get("legacy_written_at") or manifest.get("written_at", 0.0)   # migrated: first write
+        return self.published_at is None or float(written) <= self.published_at
 
 
 def publish_release(store: Store, *, clap_version: str, run_id: str, last_written_at: float | None = None,
@@ -251,7 +255,7 @@ def publish_release(store: Store, *, clap_version: str, run_id: str, last_writte
                 "published_at": published_at, **info}
     store.write_json(manifest, *RELEASES, release_id, MANIFEST)
     store.write_json({"release": release_id}, *CURRENT)
-    return Release(release_id, clap_version, published_at, run_id)
+    return Release(release_id, clap_version, published_at, run_id, info.get("policy_tag"))
 
 
 def current_release(store: Store) -> Release:
@@ -263,7 +267,7 @@ def current_release(store: Store) -> Release:
     if store.exists(*CURRENT):
         release_id = store.read_json(*CURRENT)["release"]
         m = store.read_json(*RELEASES, release_id, MANIFEST)
-        return Release(release_id, m["clap_version"], float(m["published_at"]), m.get("run_id"))
+        return Release(release_id, m["clap_version"], float(m["published_at"]), m.get("run_id"), m.get("policy_tag"))
     if store.exists("models", "clap", "current.json"):
         version = store.read_json("models", "clap", "current.json")["version"]
         return Release(f"legacy-{version}", version, None)
@@ -271,30 +275,31 @@ def current_release(store: Store) -> Release:
                             "run `latentpref nightly` first")
 
 
-def release_fit(store: Store, user_id: str, release: Release) -> tuple[dict[str, Any] | None, str | None]:
-    """(manifest of the user's fit in `release`, None) or (None, why there is none).
+def release_fit(store: Store, user_id: str, release: Release):
+    """(the user's `UserPolicy` in `release`, None) or (None, why there is none).
 
-    The user's current fit is the newest one: it answers unless a newer night already replaced it; then the
-    user's version folders of the release's CLaP are read (a few small files, only for such users).
+    A release with a policy tag reads the CLaP's policy table at that tag (exactly the night's rows, whatever the
+    next night has committed since); an older release reads the latest rows and admits those written before it.
 
     Raises:
         InvalidUserId: a malformed user id.
     """
-    from latentpref.tasks.policy.store import current_fit, user_folder
-    current = current_fit(store, user_id)
-    if current is None:
+    check_user_id(user_id)
+    table = _policy_table(store.root, release.clap_version)
+    try:
+        found = table.policies([user_id], release.policy_tag).get(user_id)
+    except KeyError:      # the tag was removed (compaction keeps the served one; a hand-deleted tag lands here)
+        return None, f"has no fit: tag {release.policy_tag!r} of the served release is gone from the policy table"
+    if found is None:
         return None, "has no fitted encoder"
-    if release.admits(current):
-        return current, None
-    folder = user_folder(user_id)
-    best = None
-    for version in store.listdir(*folder):
-        if not version.startswith(release.clap_version + "-") or not store.exists(*folder, version, "manifest.json"):
-            continue
-        m = store.read_json(*folder, version, "manifest.json")
-        if release.admits(m) and (best is None or m.get("written_at", 0) > best.get("written_at", 0)):
-            best = m
-    if best is not None:
-        return best, None
-    return None, (f"has no fit of the served CLaP {release.clap_version!r} (its newest is of "
-                  f"{current.get('clap_version')!r})")
+    if release.policy_tag is None and not release.admits(found.manifest):
+        return None, (f"has no fit of the served release {release.release_id!r} (their row is newer or of "
+                      f"another CLaP)")
+    return found, None
+
+
+@functools.lru_cache(maxsize=8)
+def _policy_table(store_root: str, clap_version: str):
+    """One PolicyTable per served CLaP and process, so its datasets opened at tags are reused across requests."""
+    from latentpref.tasks.policy.table import PolicyTable
+    return PolicyTable(Store(store_root), clap_version)

@@ -1,15 +1,15 @@
 """The one home of a user's stored p_theta(z|x): layout, versions, the current pointer, load/store, and the latent
 type of CLaPs and policies (every "is it discrete?" decision of the project is made by the functions here).
 
-Layout: users/<key[:2]>/<key>/<version>/{<artifact>, manifest.json} plus users/<key[:2]>/<key>/current.json
-pointing at the newest fit. version = <clap_version>[-s<settings>]-<data_hash> for head-only (the original layout, so
-existing fits stay valid) and <clap_version>-<mode>[-s<settings>]-<data_hash> for the other modes (discrete CLaPs:
-mode `codes-<estimator>`). The artifact is `head.safetensors` (head-only and every Gaussian cold start: the zero head
-= the prior), `policy.safetensors` (trunk-frozen / faithful: the mode's trained tensors, named as in
-`LatentEncoder`) or `codes.safetensors` (discrete CLaPs: {"delta": (K,)}; cold start delta = 0 = the CLaP prior).
-The folder name derives from (user, CLaP version, mode, settings, data version), and every file is written
-atomically with the manifest last and the pointer after it, so a retried task rewrites identical bytes and a
-reader never sees half an artifact.
+Storage: one policy table per CLaP version (tasks/policy/table.py: a Lance dataset, one row per user, a tag per
+night); `current_fit` / `load_user_policy` read it at the latest version or at a pinned tag. A fit's version =
+<clap_version>[-s<settings>]-<data_hash> for head-only and <clap_version>-<mode>[-s<settings>]-<data_hash> for the
+other modes (discrete CLaPs: mode `codes-<estimator>`): a function of everything the fitted policy is a function
+of, so an unchanged user is recognised by it. The row's `artifact` keeps the legacy file name: `head.safetensors`
+(head-only and every Gaussian cold start: the zero head = the prior), `policy.safetensors` (trunk-frozen /
+faithful: the mode's trained tensors, named as in `LatentEncoder`, kept in a weights file the row references) or
+`codes.safetensors` (discrete CLaPs: {"delta": (K,)}; cold start delta = 0 = the CLaP prior). Stores from before
+the table (users/<key[:2]>/<key>/<version>/ folders) are copied into it by `migrate_legacy`.
 
 Serving latents (spec §9.12: generation uses the mean): `latents(policies, encoder, ids, mask)` for any mix of users
 and both latent types; the forward of each form is tasks/models/policy.py.
@@ -25,15 +25,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from latentpref.tasks.data.store import Store, json_bytes, json_digest
-from latentpref.tasks.data.validate import user_storage_key
+from latentpref.tasks.data.store import Store, json_digest
+from latentpref.tasks.data.validate import check_user_id, user_storage_key
 from latentpref.tasks.models.policy import policy_latent, predict_latent, user_code_probs, user_latent
 from latentpref.tasks.models.latent import bounded_logvar, within_prior
 
 __all__ = ["CODES_FILE", "CODES_MODE", "ENCODER_MODES", "HEAD_FILE", "MODES", "POLICY_FILE", "UserPolicy",
            "current_fit", "fit_version", "is_discrete", "latents", "load_user_head", "load_user_policy",
-           "previous_fit", "prior_latent", "read_policy", "store_user", "store_users", "user_data_hash",
-           "user_folder"]
+           "migrate_legacy", "needs_migration", "policy_table", "previous_fit", "prior_latent", "seed_policy",
+           "store_user", "store_users", "user_data_hash", "user_folder"]
 
 MODES = ("head-only", "trunk-frozen", "faithful")
 ENCODER_MODES = ("trunk-frozen", "faithful")
@@ -196,34 +196,53 @@ def fit_version(clap_version: str, mode: str, data_hash: str, settings: dict[str
 
 
 def user_folder(user_id: str) -> tuple[str, str, str]:
+    """The legacy per-user folder (users/<key[:2]>/<key>/): stores from before the policy table (`migrate_legacy`)."""
     key = user_storage_key(user_id)
     return ("users", key[:2], key)
 
 
-def current_fit(store: Store, user_id: str) -> dict[str, Any] | None:
-    """The manifest of the user's newest stored fit, or None."""
-    folder = user_folder(user_id)
-    if not store.exists(*folder, "current.json"):
+def current_clap_version(store: Store) -> str | None:
+    """The store's current CLaP version (models/clap/current.json), or None before the first pretrain."""
+    if not store.exists("models", "clap", "current.json"):
         return None
-    pointer = store.read_json(*folder, "current.json")
-    return store.read_json(*folder, pointer["version"], "manifest.json")
+    return store.read_json("models", "clap", "current.json")["version"]
 
 
-def read_policy(store: Store, user_id: str, manifest: dict[str, Any]) -> UserPolicy:
-    """The policy a manifest describes (any version of the user's, not only the current one)."""
-    tensors = st_load(store.read_bytes(*user_folder(user_id), manifest["version"], manifest.get("artifact", HEAD_FILE)))
-    return UserPolicy(manifest.get("mode", "head-only"), tensors, manifest)
+def policy_table(store: Store, clap_version: str | None = None):
+    """The policy table of `clap_version` (default: the store's current CLaP), or None when there is no CLaP."""
+    from latentpref.tasks.policy.table import PolicyTable
+    clap_version = clap_version or current_clap_version(store)
+    return None if clap_version is None else PolicyTable(store, clap_version)
 
 
-def load_user_policy(store: Store, user_id: str, version: str | None = None) -> UserPolicy | None:
-    """The user's current policy (or the one of `version`), or None when there is none."""
-    if version is not None:
-        folder = user_folder(user_id)
-        if not store.exists(*folder, version, "manifest.json"):
-            return None
-        return read_policy(store, user_id, store.read_json(*folder, version, "manifest.json"))
-    manifest = current_fit(store, user_id)
-    return None if manifest is None else read_policy(store, user_id, manifest)
+def current_fit(store: Store, user_id: str, *, clap_version: str | None = None,
+                at: str | int | None = None) -> dict[str, Any] | None:
+    """The manifest of the user's fit in the policy table of `clap_version` (default: the current CLaP) at `at` (a
+    tag or table version; default the latest), or None."""
+    check_user_id(user_id)
+    table = policy_table(store, clap_version)
+    return None if table is None else table.manifests([user_id], at).get(user_id)
+
+
+def load_user_policy(store: Store, user_id: str, version: str | None = None, *, clap_version: str | None = None,
+                     at: str | int | None = None) -> UserPolicy | None:
+    """The user's policy in the table of `clap_version` (default: the current CLaP) at `at` (default: latest), or
+    None when there is none. `version` (a fit version): that fit, looked up in the latest version and then in every
+    tagged night, newest first (None when no kept version has it)."""
+    check_user_id(user_id)
+    if version is not None and clap_version is None:
+        clap_version = version.split("-", 1)[0]          # a fit version starts with its CLaP version
+    table = policy_table(store, clap_version)
+    if table is None:
+        return None
+    found = table.policies([user_id], at).get(user_id)
+    if version is None or (found is not None and found.manifest.get("version") == version):
+        return found
+    for tag in reversed(list(table.tags())):
+        found = table.policies([user_id], tag).get(user_id)
+        if found is not None and found.manifest.get("version") == version:
+            return found
+    return None
 
 
 def load_user_head(store: Store, user_id: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
@@ -233,55 +252,101 @@ def load_user_head(store: Store, user_id: str) -> tuple[torch.Tensor, torch.Tens
         ValueError: the user's current fit is a trunk-frozen / faithful policy, which has no head of its own:
             use `load_user_policy(store, user_id).latent(encoder, ids, mask)`.
     """
-    manifest = current_fit(store, user_id)
-    if manifest is None:
+    policy = load_user_policy(store, user_id)
+    if policy is None:
         return None
-    if manifest.get("artifact", HEAD_FILE) != HEAD_FILE:
-        raise ValueError(f"user {user_id!r}'s current fit is a {manifest.get('mode')!r} policy, not a Gaussian head; "
+    if policy.manifest.get("artifact", HEAD_FILE) != HEAD_FILE:
+        raise ValueError(f"user {user_id!r}'s current fit is a {policy.mode!r} policy, not a Gaussian head; "
                          "use load_user_policy(store, user_id).latent(clap.encoder, input_ids, attention_mask)")
-    tensors = read_policy(store, user_id, manifest).tensors
-    return tensors["weight"], tensors["bias"], manifest
+    return policy.tensors["weight"], policy.tensors["bias"], policy.manifest
 
 
-def previous_fit(store: Store, user_id: str, clap_version: str, mode: str) -> UserPolicy | None:
-    """The user's current fit if it can seed tonight's: same CLaP version and mode, and not a cold start."""
-    prev = load_user_policy(store, user_id)
+def seed_policy(prev: UserPolicy | None, clap_version: str, mode: str) -> UserPolicy | None:
+    """`prev` if it can seed tonight's fit: same CLaP version and mode, and not a cold start."""
     if prev is None or prev.cold_start or prev.mode != mode or prev.manifest.get("clap_version") != clap_version:
         return None
     return prev
 
 
+def previous_fit(store: Store, user_id: str, clap_version: str, mode: str,
+                 at: str | int | None = None) -> UserPolicy | None:
+    """The user's fit in `clap_version`'s table if it can seed tonight's (`seed_policy`)."""
+    return seed_policy(load_user_policy(store, user_id, clap_version=clap_version, at=at), clap_version, mode)
+
+
 def store_user(store: Store, user_id: str, version: str, artifact: str, tensors: dict[str, torch.Tensor],
                info: dict[str, Any]) -> dict[str, Any]:
-    """Write one fit (artifact, manifest, then the current pointer); returns the manifest plus the fit's `status`."""
-    folder = user_folder(user_id)
-    blob = st_save({k: v.detach().float().contiguous() for k, v in tensors.items()},
-                   metadata={"user_id": user_id, "version": version})
-    store.write_bytes(blob, *folder, version, artifact)
-    manifest = {"user_id": user_id, "version": version, "artifact": artifact, "artifact_bytes": len(blob),
-                "written_at": time.time(), **info}
-    store.write_json(manifest, *folder, version, "manifest.json")
-    store.write_json({"version": version}, *folder, "current.json")   # pointer flips last
-    return {**manifest, "status": "fitted" if not info.get("cold_start") else "cold_start"}
+    """Write one fit into its CLaP's policy table (one commit); returns the manifest plus the fit's `status`."""
+    return store_users(store, [(user_id, version, artifact, tensors, info)])[0]
 
 
 def store_users(store: Store, fits: Sequence[tuple[str, str, str, dict[str, torch.Tensor], dict[str, Any]]]
                 ) -> list[dict[str, Any]]:
-    """`store_user` for many fits (user_id, version, artifact, tensors, info) at once, as a chunk of a night writes
-    them: every artifact and manifest (one `Store.write_many`: one sync for all), then every current pointer (a
-    second one), so no pointer ever names a version that is not complete and durable. Returns the records."""
-    files: list[tuple[bytes, tuple[str, ...]]] = []
-    pointers: list[tuple[bytes, tuple[str, ...]]] = []
-    records = []
-    for user_id, version, artifact, tensors, info in fits:
-        folder = user_folder(user_id)
-        blob = st_save({k: v.detach().float().contiguous() for k, v in tensors.items()},
-                       metadata={"user_id": user_id, "version": version})
-        manifest = {"user_id": user_id, "version": version, "artifact": artifact, "artifact_bytes": len(blob),
-                    "written_at": time.time(), **info}
-        files += [(blob, (*folder, version, artifact)), (json_bytes(manifest), (*folder, version, "manifest.json"))]
-        pointers.append((json_bytes({"version": version}), (*folder, "current.json")))
-        records.append({**manifest, "status": "fitted" if not info.get("cold_start") else "cold_start"})
-    store.write_many(files)
-    store.write_many(pointers)      # pointers flip last
+    """Write fits (user_id, version, artifact, tensors, info) into their CLaPs' policy tables, one commit per CLaP
+    (the CLaP version is `info["clap_version"]`, else the version's prefix). Returns the records in order. The
+    night does not call this: its tasks stage and its driver commits (tasks/policy/table.py)."""
+    from latentpref.tasks.policy.table import PolicyTable
+    by_clap: dict[str, list[int]] = {}
+    for i, (user_id, version, _, _, info) in enumerate(fits):
+        check_user_id(user_id)
+        by_clap.setdefault(info.get("clap_version") or version.split("-", 1)[0], []).append(i)
+    records: list[dict[str, Any]] = [{} for _ in fits]
+    for clap_version, idx in by_clap.items():
+        for i, record in zip(idx, PolicyTable(store, clap_version).write([fits[i] for i in idx])):
+            records[i] = record
     return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stores from before the policy table: users/<key[:2]>/<key>/<version>/ folders
+# ---------------------------------------------------------------------------------------------------------------
+
+MIGRATED = ("policies", "_migrated.json")
+
+
+def legacy_user_folders(store: Store) -> list[tuple[str, ...]]:
+    """Every legacy user folder holding a current.json pointer."""
+    if not store.exists("users"):
+        return []
+    return [("users", shard, key) for shard in sorted(store.listdir("users"))
+            for key in sorted(store.listdir("users", shard)) if store.exists("users", shard, key, "current.json")]
+
+
+def migrate_legacy(store: Store, *, tag: str | None = None) -> dict[str, Any]:
+    """Copy every legacy user's current fit into its CLaP's policy table (one commit and one tag per CLaP). The
+    legacy files stay where they are (nothing is deleted; they are no longer read), and a marker records the
+    migration so nights do not repeat it. Users already in a table with the same fit version are skipped.
+
+    Returns {"users": n found, "migrated": n written, "tables": {clap_version: table version}}."""
+    from latentpref.tasks.policy.table import PolicyTable
+    folders = legacy_user_folders(store)
+    fits_by_clap: dict[str, list[tuple]] = {}
+    for folder in folders:
+        version = store.read_json(*folder, "current.json")["version"]
+        manifest = store.read_json(*folder, version, "manifest.json")
+        tensors = st_load(store.read_bytes(*folder, version, manifest.get("artifact", HEAD_FILE)))
+        info = {k: v for k, v in manifest.items() if k not in ("user_id", "version", "artifact", "artifact_bytes",
+                                                                "written_at")}
+        info.setdefault("clap_version", version.split("-", 1)[0])
+        info["migrated_from"] = "/".join((*folder, version))
+        info["legacy_written_at"] = manifest.get("written_at")
+        fits_by_clap.setdefault(info["clap_version"], []).append(
+            (manifest["user_id"], version, manifest.get("artifact", HEAD_FILE), tensors, info))
+    tables, migrated = {}, 0
+    for clap_version, fits in fits_by_clap.items():
+        table = PolicyTable(store, clap_version)
+        have = table.manifests([f[0] for f in fits])
+        todo = [f for f in fits if have.get(f[0], {}).get("version") != f[1]]
+        if todo:
+            table.write(todo, night="migrate")
+            migrated += len(todo)
+        if table.exists():
+            tables[clap_version] = table.tag(tag or f"migrated-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    summary = {"users": len(folders), "migrated": migrated, "tables": tables, "at": time.time()}
+    store.write_json(summary, *MIGRATED)
+    return summary
+
+
+def needs_migration(store: Store) -> bool:
+    """A store with legacy user folders and no migration marker."""
+    return not store.exists(*MIGRATED) and bool(legacy_user_folders(store))

@@ -29,6 +29,7 @@ from latentpref.tasks.models.latent import POLICY_LOGVAR_BOUND
 # the policy's home: re-exported here for the callers of the old paths
 from latentpref.tasks.policy.cache import CACHE_FORMAT, LatentCache, build_latent_cache, text_key  # noqa: F401
 from latentpref.tasks.policy.settings import FitSettings
+from latentpref.tasks.policy.table import PolicyTable, StagedChunk
 from latentpref.tasks.policy.store import (  # noqa: F401
     CODES_FILE,
     CODES_MODE,
@@ -43,6 +44,7 @@ from latentpref.tasks.policy.store import (  # noqa: F401
     load_user_head,
     load_user_policy,
     previous_fit,
+    seed_policy,
     store_user,
     store_users,
     user_data_hash,
@@ -61,7 +63,6 @@ class ChunkJob:
 
     store_root: str
     clap_version: str
-    cache_path: tuple[str, ...]
     user_ids: tuple[str, ...]
     pairs_ipc: bytes            # the chunk's train pairs as an Arrow IPC stream
     fit: FitSettings            # built once from the config (PersonalizeConfig.fit_settings()); a mapping of
@@ -71,6 +72,11 @@ class ChunkJob:
     warm_start: bool = True
     clap_path: tuple[str, ...] = ()   # the CLaP folder in the store; needed by the encoder modes
     discrete_estimator: str = "dpo"   # discrete CLaPs: "dpo" | "mean_posterior" (fit_codes.CodeFitConfig)
+    cache_path: tuple[str, ...] = ()  # a safetensors latent cache (tools, tests); () = the CLaP version's
+    #                                   content-keyed latent table (the night: tasks/policy/text_cache.py)
+    read_version: int | None = None   # the policy table version the night read (None: the latest at the task)
+    night: str = ""                   # the run writing the rows (the table's `night` column)
+    records_path: tuple[str, ...] = ()  # run_chunk: where this task writes its per-user records (Parquet)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fit", FitSettings.of(self.fit, fresh_noise=self.mode == "faithful"))
@@ -95,12 +101,61 @@ def _stack_users(pairs: pa.Table, by_user: dict[str, list[int]], user_ids: list[
     return pairs.take(rows), user_index
 
 
-def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
-    """Fit (batched) every user of the chunk that needs it and store their artifacts. Idempotent.
+@dataclass
+class ChunkResult:
+    """A chunk's fits, staged in the policy table but not committed (the driver commits: tasks/policy/table.py)."""
 
-    Users whose (CLaP version, mode, settings, feedback) match their current fit are skipped ("unchanged"); users
-    with fewer than `min_pairs` pairs get the population prior ("cold_start": a zero head, or delta = 0 for codes);
-    the rest are fitted together, warm-started from their previous fit of the same CLaP version and mode.
+    records: list[dict[str, Any]]
+    staged: StagedChunk
+
+
+def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
+    """`stage_chunk` and commit at once (one chunk on its own: tools, tests); returns the per-user records."""
+    result = stage_chunk(job)
+    PolicyTable(Store(job.store_root), job.clap_version).commit(result.staged, message=f"chunk of {len(job.user_ids)}")
+    return result.records
+
+
+def run_chunk(job: ChunkJob) -> dict[str, Any]:
+    """The night's Ray task: `stage_chunk`, its per-user records written to `job.records_path` (one Parquet file),
+    and only what the driver needs returned: the staged fragments and counts, so the driver's memory does not grow
+    with the number of users."""
+    result = stage_chunk(job)
+    store = Store(job.store_root)
+    records = result.records
+    store.write_table(records_table(records), *job.records_path)
+    status = [r.get("status") for r in records]
+    fitted_s = [r["fit_seconds"] for r in records if r.get("status") == "fitted"]
+    mixtures = [r["code_mixture"] for r in records if r.get("code_mixture")]
+    return {"staged": result.staged, "records_path": job.records_path, "users": len(records),
+            "fitted": status.count("fitted"), "unchanged": status.count("unchanged"),
+            "cold_start": status.count("cold_start"), "fit_seconds_sum": float(sum(fitted_s)),
+            "artifact_bytes_sum": float(sum(r.get("artifact_bytes") or 0 for r in records)),
+            "mixture_sum": [float(x) for x in torch.tensor(mixtures).sum(0)] if mixtures else None,
+            "mixture_n": len(mixtures),
+            "last_written_at": max((r.get("written_at", 0.0) for r in records), default=0.0)}
+
+
+RECORD_COLUMNS = ("user_id", "status", "mode", "cold_start", "n_pairs", "fit_seconds", "train_accuracy",
+                  "final_loss", "artifact_bytes", "version", "data_hash")
+
+
+def records_table(records: list[dict[str, Any]]) -> pa.Table:
+    """Per-user records as the night's table (`runs/<run>/personalize_users.parquet`): one schema whatever the mix."""
+    schema = pa.schema([("user_id", pa.string()), ("status", pa.string()), ("mode", pa.string()),
+                        ("cold_start", pa.bool_()), ("n_pairs", pa.int64()), ("fit_seconds", pa.float64()),
+                        ("train_accuracy", pa.float64()), ("final_loss", pa.float64()),
+                        ("artifact_bytes", pa.int64()), ("version", pa.string()), ("data_hash", pa.string())])
+    return pa.Table.from_pylist([{k: r.get(k) for k in RECORD_COLUMNS} for r in records], schema=schema)
+
+
+def stage_chunk(job: ChunkJob) -> ChunkResult:
+    """Fit (batched) every user of the chunk that needs it and stage their rows in the policy table. Idempotent.
+
+    Users whose (CLaP version, mode, settings, feedback) match their row at `job.read_version` are skipped
+    ("unchanged"); users with fewer than `min_pairs` pairs get the population prior ("cold_start": a zero head, or
+    delta = 0 for codes); the rest are fitted together, warm-started from their previous fit of the same CLaP
+    version and mode.
 
     Raises:
         ValueError: unknown mode, or an encoder mode without `clap_path` / with a cache lacking prompt tokens, or
@@ -113,20 +168,47 @@ def fit_chunk(job: ChunkJob) -> list[dict[str, Any]]:
                          "CLaP folder in the store")
     torch.set_num_threads(1)
     store = Store(job.store_root)
-    cache = LatentCache.from_bytes(store.read_bytes(*job.cache_path))
+    pairs = table_from_ipc(job.pairs_ipc)
+    if job.cache_path:
+        cache = LatentCache.from_bytes(store.read_bytes(*job.cache_path))
+    else:   # exactly this chunk's texts, from the content-keyed table the night's encoding tasks filled
+        from latentpref.tasks.policy.text_cache import TextLatentTable
+        prompts, chosen, rejected = (pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
+        cache = TextLatentTable(store, job.clap_version).load(
+            prompts, list(zip(prompts, chosen)) + list(zip(prompts, rejected)), list(zip(prompts, chosen, rejected)))
     if job.mode in ENCODER_MODES and cache.prompt_ids is None:
         raise ValueError(f"latent cache {'/'.join(job.cache_path)} has no prompt tokens (format < {CACHE_FORMAT}); "
                          f"mode={job.mode!r} needs them: delete it so the flow rebuilds it")
-    pairs = table_from_ipc(job.pairs_ipc)
     by_user: dict[str, list[int]] = {}
     for i, u in enumerate(pairs["user_id"].to_pylist()):
         by_user.setdefault(u, []).append(i)
+    table = PolicyTable(store, job.clap_version)
+    read_version = job.read_version if job.read_version is not None else table.latest_version()
+    # every user's row of the version the night read, in one indexed lookup (not one read per user)
+    current = table.policies(job.user_ids, read_version) if read_version is not None else {}
+    chunk = _ChunkState(store, table, read_version, current)
     fit = _fit_code_chunk if is_discrete(cache) else _fit_gaussian_chunk
-    return fit(job, store, cache, pairs, by_user)
+    records, fits = fit(job, chunk, cache, pairs, by_user)
+    staged, stored = table.stage(fits, read_version=read_version, night=job.night)
+    _fault_point()
+    stored_by_user = {r["user_id"]: r for r in stored}
+    records = [r if r is not None else stored_by_user[u] for u, r in zip(job.user_ids, records)]
+    return ChunkResult(records, staged)
 
 
-def _fit_gaussian_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.Table,
-                        by_user: dict[str, list[int]]) -> list[dict[str, Any]]:
+@dataclass
+class _ChunkState:
+    store: Store
+    table: PolicyTable
+    read_version: int | None
+    current: dict[str, UserPolicy]       # the chunk's users' rows at read_version
+
+    def seed(self, user_id: str, clap_version: str, mode: str) -> UserPolicy | None:
+        return seed_policy(self.current.get(user_id), clap_version, mode)
+
+
+def _fit_gaussian_chunk(job: ChunkJob, chunk: "_ChunkState", cache: LatentCache, pairs: pa.Table,
+                        by_user: dict[str, list[int]]) -> tuple[list[dict[str, Any] | None], list[tuple]]:
     """`fit_chunk` for a Gaussian CLaP: a head per user (head-only) or the mode's encoder tensors."""
     from latentpref.tasks.train.fit_user import FitConfig, init_params
 
@@ -137,9 +219,9 @@ def _fit_gaussian_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: 
         weight, bias = init_params(1, Q, d, D)
         return HEAD_FILE, {"weight": weight[0], "bias": bias[0]}, {"mode": job.mode}
 
-    records, to_fit = _triage(job, store, pairs, by_user, job.mode, cold_start)
+    records, fits, to_fit = _triage(job, chunk, pairs, by_user, job.mode, cold_start)
     if not to_fit:
-        return records
+        return records, fits
     sub, user_index = _stack_users(pairs, by_user, [u for u, _ in to_fit])
     prompts = sub["prompt"].to_pylist()
     p_idx = torch.tensor([cache.prompt_index[text_key(p)] for p in prompts], dtype=torch.long)
@@ -153,7 +235,7 @@ def _fit_gaussian_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: 
     t0 = time.perf_counter()
     if job.mode == "head-only":
         from latentpref.tasks.train.fit_user import fit_users
-        init = _warm_start_heads(store, ids, job.clap_version, Q, d, D) if job.warm_start else None
+        init = _warm_start_heads(chunk, ids, job.clap_version, Q, d, D) if job.warm_start else None
         result = fit_users(cache.features[p_idx], *post, user_index_t, len(to_fit), cfg, init=init,
                            pair_weight=weights)
         artifacts = [(HEAD_FILE, {"weight": result.weight[i], "bias": result.bias[i]}) for i in range(len(to_fit))]
@@ -161,7 +243,7 @@ def _fit_gaussian_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: 
     else:
         from latentpref.tasks.train.fit_encoder import fit_encoder_users
         encoder = _load_encoder(job.store_root, tuple(job.clap_path))
-        init = _warm_start_policies(store, ids, job.clap_version, job.mode) if job.warm_start else None
+        init = _warm_start_policies(chunk, ids, job.clap_version, job.mode) if job.warm_start else None
         used, pair_prompt = torch.unique(p_idx, return_inverse=True)     # only the chunk's prompts
         result = fit_encoder_users(encoder, job.mode, cache.prompt_ids[used], cache.prompt_mask[used], pair_prompt,
                                    *post, user_index_t, len(to_fit), cfg, init=init, pair_weight=weights)
@@ -171,12 +253,12 @@ def _fit_gaussian_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: 
     infos = [{"mode": job.mode, "trainable_params": n_params,
               "warm_start": bool(init is not None and (job.mode == "head-only" or init[u_i] is not None))}
              for u_i in range(len(to_fit))]
-    return records + _store_fitted(job, store, job.mode, to_fit, by_user, artifacts, infos, result, per_user_s,
+    return records, fits + _fitted(job, job.mode, to_fit, by_user, artifacts, infos, result, per_user_s,
                                    cfg.loss_type)
 
 
-def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.Table,
-                    by_user: dict[str, list[int]]) -> list[dict[str, Any]]:
+def _fit_code_chunk(job: ChunkJob, chunk: "_ChunkState", cache: LatentCache, pairs: pa.Table,
+                    by_user: dict[str, list[int]]) -> tuple[list[dict[str, Any] | None], list[tuple]]:
     """`fit_chunk` for a discrete CLaP: per-user code offsets delta (K numbers), batched (fit_codes)."""
     from latentpref.tasks.train.fit_codes import CodeFitConfig, fit_code_users, user_code_probs
 
@@ -198,9 +280,9 @@ def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.T
         mixture = user_code_probs(zero, prior).mean(0).tolist() if prior.shape[0] else [1.0 / K] * K
         return CODES_FILE, {"delta": zero}, {**codes_info, "code_mixture": mixture}
 
-    records, to_fit = _triage(job, store, pairs, by_user, mode_tag, cold_start)
+    records, fits, to_fit = _triage(job, chunk, pairs, by_user, mode_tag, cold_start)
     if not to_fit:
-        return records
+        return records, fits
     sub, user_index = _stack_users(pairs, by_user, [u for u, _ in to_fit])
     prompts, chosen, rejected = (sub[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
     p_idx = [cache.prompt_index[text_key(p)] for p in prompts]
@@ -217,7 +299,7 @@ def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.T
     ids = [u for u, _ in to_fit]
     init = None
     if job.warm_start and cfg.estimator == "dpo":
-        prev = [previous_fit(store, u, job.clap_version, CODES_MODE) for u in ids]
+        prev = [chunk.seed(u, job.clap_version, CODES_MODE) for u in ids]
         prev = [p if p is not None and p.manifest.get("estimator") == cfg.estimator else None for p in prev]
         if any(p is not None for p in prev):
             init = torch.stack([p.tensors["delta"].float() if p is not None else torch.zeros(K) for p in prev])
@@ -227,40 +309,41 @@ def _fit_code_chunk(job: ChunkJob, store: Store, cache: LatentCache, pairs: pa.T
     artifacts = [(CODES_FILE, {"delta": result.delta[u_i]}) for u_i in range(len(to_fit))]
     infos = [{**codes_info, "trainable_params": K, "code_mixture": result.mixture[u_i].tolist(),
               "warm_start": bool(init is not None and bool(init[u_i].abs().sum() > 0))} for u_i in range(len(to_fit))]
-    return records + _store_fitted(job, store, mode_tag, to_fit, by_user, artifacts, infos, result,
+    return records, fits + _fitted(job, mode_tag, to_fit, by_user, artifacts, infos, result,
                                    result.seconds / len(to_fit), cfg.loss_type)
 
 
-def _triage(job: ChunkJob, store: Store, pairs: pa.Table, by_user: dict[str, list[int]], mode_tag: str,
-            cold_start: Callable[[str], tuple[str, dict, dict]]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Records of the chunk's unchanged and cold-start users (the latter stored), and the (user, data hash) to fit."""
-    records: list[dict[str, Any]] = []
+def _triage(job: ChunkJob, chunk: "_ChunkState", pairs: pa.Table, by_user: dict[str, list[int]], mode_tag: str,
+            cold_start: Callable[[str], tuple[str, dict, dict]]
+            ) -> tuple[list[dict[str, Any] | None], list[tuple], list[tuple[str, str]]]:
+    """Records of the chunk in user order (unchanged users' records filled in; None for every user to be stored),
+    the cold-start fits to stage, and the (user, data hash) to fit."""
+    records: list[dict[str, Any] | None] = []
+    fits: list[tuple] = []
     to_fit: list[tuple[str, str]] = []
-    cold: list[tuple[int, tuple]] = []          # (index in records, store_users fit): stored together below
     for user_id in job.user_ids:
         rows = pairs.take(pa.array(by_user.get(user_id, []), type=pa.int64()))   # [] alone is a null-typed array
         data_hash = user_data_hash(rows)
         version = fit_version(job.clap_version, mode_tag, data_hash, _version_settings(job))
-        existing = current_fit(store, user_id)
-        if existing is not None and existing["version"] == version:
-            records.append({**existing, "status": "unchanged"})
-        elif rows.num_rows < job.min_pairs:
+        existing = chunk.current.get(user_id)
+        if existing is not None and existing.manifest.get("version") == version:
+            records.append({**existing.manifest, "status": "unchanged"})
+            continue
+        if rows.num_rows < job.min_pairs:
             artifact, tensors, info = cold_start(user_id)
-            cold.append((len(records), (user_id, version, artifact, tensors, {
+            fits.append((user_id, version, artifact, tensors, {
                 "cold_start": True, "n_pairs": rows.num_rows, "data_hash": data_hash,
                 "clap_version": job.clap_version, "fit_settings": _version_settings(job), "fit_seconds": 0.0,
-                "train_accuracy": None, "final_loss": None, **info})))
-            records.append({})
+                "train_accuracy": None, "final_loss": None, **info}))
         else:
             to_fit.append((user_id, data_hash))
-    for (i, _), record in zip(cold, store_users(store, [fit for _, fit in cold])):
-        records[i] = record
-    return records, to_fit
+        records.append(None)
+    return records, fits, to_fit
 
 
-def _store_fitted(job: ChunkJob, store: Store, mode_tag: str, to_fit: list[tuple[str, str]],
-                  by_user: dict[str, list[int]], artifacts: list[tuple[str, dict]], infos: list[dict], result,
-                  per_user_s: float, loss_type: str) -> list[dict[str, Any]]:
+def _fitted(job: ChunkJob, mode_tag: str, to_fit: list[tuple[str, str]], by_user: dict[str, list[int]],
+            artifacts: list[tuple[str, dict]], infos: list[dict], result, per_user_s: float,
+            loss_type: str) -> list[tuple]:
     fits = []
     for u_i, (user_id, data_hash) in enumerate(to_fit):
         name, tensors = artifacts[u_i]
@@ -270,13 +353,7 @@ def _store_fitted(job: ChunkJob, store: Store, mode_tag: str, to_fit: list[tuple
             "clap_version": job.clap_version, "fit_settings": _version_settings(job), "fit_seconds": per_user_s,
             "loss_type": loss_type, "train_accuracy": float(result.final_accuracy[u_i]),
             "final_loss": float(result.final_loss[u_i]), **infos[u_i]}))
-    # written together (store_users: one sync per batch, not three fsyncs per user); the first user alone first,
-    # so the test-only fault point can die with one user of the chunk stored and the rest not
-    records = store_users(store, fits[:1])
-    if len(fits) > 1:
-        _fault_point()
-        records += store_users(store, fits[1:])
-    return records
+    return fits
 
 
 def _pair_weights(sub: pa.Table) -> torch.Tensor:
@@ -308,20 +385,20 @@ def _fault_point() -> None:
     os._exit(1)
 
 
-def _warm_start_heads(store: Store, user_ids: list[str], clap_version: str, Q: int, d: int, D: int):
+def _warm_start_heads(chunk: "_ChunkState", user_ids: list[str], clap_version: str, Q: int, d: int, D: int):
     """Previous night's heads (same CLaP version) as the starting point; zeros (prior) where none."""
     from latentpref.tasks.train.fit_user import init_params
     weight, bias = init_params(len(user_ids), Q, d, D)
     found = False
     for i, user_id in enumerate(user_ids):
-        prev = previous_fit(store, user_id, clap_version, "head-only")
+        prev = chunk.seed(user_id, clap_version, "head-only")
         if prev is not None:
             weight[i], bias[i] = prev.tensors["weight"], prev.tensors["bias"]
             found = True
     return (weight, bias) if found else None
 
 
-def _warm_start_policies(store: Store, user_ids: list[str], clap_version: str, mode: str):
+def _warm_start_policies(chunk: "_ChunkState", user_ids: list[str], clap_version: str, mode: str):
     """Previous night's policy tensors per user (None -> standardized CLaP encoder copy), or None if nobody has one."""
-    init = [previous_fit(store, u, clap_version, mode) for u in user_ids]
+    init = [chunk.seed(u, clap_version, mode) for u in user_ids]
     return [p.tensors if p is not None else None for p in init] if any(p is not None for p in init) else None

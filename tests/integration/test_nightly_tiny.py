@@ -11,6 +11,10 @@ import pytest
 
 from latentpref.pipelines.config import load_config
 from latentpref.pipelines.nightly import nightly
+from latentpref.tasks.data.store import Store
+from latentpref.tasks.evaluate.serve_core import current_release
+from latentpref.tasks.policy.table import PolicyTable, night_tag
+from latentpref.tasks.policy.text_cache import TextLatentTable
 
 pytestmark = pytest.mark.slow
 
@@ -185,20 +189,34 @@ def test_every_user_has_an_artifact_and_data_is_parquet(tiny_run):
     cfg, report, store = tiny_run
     assert report.users["total"] == cfg.data.n_users + cfg.data.n_out_of_cohort
     assert report.users["fitted"] + report.users["cold_start"] == cfg.data.n_users + cfg.data.n_out_of_cohort
-    currents = []
-    for dirpath, _, files in os.walk(os.path.join(store, "users")):
-        if "current.json" in files:
-            currents.append(dirpath)
-            assert any(f == "head.safetensors" for _, _, fs in os.walk(dirpath) for f in fs)
-    assert len(currents) == cfg.data.n_users + cfg.data.n_out_of_cohort
+    # one row per user in the CLaP's policy table, tagged by the night, and no object per user
+    total = cfg.data.n_users + cfg.data.n_out_of_cohort
+    table = PolicyTable(Store(store), report.clap_version)
+    night = night_tag(report.run_id)
+    assert night in table.tags()
+    rows = table.rows([f"u{i:05d}" for i in range(total)], night, columns=["user_id", "artifact", "params"])
+    assert rows.num_rows == total and set(rows["artifact"].to_pylist()) == {"head.safetensors"}
+    assert all(p is not None for p in rows["params"].to_pylist())
+    assert not os.path.exists(os.path.join(store, "users"))
+    release = current_release(Store(store))
+    assert release.policy_tag == night and release.clap_version == report.clap_version
+    records = pq.read_table(os.path.join(store, "runs", report.run_id, "personalize_users.parquet"))
+    assert records.num_rows == total and not os.listdir(os.path.join(store, "runs", report.run_id,
+                                                                      "personalize_users"))
+    texts = TextLatentTable(Store(store), report.clap_version)   # every text of the night has its latent row
+    assert texts.missing_texts(pq.read_table(pairs_path(store))["prompt"].to_pylist(), [], discrete=False)[0] == []
     pairs_files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(store, "data")) for f in fs
                    if f == "pairs.parquet"]
     assert len(pairs_files) == 1
     pairs = pq.read_table(pairs_files[0])
-    total = cfg.data.n_users + cfg.data.n_out_of_cohort
     assert set(pairs["user_id"].to_pylist()) <= {f"u{i:05d}" for i in range(total)}
     assert {"user_id", "prompt", "chosen", "rejected"} <= set(pairs.column_names)
     assert os.path.exists(os.path.join(store, "runs", report.run_id, "report", "index.html"))
+
+
+def pairs_path(store: str) -> str:
+    return next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(store, "data")) for f in fs
+                if f == "pairs.parquet")
 
 
 def test_unchanged_night_is_skipped(tiny_run):
@@ -206,6 +224,9 @@ def test_unchanged_night_is_skipped(tiny_run):
     again = nightly(cfg, until="personalize")
     assert again.clap_version == report.clap_version
     assert again.users["unchanged"] == report.users["fitted"] + report.users["cold_start"]
+    table = PolicyTable(Store(store), report.clap_version)
+    assert table.count() == report.users["total"]      # an unchanged night commits no row
+    assert night_tag(again.run_id) in table.tags()     # ... but still tags its night
     client = mlflow.MlflowClient(again.tracking_uri)
     stages = {r.info.run_name: r for r in _children(client, again.experiment_id, again.run_id)}
     assert set(stages["prepare"].data.tags["skipped"].split(",")) == {"prompts", "sft", "scorer", "candidates", "population"}

@@ -145,6 +145,7 @@ def world(tmp_path_factory):
         clap.pair_posterior.net[2].weight.normal_(0, 0.5)
     store = Store(str(tmp_path_factory.mktemp("store")))
     save_clap(clap, store.url("models", "clap", "v1"))
+    store.write_json({"version": "v1"}, "models", "clap", "current.json")   # as pretrain does
     rows = _pairs("a", 6) + _pairs("b", 6, good_first=False)
     pr = [(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
     triples = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
@@ -176,18 +177,18 @@ def test_fit_chunk_stores_k_numbers_and_a_code_mixture(world, estimator):
                                                             "c4": "cold_start"}
     ids, mask = tokenize_prompts(WordTokenizer(), PROMPTS[:3], 8)
     for u in records:
-        manifest = current_fit(store, u)
+        manifest = current_fit(store, u, clap_version="v1")
         assert manifest["mode"] == "codes" and manifest["artifact"] == CODES_FILE
         assert manifest["estimator"] == estimator and f"-codes-{estimator}-" in manifest["version"]
         assert len(manifest["code_mixture"]) == 5 and sum(manifest["code_mixture"]) == pytest.approx(1.0, abs=1e-5)
-        policy = load_user_policy(store, u)
+        policy = load_user_policy(store, u, clap_version="v1")
         assert policy.tensors["delta"].shape == (5,)                      # the artifact: K numbers
         z, logvar = policy.latent(clap.encoder, ids, mask)
         assert z.shape == (3, 4) and (logvar == 0).all()
     # opposite preferences move the two users apart; cold start = exactly the population prior
-    assert not torch.allclose(load_user_policy(store, "c1").tensors["delta"],
-                              load_user_policy(store, "c2").tensors["delta"])
-    cold = load_user_policy(store, "c3")
+    assert not torch.allclose(load_user_policy(store, "c1", clap_version="v1").tensors["delta"],
+                              load_user_policy(store, "c2", clap_version="v1").tensors["delta"])
+    cold = load_user_policy(store, "c3", clap_version="v1")
     assert cold.cold_start and (cold.tensors["delta"] == 0).all()
     torch.testing.assert_close(cold.latent(clap.encoder, ids, mask)[0], clap.prior_latent(ids, mask))
     again = fit_chunk(_job(store, pairs, ["c1", "c2", "c3", "c4"], estimator=estimator))
@@ -212,7 +213,7 @@ def test_serving_batches_code_users_and_falls_back_to_the_prior(world):
     prompts = PROMPTS[:3]
     z, notices = gen.latents(["s1", "s2", "nobody"], prompts)
     ids, mask = tokenize_prompts(WordTokenizer(), prompts, 8)
-    want_s1, _ = load_user_policy(store, "s1").latent(clap.encoder, ids[:1], mask[:1])
+    want_s1, _ = load_user_policy(store, "s1", clap_version="v1").latent(clap.encoder, ids[:1], mask[:1])
     torch.testing.assert_close(z[:1], want_s1)
     torch.testing.assert_close(z[1:], clap.prior_latent(ids[1:], mask[1:]))
     assert notices[0] is None and "cold start" in notices[1] and "no fitted" in notices[2]

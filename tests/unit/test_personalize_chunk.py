@@ -67,6 +67,7 @@ def world(tmp_path_factory):
         clap.encoder.h2z.bias.normal_(0, 0.1)
     store = Store(str(tmp_path_factory.mktemp("store")))
     save_clap(clap, store.url("models", "clap", "v1"))
+    store.write_json({"version": "v1"}, "models", "clap", "current.json")   # as pretrain does
     responses = {r for row in _pairs("a", 3) for r in (row["chosen"], row["rejected"])}
     pr = [(p, r) for p in PROMPTS for r in sorted(responses)]
     cache = build_latent_cache(clap, WordTokenizer(), PROMPTS, pr, prompt_tokens=8, response_tokens=8)
@@ -88,6 +89,7 @@ def test_fit_store_skip_refit(world, tmp_path, mode, loss_type):
     for parts in (("cache", "v1", "latents-test.safetensors"),):
         store.write_bytes(world[0].read_bytes(*parts), *parts)
     save_clap(clap, store.url("models", "clap", "v1"))
+    store.write_json({"version": "v1"}, "models", "clap", "current.json")   # as pretrain does
     users = ["u1", "u2", "u3", "u4"]
     u1, u2, u3 = _pairs("u1", 6), _pairs("u2", 5, good_first=False, offset=2), _pairs("u3", 2)
     pairs = _table(u1 + u2 + u3)
@@ -96,7 +98,7 @@ def test_fit_store_skip_refit(world, tmp_path, mode, loss_type):
     assert {u: r["status"] for u, r in records.items()} == {"u1": "fitted", "u2": "fitted", "u3": "cold_start",
                                                             "u4": "cold_start"}
     for u in users:
-        manifest = current_fit(store, u)
+        manifest = current_fit(store, u, clap_version="v1")
         assert manifest["mode"] == mode and manifest["clap_version"] == "v1"
         assert manifest["cold_start"] == (u in ("u3", "u4"))
         if not manifest["cold_start"]:
@@ -107,9 +109,9 @@ def test_fit_store_skip_refit(world, tmp_path, mode, loss_type):
 
     # the stored policy serves: a fitted user moves off the prior, a cold-start user is exactly the prior
     ids, mask = tokenize_prompts(WordTokenizer(), PROMPTS[:3], 8)
-    mu, _ = load_user_policy(store, "u1").latent(clap.encoder, ids, mask)
+    mu, _ = load_user_policy(store, "u1", clap_version="v1").latent(clap.encoder, ids, mask)
     assert mu.shape == (3, 4) and mu.abs().sum() > 0
-    cold = load_user_policy(store, "u3")
+    cold = load_user_policy(store, "u3", clap_version="v1")
     assert cold.cold_start and (cold.latent(clap.encoder, ids, mask)[0] == 0).all()
 
     # nothing changed -> nothing refitted
@@ -187,7 +189,7 @@ def test_a_changed_fit_setting_refits_every_user(world, tmp_path, change):
     changed = {r["user_id"]: r for r in fit_chunk(_job(store, "head-only", pairs, users, **change))}
     assert {u: r["status"] for u, r in changed.items()} == {"u1": "fitted", "u2": "fitted", "u3": "cold_start"}
     for u in users:
-        manifest = current_fit(store, u)
+        manifest = current_fit(store, u, clap_version="v1")
         assert manifest["version"] != first[u]
         key, value = next(iter(change.items()))
         assert manifest["fit_settings"][key] == value

@@ -23,6 +23,7 @@ from latentpref.tasks.evaluate.serve_core import (
 )
 from latentpref.tasks.policy.store import HEAD_FILE, fit_version
 from latentpref.tasks.policy.store import store_user as _store_user
+from latentpref.tasks.policy.table import PolicyTable, night_tag
 
 LIMITS = ServeLimits(max_prompt_chars=100, max_tokens_cap=20, default_max_tokens=16, max_body_bytes=2000)
 JSON = "application/json"
@@ -142,15 +143,18 @@ def test_lru_is_bounded_and_keeps_the_recently_used():
         BoundedLRU(0)
 
 
-def _fit(store, user, clap_version, tag, *, written_at=None):
+def _fit(store, user, clap_version, tag):
     record = _store_user(store, user, fit_version(clap_version, "head-only", tag), HEAD_FILE,
                          {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)},
                          {"cold_start": False, "clap_version": clap_version, "mode": "head-only", "data_hash": tag})
-    if written_at is not None:   # pin the clock: manifests carry time.time() of the write
-        folder = ("users", *_key(store, user), record["version"])
-        store.write_json({**store.read_json(*folder, "manifest.json"), "written_at": written_at}, *folder,
-                         "manifest.json")
     return record["version"]
+
+
+def _night(store, clap_version, run_id):
+    """What a night's personalize stage ends with: the table's tag, then the release naming it."""
+    tag = night_tag(run_id)
+    PolicyTable(store, clap_version).tag(tag)
+    return publish_release(store, clap_version=clap_version, run_id=run_id, policy_tag=tag)
 
 
 def test_releases_bind_the_clap_to_its_own_users_fits(tmp_path):
@@ -159,39 +163,35 @@ def test_releases_bind_the_clap_to_its_own_users_fits(tmp_path):
         current_release(store)
     store.write_json({"version": "v1"}, "models", "clap", "current.json")
     legacy = current_release(store)                     # a store from before releases: CLaP pointer, no time bound
-    assert (legacy.clap_version, legacy.published_at) == ("v1", None)
+    assert (legacy.clap_version, legacy.published_at, legacy.policy_tag) == ("v1", None, None)
 
-    old = _fit(store, "alice", "v1", "d1", written_at=100.0)
-    r1 = publish_release(store, clap_version="v1", run_id="n1", last_written_at=100.0)
-    assert current_release(store) == r1 and r1.published_at >= 100.0
-    assert release_fit(store, "alice", r1) == (store.read_json("users", *_key(store, "alice"), old,
-                                                               "manifest.json"), None)
-    # the next night is running: new CLaP current, alice's pointer already flipped to her v2 fit
+    old = _fit(store, "alice", "v1", "d1")
+    r1 = _night(store, "v1", "n1")
+    assert current_release(store) == r1 and r1.policy_tag == "night-n1"
+    policy, why = release_fit(store, "alice", r1)
+    assert why is None and policy.manifest["version"] == old and policy.tensors["bias"].shape == (2,)
+    # the next night is running: new CLaP current, alice's v2 row committed but not tagged nor released
     store.write_json({"version": "v2"}, "models", "clap", "current.json")
-    new = _fit(store, "alice", "v2", "d2", written_at=r1.published_at + 50)
+    new = _fit(store, "alice", "v2", "d2")
     assert current_release(store) == r1                 # not published yet: still release 1
-    manifest, why = release_fit(store, "alice", r1)
-    assert manifest["version"] == old and why is None   # release 1 keeps serving alice's v1 fit
-    # same CLaP again the night after, new data: a fit written after the release is not the release's
-    later = _fit(store, "alice", "v1", "d3", written_at=r1.published_at + 60)
-    assert release_fit(store, "alice", r1)[0]["version"] == old
-    r2 = publish_release(store, clap_version="v2", run_id="n2", last_written_at=r1.published_at + 50)
+    assert release_fit(store, "alice", r1)[0].manifest["version"] == old   # release 1 keeps serving her v1 fit
+    # same CLaP again the night after, new data: a row committed after the tag is not the release's
+    later = _fit(store, "alice", "v1", "d3")
+    assert release_fit(store, "alice", r1)[0].manifest["version"] == old
+    assert PolicyTable(store, "v1").manifests(["alice"])["alice"]["version"] == later     # the latest row
+    r2 = _night(store, "v2", "n2")
     assert current_release(store) == r2
-    assert release_fit(store, "alice", r2)[0]["version"] == new   # switched together
-    assert later.startswith("v1-")
+    assert release_fit(store, "alice", r2)[0].manifest["version"] == new   # switched together
     # no fit of the served CLaP / never fitted: the prior, with the reason
     _fit(store, "bob", "v9", "d4")
-    assert release_fit(store, "bob", r2) == (None, "has no fit of the served CLaP 'v2' (its newest is of 'v9')")
+    assert release_fit(store, "bob", r2) == (None, "has no fitted encoder")
     assert release_fit(store, "carol", r2) == (None, "has no fitted encoder")
     with pytest.raises(ValueError, match="user_id"):
         release_fit(store, "../x", r2)
+    # releases published before the policy table (no tag) admit rows by time
     assert Release("r", "v2", 10.0).admits({"clap_version": "v2", "written_at": 10.0})
     assert not Release("r", "v2", 10.0).admits({"clap_version": "v2", "written_at": 10.5})
-
-
-def _key(store, user):
-    from latentpref.tasks.policy.store import user_folder
-    return user_folder(user)[1:]
+    assert Release("r", "v2", 10.0).admits({"clap_version": "v2", "written_at": 99.0, "legacy_written_at": 9.0})
 
 
 def test_pick_tokens_greedy_rows_and_own_streams():
