@@ -238,11 +238,19 @@ def pick_users(night: Night, n: int, n_out_of_cohort: int = 0) -> list[str]:
     return picked + [u for u in eligible if u in outside and u not in picked][:n_out_of_cohort]
 
 
-def clap_read_pairs(cfg) -> bool:
-    """Whether the night's CLaP trained on population users' pairs (they then count as "seen"): from the preset's
-    pretrain settings, as the pretrain stage decides it (the CLaP's manifest does not record it)."""
-    from latentpref.pipelines.pretrain import _uses_pairs
-    return _uses_pairs(cfg.pretrain)
+def clap_read_pairs(cfg, night: "Night | None" = None) -> bool:
+    """Whether the night's CLaP trained on population users' pairs (they then count as "seen"): the CLaP manifest's
+    `read_pairs` (written by the pretrain stage), else (manifests from before it) the preset's pretrain settings as
+    the stage decides it."""
+    if night is not None:
+        manifest = os.path.join(night.clap_dir, "_manifest.json")
+        if os.path.exists(manifest):
+            with open(manifest) as fh:
+                found = json.load(fh)
+            if "read_pairs" in found:
+                return bool(found["read_pairs"])
+    from latentpref.pipelines import pretrain
+    return pretrain._uses_pairs(cfg.pretrain)
 
 
 def evaluation_groups(night: Night, cfg, user_ids: list[str]) -> dict[str, str]:
@@ -250,7 +258,7 @@ def evaluation_groups(night: Night, cfg, user_ids: list[str]) -> dict[str, str]:
     from latentpref.tasks.data.users import user_groups
     from latentpref.tasks.evaluate.personal import evaluation_group
     stored = dict(zip(night.users["user_id"].to_pylist(), user_groups(night.users)))
-    read = clap_read_pairs(cfg)
+    read = clap_read_pairs(cfg, night)
     return {u: evaluation_group(stored[u], read) for u in user_ids}
 
 
@@ -507,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_pairs_used": curve["n_pairs_used"],
             "methods": curve["methods"], "settings": curve["settings"], "preset": args.preset,
             "overrides": args.overrides, "users": user_ids, "store": night.store, "clap_version": night.clap_version,
-            "user_groups": curve["user_groups"], "clap_read_pairs": clap_read_pairs(cfg),
+            "user_groups": curve["user_groups"], "clap_read_pairs": clap_read_pairs(cfg, night),
             "heldout_pairs_per_user": [night.heldout.filter(pc.equal(night.heldout["user_id"], u)).num_rows
                                        for u in user_ids],
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,

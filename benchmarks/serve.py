@@ -8,8 +8,8 @@ Tiny mode (the default; also written under "setup" in the JSON, with the time of
 1. a tiny store from the real nightly flow up to `personalize` (`--fitted` simulated users really fitted; this
    publishes release 1);
 2. 10,000 stored users (`--users`): the fitted heads copied under new user ids with the personalize stage's own
-   artifact writer (`tasks/policy/store.store_users`, in chunks of `--chunk` users as a night's Ray tasks write
-   them), then release 1 republished to cover them (`publish_release`, as the personalize stage does);
+   policy-table writer (`PolicyTable.stage` per chunk of `--chunk` users as a night's Ray tasks write them, one
+   `commit` and a night tag as the driver does), then release 1 republished at that tag (`publish_release`);
 3. a reference run: the night's store with 100 users (`--reference-users`: its really fitted users plus copies),
    put through exactly the procedure of step 4 (same requests, concurrency, warm-up, baseline and a night 2
    published under load), so its RSS at the end differs from step 4's only by the number of stored users;
@@ -21,8 +21,8 @@ Tiny mode (the default; also written under "setup" in the JSON, with the time of
    new CLaP version folder (the same weights under a new version: the test is about versions),
    models/clap/current.json flipped first (as pretrain does), the really-fitted users refitted by
    `personalize.fit_chunk` against it with night 1's fit settings, every copied user's head rewritten for it
-   (store_users, chunks of `--chunk`), the night's user records (runs/<run>/personalize_users.parquet), then the
-   release published. The load continues until the new release has answered `--after-switch` requests (so the
+   (staged per chunk of `--chunk`, one commit, the night's tag), the night's user records
+   (runs/<run>/personalize_users.parquet), then the release published at that tag: the switch is a tag switch. The load continues until the new release has answered `--after-switch` requests (so the
    switch always happens under load); "requests" counts everything sent. "tokens_per_s_around_night2" splits the
    load's tokens/s into before night 2 started, while it was written and after its release was published.
 The server runs as shipped (`ServeOptions` defaults: batch_wait_timeout_s 0.01, so a lone request of the
@@ -110,39 +110,45 @@ def release_users(store, release) -> list[str]:
     return store.read_table(*manifest["records_path"])["user_id"].to_pylist()
 
 
-def fitted_users(store, release) -> list[dict]:
-    """Manifests of the really fitted (non cold-start) users of a release published by the personalize stage."""
+def fitted_users(store, release) -> list:
+    """The really fitted (non cold-start) users' policies (`UserPolicy`: manifest + head) of a release published by
+    the personalize stage."""
     from latentpref.tasks.evaluate.serve_core import release_fit
     out = []
     for u in release_users(store, release):
-        m, _ = release_fit(store, u, release)
-        if m is not None and not m.get("cold_start"):
-            out.append(m)
+        policy, _ = release_fit(store, u, release)
+        if policy is not None and not policy.cold_start:
+            out.append(policy)
     return out
 
 
-def copy_users(store, sources: list[dict], n: int, clap_version: str, *, prefix: str = "bench", src_store=None,
-               chunk: int = 256) -> tuple[list[str], list[dict]]:
-    """n users `<prefix>-00000`..., each a copy of a fitted head (round robin), written by the personalize stage's
-    writer (`store_users`) in chunks of `chunk` users. Returns (user ids, records)."""
-    from safetensors.torch import load as st_load
-
-    from latentpref.tasks.policy.store import HEAD_FILE, fit_version, store_users, user_folder
-    heads = [st_load((src_store or store).read_bytes(*user_folder(m["user_id"]), m["version"], HEAD_FILE))
-             for m in sources]
+def copy_users(store, sources: list, n: int, clap_version: str, *, prefix: str = "bench", chunk: int = 256,
+               night: str = "") -> tuple[list[str], list[dict]]:
+    """n users `<prefix>-00000`..., each a copy of a fitted head (round robin), written as a night writes them: the
+    policy table's `stage` per chunk of `chunk` users (what each Ray task does), then one `commit` and the night's tag
+    (what the driver does). Returns (user ids, records)."""
+    from latentpref.tasks.policy.store import HEAD_FILE, fit_version
+    from latentpref.tasks.policy.table import PolicyTable, StagedChunk, night_tag
+    table = PolicyTable(store, clap_version)
+    read_version = table.latest_version()
+    staged = StagedChunk(read_version=read_version)
     ids, fits, records = [], [], []
     for i in range(n):
-        src, head = sources[i % len(sources)], heads[i % len(sources)]
+        src = sources[i % len(sources)]
+        m = src.manifest
         user_id = f"{prefix}-{i:05d}"
-        data_hash = f"{src['data_hash']}x{i}"
-        fits.append((user_id, fit_version(clap_version, "head-only", data_hash, src.get("fit_settings")), HEAD_FILE,
-                     head, {"cold_start": False, "n_pairs": src.get("n_pairs"), "data_hash": data_hash,
-                            "clap_version": clap_version, "mode": "head-only", "fit_seconds": 0.0,
-                            "fit_settings": src.get("fit_settings"), "copied_from": src["user_id"]}))
+        data_hash = f"{m['data_hash']}x{i}"
+        fits.append((user_id, fit_version(clap_version, "head-only", data_hash, m.get("fit_settings")), HEAD_FILE,
+                     src.tensors, {"cold_start": False, "n_pairs": m.get("n_pairs"), "data_hash": data_hash,
+                                   "clap_version": clap_version, "mode": "head-only", "fit_seconds": 0.0,
+                                   "fit_settings": m.get("fit_settings"), "copied_from": m["user_id"]}))
         ids.append(user_id)
         if len(fits) == chunk or i == n - 1:
-            records += store_users(store, fits)
-            fits = []
+            part, recs = table.stage(fits, read_version=read_version, night=night)
+            staged, records, fits = staged + part, records + recs, []
+    table.commit(staged, message=f"benchmark copies: {len(ids)} users")
+    if night:
+        table.tag(night_tag(night))
     return ids, records
 
 
@@ -174,12 +180,11 @@ def night_two(root: str, clap_v1: str, sources: list[dict], n_copies: int, chunk
         manifest = {**store.read_json("models", "clap", clap_v1, "_manifest.json"), "version": v2}
         store.write_json(manifest, "models", "clap", v2, "_manifest.json")
         store.write_json({"version": v2}, "models", "clap", "current.json")        # pretrain flips it before users
-        (cache_name,) = [n for n in store.listdir("cache", clap_v1) if n.startswith("latents-")]
-        store.write_bytes(store.read_bytes("cache", clap_v1, cache_name), "cache", v2, cache_name)
+        link_tree(store.url("cache", clap_v1), store.url("cache", v2))   # the content-keyed latent table
         pop = [d for d in store.listdir("data", "population") if store.exists("data", "population", d, "pairs.parquet")]
         pairs = store.read_table("data", "population", pop[0], "pairs.parquet")
         pairs = pairs.filter(pc.equal(pairs["split"], "train"))
-        real = sorted(m["user_id"] for m in sources)
+        real = sorted(p.manifest["user_id"] for p in sources)
         pairs = pairs.filter(pc.is_in(pairs["user_id"], value_set=pa.array(real))).sort_by("user_id")
         pairs = pairs.select(["user_id", "prompt", "chosen", "rejected", "weight"]).cast(pa.schema([
             ("user_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
@@ -187,17 +192,19 @@ def night_two(root: str, clap_v1: str, sources: list[dict], n_copies: int, chunk
         import dataclasses
 
         from latentpref.tasks.policy.settings import FitSettings
-        night1 = sources[0].get("fit_settings") or {"steps": 30, "min_pairs": 1}     # night 1's settings
+        night1 = sources[0].manifest.get("fit_settings") or {"steps": 30, "min_pairs": 1}   # night 1's settings
         settings = {f.name: night1[f.name] for f in dataclasses.fields(FitSettings) if f.name in night1}
         min_pairs = int(night1.get("min_pairs", 1))
         estimator = night1.get("discrete_estimator") or "dpo"
-        records = fit_chunk(ChunkJob(store_root=store.root, clap_version=v2, cache_path=("cache", v2, cache_name),
-                                     user_ids=tuple(real), pairs_ipc=table_to_ipc(pairs), fit=settings,
-                                     mode="head-only", min_pairs=min_pairs, discrete_estimator=estimator))
+        records = fit_chunk(ChunkJob(store_root=store.root, clap_version=v2, user_ids=tuple(real),
+                                     pairs_ipc=table_to_ipc(pairs), fit=settings, mode="head-only",
+                                     min_pairs=min_pairs, discrete_estimator=estimator, night="bench-night-2"))
         done["fit_s"] = round(time.perf_counter() - t0, 2)
-        fitted = {r["user_id"]: r for r in records}
+        from latentpref.tasks.policy.table import PolicyTable
+        refitted = PolicyTable(store, v2).policies(real)
         t1 = time.perf_counter()
-        _, copied = copy_users(store, [fitted[m["user_id"]] for m in sources], n_copies, v2, chunk=chunk)
+        _, copied = copy_users(store, [refitted[p.manifest["user_id"]] for p in sources], n_copies, v2, chunk=chunk,
+                               night="bench-night-2")
         done["users_written"] = len(copied) + len(records)
         done["users_write_s"] = round(time.perf_counter() - t1, 2)
         records += copied
@@ -205,7 +212,8 @@ def night_two(root: str, clap_v1: str, sources: list[dict], n_copies: int, chunk
         store.write_table(_records_table(records), *records_path)
         release = publish_release(store, clap_version=v2, run_id="bench-night-2", mode="head-only",
                                   n_users=len(records), records_path=list(records_path),
-                                  last_written_at=max(r["written_at"] for r in records))
+                                  last_written_at=max(r["written_at"] for r in records),
+                                  policy_tag="night-bench-night-2")
         done.update(release=release.release_id, clap_version=v2, published_s=round(time.perf_counter() - t0, 2),
                     published_at=time.time(), load_average_1m_at_publish=round(os.getloadavg()[0], 2))
         queue.put(done)
@@ -430,20 +438,21 @@ def run(args, write) -> dict:
 
         def add_copies(target, n: int, tag: str) -> list[str]:
             copies, records = copy_users(target, sources, n, release1.clap_version, chunk=args.chunk,
-                                         src_store=store)
+                                         night=f"bench-night-1-{tag}")
             records_path = ("runs", f"bench-night-1-{tag}", "personalize_users.parquet")
             target.write_table(_records_table(records), *records_path)
             publish_release(target, clap_version=release1.clap_version, run_id=f"bench-night-1-{tag}",
-                            mode="head-only", n_users=len(copies) + len(own_users), records_path=list(records_path))
+                            mode="head-only", n_users=len(copies) + len(own_users), records_path=list(records_path),
+                            policy_tag=f"night-bench-night-1-{tag}")
             return copies
 
         copies: list[str] = []
         if args.users:
             with phase("copy_users_and_publish"):
                 copies = add_copies(store, args.users, "main")
-            setup["copies"] = ("fitted heads copied under new ids with the personalize stage's writer "
-                               f"(tasks/policy/store.store_users, chunks of {args.chunk}: same bytes, own manifest "
-                               "and version); release republished with serve_core.publish_release")
+            setup["copies"] = ("fitted heads copied under new ids with the night's policy-table writer "
+                               f"(PolicyTable.stage per chunk of {args.chunk}, one commit, a night tag: same bytes, "
+                               "own manifest and version); release republished at that tag")
         setup.update(really_fitted_users=len(sources), store_users=len(own_users), copied_users=len(copies))
 
         ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,

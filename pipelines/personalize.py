@@ -1,9 +1,11 @@
 """personalize stage: latent cache once per CLaP version, then Ray tasks fitting chunks of users."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
+from typing import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +75,54 @@ class NightTotals:
                                 else [a + b for a, b in zip(self.mixture_sum, result["mixture_sum"])])
 
 
-def _merge_parts(store: Store, parts_dir: tuple[str, ...], records_path: tuple[str, ...]) -> str:
+def fan_out_fits(table, jobs: Iterable, n_users: int, *, run_id: str, max_retries: int, commit_every_s: float,
+                 logger=None) -> tuple[NightTotals, int | None]:
+    """The night's fan-out: one Ray task per chunk of users (`run_chunk`: fit, stage rows, write records), a bounded
+    window in flight, the staged rows committed by this driver at most every `commit_every_s` and once at the end,
+    then the night tagged `night-<run_id>`. Keeps counts, not per-user records. Returns (totals, tagged version;
+    None when the table is still empty)."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from latentpref.tasks.policy.table import StagedChunk, night_tag
+    from latentpref.tasks.train.personalize import run_chunk
+    log_ = logger or logging.getLogger(__name__)
+    remote_fit = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(run_chunk)
+    read_version = table.latest_version()
+    # a bounded window of tasks in flight: each job carries its pairs, and submitting every chunk at once
+    # would put all of them in the object store together
+    in_flight = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    queue = iter(jobs)
+    pending = {}
+    totals = NightTotals()
+    to_commit = StagedChunk(read_version=read_version)
+    last_commit = time.monotonic()
+    with tqdm(total=n_users, desc="personalize users", unit="user") as bar:
+        while True:
+            for job in queue:
+                pending[remote_fit.remote(job)] = len(job.user_ids)
+                if len(pending) >= in_flight:
+                    break
+            if not pending:
+                break
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                result = ray.get(ref)
+                totals.add(result)
+                to_commit = to_commit + result["staged"]
+                bar.update(pending.pop(ref))
+                rate = bar.format_dict.get("rate")
+                eta = f"{(n_users - bar.n) / rate:.0f}s" if rate else "?"
+                log_.info("personalize: %d/%d users done, ETA %s", bar.n, n_users, eta)
+                console.progress("personalize", bar.n, n_users)
+            if to_commit.fragments and time.monotonic() - last_commit >= commit_every_s:
+                table.commit(to_commit, message=f"night {run_id}: {to_commit.users} users")
+                to_commit, last_commit = StagedChunk(read_version=read_version), time.monotonic()
+    table.commit(to_commit, message=f"night {run_id}: {to_commit.users} users")
+    return totals, (table.tag(night_tag(run_id)) if table.exists() else None)
+
+
+def merge_record_parts(store: Store, parts_dir: tuple[str, ...], records_path: tuple[str, ...]) -> str:
     """The tasks' per-user record files -> one Parquet table at `records_path`, one part in memory at a time; the
     parts are removed after. Returns the merged file's local copy (for MLflow; the caller removes it)."""
     import tempfile
@@ -149,8 +198,8 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
     from tqdm.auto import tqdm
 
     from latentpref.tasks.data.ipc import table_to_ipc
-    from latentpref.tasks.policy.table import PolicyTable, StagedChunk, night_tag
-    from latentpref.tasks.train.personalize import ChunkJob, run_chunk
+    from latentpref.tasks.policy.table import PolicyTable, night_tag
+    from latentpref.tasks.train.personalize import ChunkJob
     logger = get_run_logger()
     t0 = time.perf_counter()
     with mlflow.start_run(run_name="personalize", parent_run_id=parent_run_id, nested=True):
@@ -182,7 +231,6 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         cache_path = ("cache", clap.version, "texts.lance")
 
         fit = cfg.fit_settings()   # the same payload the evaluation times its refit with
-        remote_fit = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(run_chunk)
         table = PolicyTable(store, clap.version)
         read_version = table.latest_version()   # every task reads the users' rows of this version
         parts_dir = ("runs", parent_run_id, "personalize_users")
@@ -200,40 +248,12 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
                                night=parent_run_id,
                                records_path=(*parts_dir, f"part-{i // cfg.users_per_task:07d}.parquet"))
 
-        # a bounded window of tasks in flight: each job carries its pairs, and submitting every chunk at once
-        # would put all of them in the object store together
-        in_flight = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
-        queue = jobs()
-        pending = {}
-        totals = NightTotals()
-        to_commit = StagedChunk(read_version=read_version)
-        last_commit = time.monotonic()
-        with tqdm(total=len(everyone), desc="personalize users", unit="user") as bar:
-            while True:
-                for job in queue:
-                    pending[remote_fit.remote(job)] = len(job.user_ids)
-                    if len(pending) >= in_flight:
-                        break
-                if not pending:
-                    break
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    result = ray.get(ref)
-                    totals.add(result)
-                    to_commit = to_commit + result["staged"]
-                    bar.update(pending.pop(ref))
-                    rate = bar.format_dict.get("rate")
-                    eta = f"{(len(everyone) - bar.n) / rate:.0f}s" if rate else "?"
-                    logger.info("personalize: %d/%d users done, ETA %s", bar.n, len(everyone), eta)
-                    console.progress("personalize", bar.n, len(everyone))
-                if to_commit.fragments and time.monotonic() - last_commit >= cfg.commit_every_s:
-                    table.commit(to_commit, message=f"night {parent_run_id}: {to_commit.users} users")
-                    to_commit, last_commit = StagedChunk(read_version=read_version), time.monotonic()
-        table.commit(to_commit, message=f"night {parent_run_id}: {to_commit.users} users")
+        totals, policy_version = fan_out_fits(table, jobs(), len(everyone), run_id=parent_run_id,
+                                              max_retries=cfg.max_retries, commit_every_s=cfg.commit_every_s,
+                                              logger=logger)
         tag = night_tag(parent_run_id)
-        policy_version = table.tag(tag) if table.exists() else None
         records_path = ("runs", parent_run_id, "personalize_users.parquet")
-        local_records = _merge_parts(store, parts_dir, records_path)
+        local_records = merge_record_parts(store, parts_dir, records_path)
         seconds = time.perf_counter() - t0
         summary = PersonalizeSummary(records_path, cache_path, totals.users, totals.fitted, totals.unchanged,
                                      totals.cold_start, seconds, tag if policy_version is not None else None,

@@ -184,7 +184,8 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
             logger.info("pretrain: CLaP %s already trained (%s version %d), skipped", version, CLAP_MODEL_NAME,
                         model_version)
             store.write_json({"version": version}, "models", "clap", "current.json")
-            return ClapArtifact(version, folder, done.get("final_metrics", {}), skipped=True, read_pairs=_uses_pairs(cfg),
+            read = done.get("read_pairs", _uses_pairs(cfg))   # manifests from before the field: the settings say it
+            return ClapArtifact(version, folder, done.get("final_metrics", {}), skipped=True, read_pairs=read,
                                 model_name=CLAP_MODEL_NAME, model_version=model_version)
         use_gpu = _use_gpu(cfg.use_gpu)
         prefix_init = _prefix_init(cfg, data_cfg)
@@ -237,7 +238,7 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                           "ray_train_path": result.path, "base_model_path": list(data.base_model_path),
                           "base_model_version": data.base_model_version, "prompt_tokens": data_cfg.prompt_tokens,
                           "response_tokens": data_cfg.response_tokens, "clap_model_name": CLAP_MODEL_NAME,
-                          "clap_model_version": model_version}, *folder, MANIFEST)
+                          "clap_model_version": model_version, "read_pairs": _uses_pairs(cfg)}, *folder, MANIFEST)
         store.write_json({"version": version}, "models", "clap", "current.json")
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in final.items()})
         _tag_model_version(model_version, parent_run_id)

@@ -8,7 +8,8 @@ import torch
 from latentpref.tasks.data.store import MANIFEST, Store
 from latentpref.tasks.evaluate.serve_core import Release, publish_release
 from latentpref.tasks.policy.store import HEAD_FILE, fit_version
-from latentpref.tasks.policy.store import store_user as _store_user
+from latentpref.tasks.policy.store import store_users
+from latentpref.tasks.policy.table import PolicyTable, night_tag
 
 BASE = ("models", "base", "tiny-gpt2-tokenizer")
 PROMPT_TOKENS = 32
@@ -38,6 +39,7 @@ def write_users(store: Store, clap, clap_version: str, user_ids: list[str], *, s
     Q, D = clap.cfg.n_query, clap.cfg.latent_dim
     d = clap.encoder.features(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)).shape[-1]
     gen = torch.Generator().manual_seed(seed)
+    fits = []
     for i, user_id in enumerate(user_ids):
         weight, bias = init_params(1, Q, d, D)
         is_cold = user_id in cold
@@ -45,10 +47,11 @@ def write_users(store: Store, clap, clap_version: str, user_ids: list[str], *, s
             weight = weight + 3.0 * torch.randn(weight.shape, generator=gen)
             bias = bias + 3.0 * torch.randn(bias.shape, generator=gen)
         data_hash = f"s{seed}u{i}"
-        _store_user(store, user_id, fit_version(clap_version, "head-only", data_hash), HEAD_FILE,
-                    {"weight": weight[0], "bias": bias[0]},
-                    {"cold_start": is_cold, "n_pairs": 0 if is_cold else 8, "data_hash": data_hash,
-                     "clap_version": clap_version, "mode": "head-only", "fit_seconds": 0.0})
+        fits.append((user_id, fit_version(clap_version, "head-only", data_hash), HEAD_FILE,
+                     {"weight": weight[0], "bias": bias[0]},
+                     {"cold_start": is_cold, "n_pairs": 0 if is_cold else 8, "data_hash": data_hash,
+                      "clap_version": clap_version, "mode": "head-only", "fit_seconds": 0.0}))
+    store_users(store, fits)     # one commit, as a night's driver makes
 
 
 def night(store: Store, version: str, user_ids: list[str], *, seed: int, cold: tuple[str, ...] = (),
@@ -56,4 +59,8 @@ def night(store: Store, version: str, user_ids: list[str], *, seed: int, cold: t
     """One synthetic night: CLaP, then users, then (optionally) the release."""
     clap, _ = write_clap(store, version, seed=seed)
     write_users(store, clap, version, user_ids, seed=seed, cold=cold)
-    return publish_release(store, clap_version=version, run_id=f"night-{version}") if publish else None
+    if not publish:
+        return None
+    tag = night_tag(version)
+    PolicyTable(store, version).tag(tag)
+    return publish_release(store, clap_version=version, run_id=f"night-{version}", policy_tag=tag)

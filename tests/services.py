@@ -542,6 +542,38 @@ def copy_store(svc: Services, src: str, dst: str, folders: tuple[str, ...] = ("d
             fs.copy(f"{src}/{folder}", f"{dst}/{folder}", recursive=True)
 
 
+def lance_options(svc: Services) -> dict[str, str]:
+    """Lance storage options for the test's moto server (what Store.lance_options gives the night's processes)."""
+    return {"aws_endpoint": svc.s3.url, "allow_http": "true", "aws_region": "us-east-1",
+            "aws_access_key_id": svc.env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": svc.env["AWS_SECRET_ACCESS_KEY"],
+            "aws_session_token": svc.env.get("AWS_SESSION_TOKEN", "")}
+
+
+def policy_rows(svc: Services, store: str, at: str | int | None = None) -> dict[str, str]:
+    """user_id -> fit version in the store's (one) policy table at `at` (latest by default); {} before the first
+    commit."""
+    import lance
+    fs = svc.s3.fs()
+    root = store.removeprefix("s3://")
+    tables = [p for p in fs.ls(f"{root}/policies") if p.endswith(".lance")] if fs.exists(f"{root}/policies") else []
+    if not tables:
+        return {}
+    assert len(tables) == 1, tables
+    ds = lance.dataset(f"s3://{tables[0]}", version=at, storage_options=lance_options(svc))
+    rows = ds.to_table(columns=["user_id", "version"])
+    users = rows["user_id"].to_pylist()
+    assert len(users) == len(set(users)), f"a user with two rows: {sorted(users)}"
+    return dict(zip(users, rows["version"].to_pylist()))
+
+
+def policy_tags(svc: Services, store: str) -> list[str]:
+    import lance
+    fs = svc.s3.fs()
+    root = store.removeprefix("s3://")
+    (table,) = [p for p in fs.ls(f"{root}/policies") if p.endswith(".lance")]
+    return sorted(lance.dataset(f"s3://{table}", storage_options=lance_options(svc)).tags.list())
+
+
 def list_keys(svc: Services, prefix: str) -> list[str]:
     """Every object key under an s3 prefix (without the bucket)."""
     fs = svc.s3.fs()

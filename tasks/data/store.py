@@ -233,18 +233,7 @@ class Store:
         path = self._path(*parts)
         fs = self.fs
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            _replace_atomically(path, lambda fh: fh.write(data))
         else:   # one PUT: the object appears whole or not at all, so a retry can only rewrite the same bytes
             self._retry("write", parts, lambda: fs.pipe_file(path, data))
         return self.url(*parts)
@@ -254,18 +243,10 @@ class Store:
         into memory: for outputs that grow with the number of users."""
         path = self._path(*parts)
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            os.close(fd)
-            try:
-                shutil.copyfile(local_path, tmp)
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            def copy(fh) -> None:
+                with open(local_path, "rb") as src:
+                    shutil.copyfileobj(src, fh, 1 << 20)
+            _replace_atomically(path, copy)
         else:
             self._retry("write", parts, lambda: self.fs.put_file(local_path, path))
         return self.url(*parts)
@@ -399,6 +380,23 @@ class Store:
                 shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         return target
+
+
+def _replace_atomically(path: str, write: Callable[[Any], Any]) -> None:
+    """Write a local file through a temp file in the same folder (written, fsynced, renamed): readers see the old
+    file or the whole new one, never a part."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def json_bytes(obj: Any) -> bytes:

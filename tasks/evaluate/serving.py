@@ -101,7 +101,9 @@ class PersonalizedGenerator:
     def _policy(self, user_id: str):
         """The user's stored policy (`UserPolicy`), or a sentence saying why there is none (cached)."""
         if user_id not in self._policies:
-            found = load_user_policy(self.store, user_id)   # raises InvalidUserId for a malformed id
+            # the night the serving release pins for this CLaP (a tag), else the table's latest rows
+            found = load_user_policy(self.store, user_id, clap_version=self.clap_version,
+                                     at=self._pinned_night())   # raises InvalidUserId for a malformed id
             if found is None:
                 why = "has no fitted encoder"
             elif found.cold_start:
@@ -115,6 +117,18 @@ class PersonalizedGenerator:
                 log.warning("user %r %s: serving the population prior", user_id, why)
             self._policies[user_id] = why if why is not None else found
         return self._policies[user_id]
+
+    def _pinned_night(self) -> str | None:
+        """The policy tag of the store's serving release when it serves this CLaP version, else None (latest)."""
+        if not hasattr(self, "_night"):
+            from latentpref.tasks.evaluate.serve_core import current_release
+            try:
+                release = current_release(self.store)
+            except FileNotFoundError:
+                release = None
+            self._night = (release.policy_tag if release is not None and release.clap_version == self.clap_version
+                           else None)
+        return self._night
 
     @torch.no_grad()
     def latents(self, user_ids: list[str], prompts: list[str]) -> tuple[torch.Tensor, list[str | None]]:

@@ -208,11 +208,14 @@ class PolicyTable:
 
     # ------------------------------------------------------------------------------------------ writing
     def stage(self, fits: Sequence[tuple[str, str, str, dict[str, torch.Tensor], dict[str, Any]]], *,
-              read_version: int | None, night: str = "") -> tuple[StagedChunk, list[dict[str, Any]]]:
+              read_version: int | None, night: str = "", n_params: int | None = None
+              ) -> tuple[StagedChunk, list[dict[str, Any]]]:
         """Write the rows of `fits` (user_id, version, artifact, tensors, info) as one uncommitted fragment and find
         the rows they replace at `read_version`. Returns (the staged chunk, the records: manifest + `status`).
 
         Encoder-mode tensors (not the head / code offsets) go to a weights file referenced from the row.
+        `n_params`: the CLaP's head (or code-offset) size, for a table created by rows that carry none (a chunk of
+        encoder-mode users); otherwise read from the rows or the table.
         """
         from lance.fragment import write_fragments
 
@@ -243,7 +246,7 @@ class PolicyTable:
                          "manifest": json.dumps(manifest, default=float), "data_hash": info.get("data_hash"),
                          "cold_start": bool(info.get("cold_start")), "written_at": now, "night": night})
             records.append({**manifest, "status": "cold_start" if info.get("cold_start") else "fitted"})
-        n_params = self._n_params(rows)
+        n_params = self._n_params(rows, n_params)
         table = pa.Table.from_pylist(rows, schema=schema(n_params))
         self._ensure(n_params)
         fragments = write_fragments(table, self.uri, schema=table.schema,
@@ -255,15 +258,20 @@ class PolicyTable:
                 replaced = [int(a) for a in old["_rowaddr"].to_pylist()]
         return StagedChunk(list(fragments), replaced, read_version, len(rows)), records
 
-    def _n_params(self, rows: list[dict[str, Any]]) -> int:
+    def _n_params(self, rows: list[dict[str, Any]], declared: int | None = None) -> int:
         sizes = {len(r["params"]) for r in rows if r["params"] is not None}
+        if declared:
+            sizes.add(int(declared))
         ds = self.dataset()
         if ds is not None:
             sizes.add(ds.schema.field("params").type.list_size)
         if len(sizes) > 1:
             raise ValueError(f"policy table {self.store.url(*self.parts)}: rows of {sorted(sizes)} parameters; a "
                              "CLaP version's heads (or code offsets) all have one size")
-        return sizes.pop() if sizes else 0
+        if not sizes:
+            raise ValueError(f"policy table {self.store.url(*self.parts)}: no row carries parameters and no n_params "
+                             "was given: the head size of the CLaP cannot be known")
+        return sizes.pop()
 
     def _ensure(self, n_params: int) -> None:
         """Create the (empty) table so fragments can be written into it; two creators racing is fine."""

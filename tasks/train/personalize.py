@@ -189,11 +189,20 @@ def stage_chunk(job: ChunkJob) -> ChunkResult:
     chunk = _ChunkState(store, table, read_version, current)
     fit = _fit_code_chunk if is_discrete(cache) else _fit_gaussian_chunk
     records, fits = fit(job, chunk, cache, pairs, by_user)
-    staged, stored = table.stage(fits, read_version=read_version, night=job.night)
+    staged, stored = table.stage(fits, read_version=read_version, night=job.night, n_params=_head_size(cache))
     _fault_point()
     stored_by_user = {r["user_id"]: r for r in stored}
     records = [r if r is not None else stored_by_user[u] for u, r in zip(job.user_ids, records)]
     return ChunkResult(records, staged)
+
+
+def _head_size(cache: LatentCache) -> int:
+    """Floats of one user's row in the policy table: the Gaussian head (weight (Q, d, 2D/Q) + bias (Q, 2D/Q) =
+    2D(d + 1)) or a discrete CLaP's K code offsets."""
+    if is_discrete(cache):
+        return int(cache.prior_logits.shape[1])
+    d, D = int(cache.features.shape[2]), int(cache.mu.shape[1])
+    return 2 * D * (d + 1)
 
 
 @dataclass

@@ -1,16 +1,15 @@
 """A Ray worker process dies in the middle of the per-user fan-out: Ray retries its task, and every user
-ends with exactly one current artifact (nothing lost, nothing duplicated).
+ends with exactly one row in the policy table (nothing lost, nothing duplicated).
 
-The store is a copy of the shared night's finished stages (prepare, CLaP, latent cache) without user
-artifacts, so `latentpref personalize` skips straight to fitting every user on the 2-node cluster. The
-fault hook in tasks/train/personalize.py (`_fault_point`) is armed by creating the marker file named in
-the Ray nodes' environment: the first worker to reach it, with one user of its chunk already stored,
-removes the file and exits (os._exit), exactly like a killed process.
+The store is a copy of the shared night's finished stages (prepare, CLaP, latent table) without the policy table,
+so `latentpref personalize` skips straight to fitting every user on the 2-node cluster. The fault hook in
+tasks/train/personalize.py (`_fault_point`) is armed by creating the marker file named in the Ray nodes'
+environment: the first worker to reach it, with its chunk's rows already written as an uncommitted fragment,
+removes the file and exits (os._exit), exactly like a killed process. The driver never commits that fragment.
 """
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import mlflow
@@ -43,24 +42,17 @@ def test_killed_worker_is_retried_and_every_user_has_one_artifact(live_services,
         records = pq.read_table(io.BytesIO(fh.read())).to_pylist()
     users = [r["user_id"] for r in records]
     status = [r["status"] for r in records]
-    # nothing duplicated: one record per user; one version folder and one pointer per user folder
+    # nothing duplicated: one record and one row per user (the dead attempt's fragment is never committed)
     assert len(users) == len(set(users)) == 6
-    folders = {k.rsplit("/", 1)[0] for k in keys if k.startswith("users/") and k.endswith("/current.json")}
-    assert len(folders) == 6
-    assert {"/".join(k.split("/")[:3]) for k in keys if k.startswith("users/")} == folders   # no orphans
-    for folder in folders:
-        versions = {k.split("/")[3] for k in keys if k.startswith(folder + "/") and k.count("/") == 4}
-        current = json.loads(fs.cat_file(f"{root}/{folder}/current.json"))["version"]
-        assert versions == {current}
-        manifest = json.loads(fs.cat_file(f"{root}/{folder}/{current}/manifest.json"))
-        assert f"{folder}/{current}/{manifest.get('artifact', 'head.safetensors')}" in keys
-    # nothing lost: every user fitted (or cold start); the user the dead worker had already stored is found
-    # "unchanged" by the retried task, which fits the rest of the chunk
-    assert status.count("fitted") + status.count("unchanged") + status.count("cold_start") == 6
-    assert status.count("unchanged") == 1
+    rows = services.policy_rows(svc, store, f"night-{run_id}")
+    assert set(rows) == set(users)
+    assert {r["user_id"]: r["version"] for r in records} == rows
+    assert not [k for k in keys if k.startswith("users/")]            # no object per user
+    # nothing lost: every user fitted (or cold start) by the retried task
+    assert status.count("fitted") + status.count("cold_start") == 6 and status.count("unchanged") == 0
     client = mlflow.MlflowClient(tracking_uri=svc.mlflow.url)
     stage = client.search_runs([client.get_run(run_id).info.experiment_id],
                                f"tags.mlflow.parentRunId = '{run_id}' and attributes.run_name = 'personalize'")[0]
     assert stage.data.metrics["users"] == 6
-    print(f"worker kill: {status.count('fitted')} users fitted, {status.count('unchanged')} kept from the "
-          f"killed attempt, {status.count('cold_start')} cold start, 0 lost of 6")
+    print(f"worker kill: {status.count('fitted')} users fitted, {status.count('cold_start')} cold start, "
+          f"0 lost of 6, one row each")

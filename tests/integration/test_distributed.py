@@ -48,7 +48,8 @@ def test_results_landed_in_s3(live_services, night):
     keys = _store_keys(live_services, night)
     for pattern in (r"data/prompts/[0-9a-f]+/prompts\.parquet", r"data/candidates/[0-9a-f]+/candidates\.parquet",
                     r"data/population/[0-9a-f]+/pairs\.parquet", r"models/base/[0-9a-f]+/_manifest\.json",
-                    r"models/clap/[0-9a-f]+/_manifest\.json", r"cache/[0-9a-f]+/latents-[0-9a-f]+\.safetensors",
+                    r"models/clap/[0-9a-f]+/_manifest\.json", r"cache/[0-9a-f]+/texts\.lance/_versions/.+\.manifest",
+                    r"policies/[0-9a-f]+\.lance/_versions/.+\.manifest",
                     rf"runs/{night.run_id}/personalize_users\.parquet",
                     rf"runs/{night.run_id}/evaluation_per_user\.parquet", rf"runs/{night.run_id}/comparison\.parquet",
                     rf"runs/{night.run_id}/report/index\.html", rf"runs/{night.run_id}/nightly_report\.json"):
@@ -59,17 +60,11 @@ def test_results_landed_in_s3(live_services, night):
         if k.endswith(".parquet"):
             with fs.open(f"{root}/{k}", "rb") as fh:
                 assert pq.read_table(io.BytesIO(fh.read())).num_rows > 0, k
-    # one current artifact per user, each with its weights and manifest
+    # one row per user in the policy table, at the night's tag, and no object per user
     user_ids = _user_ids(live_services, night, keys)
-    currents = [k for k in keys if re.fullmatch(r"users/[0-9a-f]{2}/[0-9a-f]{64}/current\.json", k)]
-    assert len(currents) == len(user_ids) == 6
-    for cur in currents:
-        folder = cur.rsplit("/", 1)[0]
-        version = json.loads(fs.cat_file(f"{root}/{cur}"))["version"]
-        manifest = json.loads(fs.cat_file(f"{root}/{folder}/{version}/manifest.json"))   # weights + manifest
-        assert manifest["version"] == version
-        assert f"{folder}/{version}/{manifest.get('artifact', 'head.safetensors')}" in keys
-        assert sorted({k.split("/")[3] for k in keys if k.startswith(folder + "/") and k.count("/") == 4}) == [version]
+    rows = services.policy_rows(live_services, night.store, f"night-{night.run_id}")
+    assert set(rows) == set(user_ids) and len(user_ids) == 6
+    assert not [k for k in keys if k.startswith("users/")]
     assert not [k for k in keys if any(p.startswith(".tmp") for p in k.split("/"))]   # atomic writes only
     assert "locks/nightly.lock" not in keys   # released
 
