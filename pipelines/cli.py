@@ -165,9 +165,19 @@ def _serve(args) -> int:
     from latentpref.pipelines.serve import ServeOptions, run
     cfg = _load(args)
     options = ServeOptions(store=cfg.runtime.store, num_replicas=args.replicas, max_batch_size=args.max_batch_size,
-                           cache_users=args.cache_users, dtype=args.dtype, token_file=args.token_file)
-    run(options, host=args.host, port=args.port, ray_address=cfg.runtime.ray_address,
-        num_cpus=cfg.runtime.ray_num_cpus, object_store_mb=cfg.runtime.ray_object_store_mb)
+                           cache_users=args.cache_users, dtype=args.dtype, token_file=args.token_file,
+                           mlflow_tracking_uri=cfg.runtime.mlflow_tracking_uri)
+    from latentpref.pipelines.runtime import open_store
+    from latentpref.pipelines.serve import ServeStartFailed
+    from latentpref.tasks.evaluate.serve_core import current_release
+    try:
+        current_release(open_store(cfg.runtime))      # nothing to serve: say so before starting Ray
+        run(options, host=args.host, port=args.port, ray_address=cfg.runtime.ray_address,
+            num_cpus=cfg.runtime.ray_num_cpus, object_store_mb=cfg.runtime.ray_object_store_mb,
+            start_budget_s=args.start_budget)
+    except (ServeStartFailed, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     return 0
 
 
@@ -238,8 +248,13 @@ def _evaluation_runs(cfg, store, user_id: str) -> list[dict]:
 def _lineage(args) -> int:
     from latentpref.pipelines.runtime import open_store
     from latentpref.tasks.policy.store import current_fit
+    from latentpref.tasks.policy.forget import TOMBSTONES, is_forgotten, tombstone_key
     cfg = _load(args)
     store = open_store(cfg.runtime)
+    if is_forgotten(store, args.user_id):   # lineage keeps only the tombstone: a hash of the id and the time
+        stone = store.read_json(*TOMBSTONES, f"{tombstone_key(args.user_id)}.json")
+        print(json.dumps({"forgotten": True, **stone}, indent=2))
+        return 0
     fit = current_fit(store, args.user_id)
     if fit is None:
         print(f"user {args.user_id!r} has no stored fit in {store.url()}", file=sys.stderr)
@@ -291,6 +306,20 @@ def _policies(args) -> int:
     return 0
 
 
+def _forget(args) -> int:
+    """`latentpref forget USER_ID`: remove the user from the store and MLflow (tasks/policy/forget.py)."""
+    from latentpref.pipelines.runtime import mlflow_uris, open_store
+    from latentpref.tasks.data.locks import store_lock
+    from latentpref.tasks.policy.forget import forget_in_mlflow, forget_user
+    cfg = _load(args)
+    store = open_store(cfg.runtime)
+    with store_lock(store, "nightly", wait_s=args.wait):     # never beside a night's writes
+        report = forget_user(store, args.user_id)
+        report["mlflow"] = forget_in_mlflow(mlflow_uris(cfg.runtime, store)[0], args.user_id)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentpref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="LM precision: auto = bf16 autocast where the CPU computes it natively (runtime.lm_dtype)")
     p.add_argument("--token-file", help="require this bearer token (or set $LATENTPREF_SERVE_TOKEN)")
+    p.add_argument("--start-budget", type=float, default=600.0,
+                   help="seconds to keep retrying a start that fails (a busy box: e.g. beside a running night)")
     _config_args(p)
     p.set_defaults(func=_serve)
     p = sub.add_parser("report", help="render the HTML report of a nightly run")
@@ -345,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compact: night tags kept per table, newest first (the served release's is always kept)")
     _config_args(p)
     p.set_defaults(func=_policies)
+    p = sub.add_parser("forget", help="remove a user everywhere (feedback, policy tables and their old versions, "
+                                      "cached latents, run tables, logs, reports, MLflow); a tombstone keeps them out")
+    p.add_argument("user_id")
+    p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a running night's lock")
+    _config_args(p)
+    p.set_defaults(func=_forget)
     p = sub.add_parser("lineage", help="print the data/model chain behind a user's artifact")
     p.add_argument("user_id")
     _config_args(p)

@@ -169,6 +169,14 @@ def nightly(cfg: NightlyConfig, until: Stage = "report") -> NightlyReport:
                     if stop >= 4:
                         report.report_path, s = stage("report", report_stage, store, run_id)
                         _say(screen, "report", s, "HTML report rendered", report)
+                    # deletion requests served while this night held the store (DELETE /v1/users): purged now
+                    from latentpref.tasks.policy.forget import purge_pending
+                    try:
+                        purged = purge_pending(store, mlflow.get_tracking_uri())
+                        if purged:
+                            mlflow.log_metric("users_forgotten", purged)
+                    except Exception:   # the tombstones already keep them out; the purge stays queued
+                        log.exception("purging forgotten users failed; `latentpref forget` finishes it")
                 except BaseException as err:
                     failure = (current[0], err)
                     error = runs.describe_error(err)

@@ -46,7 +46,8 @@ def training_pairs(store: Store, data: DataArtifacts) -> pa.Table:
     ingested = read_feedback_store(store)
     if ingested is not None and ingested.num_rows:
         pairs = pa.concat_tables([pairs, ingested.select(cols).cast(pairs.schema)])
-    return pairs
+    from latentpref.tasks.policy.forget import drop_forgotten
+    return drop_forgotten(store, pairs)        # forgotten users never come back, whatever re-runs
 
 
 @dataclass
@@ -213,7 +214,8 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         pairs = training_pairs(store, data)
         tracking.log_table_input(data.pairs.url(store), name="pairs", digest=data.pairs.digest, context="training",
                                  rows=data.pairs.rows)
-        population = store.read_table(*data.users.path)["user_id"].to_pylist()
+        from latentpref.tasks.policy.forget import drop_forgotten
+        population = drop_forgotten(store, store.read_table(*data.users.path))["user_id"].to_pylist()
         everyone = list(dict.fromkeys(population + pairs["user_id"].to_pylist()))
         if user_ids is not None:
             wanted = set(user_ids)
@@ -275,7 +277,10 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
             release = publish_release(store, clap_version=clap.version, run_id=parent_run_id, mode=cfg.mode,
                                       n_users=summary.n_users, records_path=list(records_path),
                                       last_written_at=totals.last_written_at or None, policy_tag=tag,
-                                      policy_version=policy_version)
+                                      policy_version=policy_version,
+                                      # what an online refit (POST /v1/feedback) needs to write the night's row
+                                      pairs_path=list(data.pairs.path), fit=fit.as_dict(),
+                                      min_pairs=cfg.min_pairs, discrete_estimator=cfg.discrete_estimator)
             mlflow.set_tag("serving_release", release.release_id)
     logger.info("personalize: %d users (%d fitted, %d unchanged, %d cold start) in %.1fs", summary.n_users,
                 summary.n_fitted, summary.n_unchanged, summary.n_cold_start, seconds)

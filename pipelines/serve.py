@@ -1,6 +1,9 @@
 """`latentpref serve`: every user of a night behind one OpenAI-style completions API, on Ray Serve.
 
     POST /v1/completions   {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "user", "best_of"}
+    POST /v1/feedback      {"rows": [{"user_id", "prompt", "chosen", "rejected", ...}], "idempotency_key"}: stored
+                           as an ingest batch before the answer; the users refitted here within seconds
+    DELETE /v1/users/{id}  forget the user: personalization stops at once, every trace purged (tasks/policy/forget)
     GET  /v1/models        the served model id, CLaP version and release
     GET  /health           liveness + what is served (no token needed: for probes)
 
@@ -19,6 +22,7 @@ with the highest latent reward of the request's user returned; `personalization`
 # no `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -31,6 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
+from latentpref.tasks.evaluate.feedback import RateLimiter
 from latentpref.tasks.evaluate.serve_core import (
     BadRequest,
     CompletionRequest,
@@ -67,6 +72,15 @@ class ServeOptions(BaseModel):
     token_file: str | None = None      # bearer token file; $LATENTPREF_SERVE_TOKEN wins; neither = no auth
     onednn_cache: int = 128            # oneDNN kernels a replica keeps (one per bf16 matmul shape; oneDNN's
     #                                    default 1024 lets RSS grow ~200 MB with the shapes seen: evaluate/memory.py)
+    # POST /v1/feedback: rows stored as an ingest batch, the users refitted in this replica (head-only releases)
+    feedback_rate_per_s: float = 10.0  # per user: requests per second (token bucket), 429 + Retry-After beyond
+    feedback_burst: float = 10.0
+    feedback_max_rows: int = 1000      # rows per request
+    feedback_max_body_bytes: int = 4 * 1024 * 1024
+    online_refit: bool = True          # refit users on their feedback (False: stored, fitted at the next night)
+    online_poll_s: float = 1.0         # how often a replica looks for other replicas' online refits and tombstones
+    forget_lock_wait_s: float = 5.0    # DELETE /v1/users: wait this long for the store's night lock, else queue
+    mlflow_tracking_uri: str | None = None   # where forgotten users' MLflow runs are (default: the store's sqlite)
 
     def limits(self) -> ServeLimits:
         return ServeLimits(max_prompt_chars=self.max_prompt_chars, max_tokens_cap=self.max_tokens_cap,
@@ -97,8 +111,12 @@ class Completions:
         self.token = load_token(self.opts.token_file)
         self.store = Store(self.opts.store)
         self.state = self._load(current_release(self.store))
+        self.refitter = self._refitter(self.state)
+        self.limiter = RateLimiter(self.opts.feedback_rate_per_s, self.opts.feedback_burst)
         self.reloads = 0
         self.served = 0
+        self.feedback_requests = 0
+        self.refit_seconds: list[float] = []
         from latentpref.tasks.evaluate.batcher import ModelBatcher
         self.batcher = ModelBatcher(self._complete_batch, max_batch_size=self.opts.max_batch_size,
                                     wait_s=self.opts.batch_wait_timeout_s)
@@ -119,15 +137,50 @@ class Completions:
                  time.perf_counter() - t0)
         return state
 
+    def _refitter(self, state):
+        """The online refitter of a release (its fit settings, its CLaP), or None when refits are off."""
+        if not self.opts.online_refit:
+            return None
+        from latentpref.tasks.evaluate.feedback import OnlineRefitter
+        from latentpref.tasks.evaluate.serve_core import release_manifest
+        manifest = {**release_manifest(self.store, state.release), "release": state.release.release_id}
+        clap_manifest = self.store.read_json("models", "clap", state.release.clap_version, "_manifest.json")
+        refitter = OnlineRefitter(self.store, manifest, state.clap, state.tokenizer,
+                                  on_refit=lambda result, s=state: self._refitted(s, result),
+                                  prompt_tokens=int(clap_manifest.get("prompt_tokens", 64)),
+                                  response_tokens=int(clap_manifest.get("response_tokens") or 64))
+        if not refitter.available:
+            refitter.close()
+            return None
+        return refitter
+
+    def _refitted(self, state, result) -> None:
+        state.put_refit(result.policies)   # this replica answers with them from its next batch on
+        self.refit_seconds = (self.refit_seconds + [result.seconds])[-1000:]
+        log.info("online refit: %d users in %.2fs (%d texts encoded)", len(result.user_ids), result.seconds,
+                 result.encoded_texts)
+
     def _watch_releases(self) -> None:
         from latentpref.tasks.evaluate.memory import trim_memory
-        while not self._stop.wait(self.opts.reload_interval_s):
+        last_release_check = time.monotonic()
+        while not self._stop.wait(min(self.opts.online_poll_s, self.opts.reload_interval_s)):
+            try:
+                self.state.refresh_forgotten()   # deletion requests (other replicas, `latentpref forget`)
+                self.state.refresh_online()      # other replicas' online refits
+            except Exception:
+                log.exception("reading online refits / tombstones failed; retrying")
+            if time.monotonic() - last_release_check < self.opts.reload_interval_s:
+                continue
+            last_release_check = time.monotonic()
             trim_memory()      # freed batch tensors and replaced releases back to the OS: RSS stays flat
             try:
                 release = current_release(self.store)
                 if release.release_id != self.state.release.release_id:
                     new = self._load(release)
+                    old_refitter, self.refitter = self.refitter, self._refitter(new)
                     self.state = new           # one assignment: batches already running keep the old one
+                    if old_refitter is not None:
+                        old_refitter.close()
                     self.reloads += 1
             except Exception:   # a store hiccup must not kill the watcher: keep serving, retry next tick
                 log.exception("looking for a new serving release failed; still serving %s",
@@ -170,9 +223,84 @@ class Completions:
                       "total_tokens": c.prompt_tokens + chosen.completion_tokens},
             "personalization": {"served": "personalized" if c.personalized else "prior", "reason": c.reason,
                                 "user": req.user, "clap_version": release.clap_version,
-                                "user_artifact_version": c.user_artifact_version, "release": release.release_id,
+                                "user_artifact_version": c.user_artifact_version,
+                                "refitted_online": c.refitted_online, "release": release.release_id,
                                 "best_of": chosen.best_of, "best_of_reward": chosen.reward},
         }
+
+    @api.post("/v1/feedback")
+    async def feedback(self, request: Request):
+        """Store feedback rows (the ingest contract) durably, then refit their users in this replica."""
+        from latentpref.tasks.data import validate
+        from latentpref.tasks.data.ingest import store_feedback
+        from latentpref.tasks.evaluate.feedback import parse_feedback_request, retry_after_header
+        try:
+            check_bearer(request.headers.get("authorization"), self.token)
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.opts.feedback_max_body_bytes:
+                raise BadRequest(f"request body of {length} bytes exceeds {self.opts.feedback_max_body_bytes}",
+                                 status=413, code="body_too_large")
+            req = parse_feedback_request(await request.body(), request.headers.get("content-type"),
+                                         max_body_bytes=self.opts.feedback_max_body_bytes,
+                                         max_rows=self.opts.feedback_max_rows,
+                                         idempotency_key=request.headers.get("idempotency-key"))
+            wait = self.limiter.take(req.user_ids)
+            if wait > 0:
+                raise BadRequest(f"feedback rate limit of {self.opts.feedback_rate_per_s:g} requests per second per "
+                                 f"user reached; retry in {wait:.2f}s", status=429, code="rate_limited")
+        except BadRequest as err:
+            response = self._refuse(err)
+            if err.status == 429:
+                response.headers["Retry-After"] = retry_after_header(wait)
+            return response
+        # durable before the answer: the batch's files, then its commit marker (what the night reads)
+        report = await asyncio.to_thread(store_feedback, self.store, req.rows,
+                                         validate.QUARANTINE_SCHEMA.empty_table(), source="POST /v1/feedback",
+                                         rows_read=req.rows.num_rows, batch=req.batch or None)
+        self.feedback_requests += 1
+        refitter = self.refitter
+        if refitter is not None:
+            refitter.request(req.user_ids)
+        return {"object": "feedback", "batch": report.batch, "rows": req.rows.num_rows,
+                "accepted": report.rows_accepted, "duplicate_of_stored": report.rows_duplicate_of_stored,
+                "already_stored": report.already_ingested, "users": req.user_ids,
+                "refit": "queued" if refitter is not None else "next night",
+                "release": self.state.release.release_id}
+
+    @api.delete("/v1/users/{user_id}")
+    async def forget_user(self, user_id: str, request: Request):
+        """Forget a user: personalization stops at once (tombstone, this replica's cache; the others within
+        online_poll_s), then every trace is purged from the store and MLflow, now or, while a night holds the
+        store, when that night ends (202)."""
+        from latentpref.pipelines.config import RuntimeConfig
+        from latentpref.pipelines.runtime import mlflow_uris
+        from latentpref.tasks.data.locks import StoreLocked, store_lock
+        from latentpref.tasks.data.validate import InvalidUserId, check_user_id
+        from latentpref.tasks.policy.forget import forget_in_mlflow, forget_user, mark_forgotten
+        try:
+            check_bearer(request.headers.get("authorization"), self.token)
+            try:
+                check_user_id(user_id)
+            except InvalidUserId as err:
+                raise BadRequest(str(err), param="user_id", code="invalid_user_id") from None
+        except BadRequest as err:
+            return self._refuse(err)
+        stone = await asyncio.to_thread(mark_forgotten, self.store, user_id)
+        self.state.forget(user_id)
+
+        def purge():
+            try:
+                with store_lock(self.store, "nightly", wait_s=float(self.opts.forget_lock_wait_s)):
+                    report = forget_user(self.store, user_id)
+                    uri = self.opts.mlflow_tracking_uri or mlflow_uris(RuntimeConfig(store=self.opts.store),
+                                                                       self.store)[0]
+                    report["mlflow"] = forget_in_mlflow(uri, user_id)
+                    return 200, report
+            except StoreLocked:
+                mark_forgotten(self.store, user_id, pending=True)
+                return 202, {"tombstone": stone["user_key"], "purge": "queued until the running night ends"}
+        status, report = await asyncio.to_thread(purge)
+        return JSONResponse({"object": "user.deleted", "deleted": True, **report}, status_code=status)
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -191,7 +319,10 @@ class Completions:
         return {"status": "ok", "release": state.release.release_id, "clap_version": state.release.clap_version,
                 "reloads": self.reloads, "served": self.served, "batches": self.batcher.batches,
                 "mean_batch_size": round(self.batcher.items / max(self.batcher.batches, 1), 2),
-                "cached_users": len(state.users),
+                "cached_users": len(state.users), "feedback_requests": self.feedback_requests,
+                "online_refits": 0 if self.refitter is None else self.refitter.refits,
+                "online_refit_pending": 0 if self.refitter is None else self.refitter.pending(),
+                "online_refit_errors": 0 if self.refitter is None else self.refitter.errors,
                 "cache_capacity": state.users.capacity, "pid": os.getpid(), "rss_mb": round(_rss_mb(), 1)}
 
 
@@ -210,18 +341,58 @@ def app_builder(args: dict):
     return build_app(ServeOptions.model_validate(args))
 
 
+class ServeStartFailed(RuntimeError):
+    """`latentpref serve` could not start within its budget (the CLI prints this one line, no traceback)."""
+
+
+# Ray Serve's own readiness checks are sized for an idle machine (the proxy must answer within 5 s, three times):
+# beside a night's CPU-bound processes on a small box it is killed before it is up. A serving process gives them a
+# budget that survives a busy box; set the variables to override (a local Ray started here inherits this process's
+# environment; on a cluster, set them on the nodes).
+SERVE_READINESS_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+                       "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+                       "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "10"}
+
+
 def run(options: ServeOptions, *, host: str, port: int, ray_address: str | None = None, num_cpus: int = 2,
-        object_store_mb: int = 512, blocking: bool = True) -> None:
-    """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the app; block until Ctrl-C."""
+        object_store_mb: int = 512, blocking: bool = True, start_budget_s: float = 600.0) -> None:
+    """Start (or join) Ray, start Serve's HTTP proxy on host:port and deploy the app; block until Ctrl-C.
+
+    A start that fails (a busy box: the proxy or a replica not ready in time) is retried with backoff until
+    `start_budget_s` has passed.
+
+    Raises:
+        ServeStartFailed: the app could not be started within the budget; the message says why in one line.
+    """
     import ray
+    for key, value in SERVE_READINESS_ENV.items():
+        os.environ.setdefault(key, value)   # inherited by the Serve controller and proxy this process starts
     if not ray.is_initialized():
         if ray_address:
             ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING)
         else:
             ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 1024 * 1024,
                      include_dashboard=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+    deadline = time.monotonic() + start_budget_s
+    attempt, wait = 0, 2.0
+    while True:
+        attempt += 1
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+            break
+        except Exception as err:   # Ray raises several kinds (ActorDiedError, RuntimeError, TimeoutError, ...)
+            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+            if time.monotonic() + wait > deadline:
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
+                raise ServeStartFailed(f"serve could not start in {start_budget_s:.0f}s ({attempt} attempts; the "
+                                       f"box may be too busy, or see the Ray logs): last error {why}") from None
+            log.warning("serve start attempt %d failed (%s); retrying in %.0fs", attempt, why, wait)
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            time.sleep(wait)
+            wait = min(wait * 2, 30.0)
     log.info("serving %s on http://%s:%d/v1 (store %s)", options.model_name, host, port, options.store)
     if not blocking:
         return

@@ -26,7 +26,8 @@ def write_clap(store: Store, version: str, *, seed: int):
         tok.save_pretrained(store.url(*BASE))
         store.write_json({"spec": "tiny-gpt2"}, *BASE, MANIFEST)
     save_clap(clap, store.url("models", "clap", version))
-    store.write_json({"version": version, "base_model_path": list(BASE), "prompt_tokens": PROMPT_TOKENS},
+    store.write_json({"version": version, "base_model_path": list(BASE), "prompt_tokens": PROMPT_TOKENS,
+                      "response_tokens": 16},
                      "models", "clap", version, MANIFEST)
     store.write_json({"version": version}, "models", "clap", "current.json")   # as pretrain does, before users
     return clap, tok
@@ -54,13 +55,36 @@ def write_users(store: Store, clap, clap_version: str, user_ids: list[str], *, s
     store_users(store, fits)     # one commit, as a night's driver makes
 
 
+PAIRS = ("data", "population", "serve-test", "pairs.parquet")
+# the fit settings a synthetic release says its users were fitted with (what an online refit then uses)
+FIT = {"steps": 20, "lr": 0.05, "beta": 0.1, "n_samples": 4, "evidence_ratio": 0.5, "loss_type": "dpo", "seed": 0,
+       "noise_draws": 2, "code_evidence_ratio": 1.0}
+MIN_PAIRS = 2
+
+
+def pair_rows(user_id: str, n: int, *, offset: int = 0) -> list[dict]:
+    """n feedback rows of a user (the contract's columns)."""
+    return [{"user_id": user_id, "prompt": f"The movie {i} was", "chosen": f" wonderful and warm {i} .",
+             "rejected": f" dull and cold {i} ."} for i in range(offset, offset + n)]
+
+
+def write_pairs(store: Store, user_ids: list[str], n: int = 3) -> None:
+    """The night's simulated train pairs (split "train"), as prepare writes them."""
+    import pyarrow as pa
+    rows = [{**r, "weight": 1.0, "split": "train"} for u in user_ids for r in pair_rows(u, n)]
+    store.write_table(pa.Table.from_pylist(rows), *PAIRS)
+
+
 def night(store: Store, version: str, user_ids: list[str], *, seed: int, cold: tuple[str, ...] = (),
           publish: bool = True) -> Release | None:
-    """One synthetic night: CLaP, then users, then (optionally) the release."""
+    """One synthetic night: CLaP, then users, then (optionally) the release, published as the personalize stage
+    publishes it (night tag, pairs and fit settings for online refits)."""
     clap, _ = write_clap(store, version, seed=seed)
     write_users(store, clap, version, user_ids, seed=seed, cold=cold)
     if not publish:
         return None
+    write_pairs(store, user_ids)
     tag = night_tag(version)
     PolicyTable(store, version).tag(tag)
-    return publish_release(store, clap_version=version, run_id=f"night-{version}", policy_tag=tag)
+    return publish_release(store, clap_version=version, run_id=f"night-{version}", policy_tag=tag, mode="head-only",
+                           pairs_path=list(PAIRS), fit=FIT, min_pairs=MIN_PAIRS, discrete_estimator="dpo")

@@ -77,10 +77,18 @@ def ingest_feedback(uri: str, store: Store, *, max_text_chars: int = 20000) -> I
     good, bad = validate.validate_feedback(table, max_text_chars=max_text_chars, source=uri)
     if problems:   # rows the reader could not even parse go to quarantine too, with their reason
         bad = pa.concat_tables([bad, validate.problems_table(problems, uri)], promote_options="permissive")
-    batch = table_digest(good) if good.num_rows else table_digest(bad)
+    return store_feedback(store, good, bad, source=uri, rows_read=table.num_rows + len(problems))
+
+
+def store_feedback(store: Store, good: pa.Table, bad: pa.Table, *, source: str, rows_read: int,
+                   batch: str | None = None) -> IngestReport:
+    """Append validated rows to the feedback store as one batch (per-user files, quarantine, then the commit
+    marker last). `batch` (default: the digest of the rows) names it: a batch already committed is a no-op, so a
+    re-sent file, or a request re-sent under the same idempotency key, is stored once."""
+    batch = batch or (table_digest(good) if good.num_rows else table_digest(bad))
     if store.exists("feedback", "_batches", f"{batch}.json"):
         prev = store.read_json("feedback", "_batches", f"{batch}.json")
-        log.info("feedback batch %s from %s was already ingested", batch, uri)
+        log.info("feedback batch %s from %s was already ingested", batch, source)
         return IngestReport(**{**prev, "already_ingested": True})
 
     keys = {u: validate.user_storage_key(u) for u in set(good["user_id"].to_pylist())}
@@ -100,8 +108,20 @@ def ingest_feedback(uri: str, store: Store, *, max_text_chars: int = 20000) -> I
     reasons: dict[str, int] = {}
     for r in bad["reason"].to_pylist() if bad.num_rows else []:
         reasons[r] = reasons.get(r, 0) + 1
-    report = IngestReport(source=uri, batch=batch, rows_read=table.num_rows + len(problems), rows_accepted=good.num_rows,
+    report = IngestReport(source=source, batch=batch, rows_read=rows_read, rows_accepted=good.num_rows,
                           rows_quarantined=bad.num_rows, rows_duplicate_of_stored=dup_stored, users=len(keys),
                           already_ingested=False, quarantine_url=quarantine_url, reasons=reasons)
     store.write_json(report.to_dict(), "feedback", "_batches", f"{batch}.json")   # commit marker, last
     return report
+
+
+def committed_rows_for(store: Store, user_ids: list[str]) -> pa.Table | None:
+    """The committed feedback rows of these users (what the night reads for them), or None."""
+    committed = {n[: -len(".json")] for n in store.listdir("feedback", "_batches") if n.endswith(".json")}
+    tables = []
+    for user_id in user_ids:
+        key = validate.user_storage_key(user_id)
+        for name in store.listdir("feedback", f"user={key}"):
+            if name.startswith("batch-") and name.endswith(".parquet") and name[6:-8] in committed:
+                tables.append(store.read_table("feedback", f"user={key}", name))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None

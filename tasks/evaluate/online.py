@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ class Completion:
     personalized: bool
     reason: str | None                # why the population prior was served (None when personalized)
     user_artifact_version: str | None
+    refitted_online: bool = False     # the user's fit came from their feedback today (POST /v1/feedback)
 
 
 def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -85,6 +88,12 @@ class OnlineGenerator(PersonalizedGenerator):
         self.release = release
         self.dtype = dtype
         self.users: BoundedLRU[str | None, ServedUser] = BoundedLRU(cache_users)
+        # online refits (POST /v1/feedback) land in the policy table after the release's tag: the latest version,
+        # refreshed by `refresh_online`, answers for users refitted since (night `online-<release>`)
+        self._latest = None
+        self._online_seen_at = 0.0
+        self._pinned = threading.local()      # complete(): the entries a batch was answered with
+        self.forgotten: set[str] = set()      # tombstone keys (tasks/policy/forget.py): never personalized again
 
     @classmethod
     def from_release(cls, store: Store, release: Release, **kw) -> "OnlineGenerator":
@@ -111,10 +120,16 @@ class OnlineGenerator(PersonalizedGenerator):
         hit = self.users.get(user_id)
         if hit is not None:
             return hit
+        from latentpref.tasks.policy.forget import tombstone_key
         if user_id is None:
             entry = ServedUser("no user id in the request", None)
+        elif self.forgotten and tombstone_key(user_id) in self.forgotten:
+            entry = ServedUser("was forgotten (a deletion request)", None)
         else:
             policy, why = release_fit(self.store, user_id, self.release)
+            online = self._online_policy(user_id)
+            if online is not None:
+                policy, why = online, None
             if policy is None:
                 entry = ServedUser(why, None)
             elif policy.cold_start:
@@ -124,7 +139,68 @@ class OnlineGenerator(PersonalizedGenerator):
         self.users.put(user_id, entry)
         return entry
 
+    @property
+    def online_night(self) -> str:
+        from latentpref.tasks.evaluate.feedback import ONLINE_NIGHT_PREFIX
+        return f"{ONLINE_NIGHT_PREFIX}{self.release.release_id}"
+
+    def _online_policy(self, user_id: str):
+        """The user's row refitted online for this release (newer than its tag), or None."""
+        ds = self._latest
+        if ds is None:
+            return None
+        from latentpref.tasks.policy.table import INDEX_COLUMN
+        import pyarrow.compute as pc
+        from latentpref.tasks.policy.table import PolicyTable
+        rows = ds.to_table(filter=(pc.field(INDEX_COLUMN) == user_id) & (pc.field("night") == self.online_night))
+        if not rows.num_rows:
+            return None
+        table = PolicyTable(self.store, self.release.clap_version)
+        return table.policies_from_rows(rows)[user_id]
+
+    def refresh_online(self) -> int:
+        """Open the policy table's latest version; drop from the LRU every user refitted online since the last
+        call (by any replica), so their next request reads the new row. Returns how many were dropped."""
+        from latentpref.tasks.policy.table import PolicyTable
+        ds = PolicyTable(self.store, self.release.clap_version).dataset()
+        if ds is None or (self._latest is not None and ds.version == self._latest.version):
+            return 0
+        since = self._online_seen_at
+        self._online_seen_at = time.time() - 5.0      # a refit committing now with an earlier clock is seen next time
+        changed = ds.to_table(columns=["user_id"], filter=f"night = '{self.online_night}' AND written_at > {since}")
+        self._latest = ds
+        for user_id in set(changed["user_id"].to_pylist()):
+            self.users.pop(user_id)
+        return changed.num_rows
+
+    def forget(self, user_id: str) -> None:
+        """Stop personalizing the user now (this replica); `refresh_forgotten` spreads it to the others."""
+        from latentpref.tasks.policy.forget import tombstone_key
+        self.forgotten.add(tombstone_key(user_id))
+        self.users.pop(user_id)
+
+    def refresh_forgotten(self) -> None:
+        """Pick up tombstones written by other replicas or `latentpref forget`: their users leave the LRU."""
+        from latentpref.tasks.policy.forget import forgotten_keys, tombstone_key
+        keys = forgotten_keys(self.store)
+        if keys - self.forgotten:
+            self.forgotten = keys
+            for user_id in [u for u in self.users.keys() if u is not None and tombstone_key(u) in keys]:
+                self.users.pop(user_id)
+
+    def put_refit(self, policies: dict) -> None:
+        """Serve these freshly refitted policies from now on (this replica's own refits: no table read)."""
+        from latentpref.tasks.policy.forget import tombstone_key
+        for user_id, policy in policies.items():
+            if tombstone_key(user_id) in self.forgotten:
+                continue
+            self.users.put(user_id, ServedUser("has too little feedback (cold start)", policy.manifest["version"])
+                           if policy.cold_start else ServedUser(policy, policy.manifest["version"]))
+
     def _policy(self, user_id):   # PersonalizedGenerator._latents asks here: release-bound and LRU-bounded
+        pinned = getattr(self._pinned, "entries", None)
+        if pinned is not None and user_id in pinned:
+            return pinned[user_id].policy
         return self.served_user(user_id).policy
 
     # ------------------------------------------------------------------------------------------ generation
@@ -146,7 +222,12 @@ class OnlineGenerator(PersonalizedGenerator):
         users = [r.user for r in requests]
         entries = [self.served_user(u) for u in users]
         ids, mask = tokenize_prompts(self.tokenizer, [r.prompt for r in requests], self.prompt_tokens)
-        z, _ = self._latents(users, ids, mask)                                        # (B, D) float32
+        # the latents of exactly these entries (an online refit may replace a user's LRU entry meanwhile)
+        self._pinned.entries = dict(zip(users, entries))
+        try:
+            z, _ = self._latents(users, ids, mask)                                    # (B, D) float32
+        finally:
+            self._pinned.entries = None
         n_new = max(r.max_tokens for r in requests)
         temperature = torch.tensor([r.temperature for r in requests])
         top_p = torch.tensor([r.top_p for r in requests])
@@ -162,8 +243,9 @@ class OnlineGenerator(PersonalizedGenerator):
             if eos is not None and eos in row:
                 row, finish = row[:row.index(eos)], "stop"
             reason = e.policy if isinstance(e.policy, str) else None
+            online = reason is None and str(e.policy.manifest.get("night", "")).startswith("online-")
             out.append(Completion(self.tokenizer.decode(row, skip_special_tokens=True), finish, int(n_prompt),
-                                  len(row), reason is None, reason, e.artifact_version))
+                                  len(row), reason is None, reason, e.artifact_version, online))
         return out
 
     def _decode(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_new: int,

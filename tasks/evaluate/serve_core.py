@@ -46,7 +46,8 @@ class BadRequest(ValueError):
         self.status, self.param, self.code = status, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            self.status, "invalid_request_error")
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -219,6 +220,15 @@ class BoundedLRU(Generic[K, V]):
                 self._data.popitem(last=False)
                 self.evictions += 1
 
+    def keys(self) -> list[K]:
+        with self._lock:
+            return list(self._data)
+
+    def pop(self, key: K) -> V | None:
+        """Drop `key` (a stale entry); returns what it held."""
+        with self._lock:
+            return self._data.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -273,6 +283,14 @@ def current_release(store: Store) -> Release:
         return Release(f"legacy-{version}", version, None)
     raise FileNotFoundError(f"no serving release and no trained CLaP in store {store.url()}: "
                             "run `latentpref nightly` first")
+
+
+def release_manifest(store: Store, release: Release) -> dict[str, Any]:
+    """The release's manifest (what the personalize stage published: fit settings, pairs, policy tag, ...); {} for a
+    legacy release."""
+    if not store.exists(*RELEASES, release.release_id, MANIFEST):
+        return {"release": release.release_id, "clap_version": release.clap_version}
+    return store.read_json(*RELEASES, release.release_id, MANIFEST)
 
 
 def release_fit(store: Store, user_id: str, release: Release):

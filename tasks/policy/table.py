@@ -171,8 +171,11 @@ class PolicyTable:
 
     def policies(self, user_ids: Iterable[str], at: str | int | None = None) -> dict[str, "UserPolicy"]:
         """user_id -> UserPolicy (tensors and manifest) for users with a row at `at`."""
+        return self.policies_from_rows(self.rows(user_ids, at))
+
+    def policies_from_rows(self, tbl: pa.Table) -> dict[str, "UserPolicy"]:
+        """user_id -> UserPolicy of rows read from this table (all columns)."""
         from latentpref.tasks.policy.store import UserPolicy
-        tbl = self.rows(user_ids, at)
         out = {}
         for row in tbl.to_pylist():
             manifest = json.loads(row["manifest"])
@@ -239,7 +242,7 @@ class PolicyTable:
                 self.store.write_bytes(data, *blob_parts)
                 blob, nbytes = "/".join(blob_parts), len(data)
             manifest = {"user_id": user_id, "version": version, "artifact": artifact, "artifact_bytes": nbytes,
-                        "written_at": now, **info}
+                        "written_at": now, "night": night, **info}
             rows.append({"user_id": user_id, "version": version, "mode": manifest.get("mode", "head-only"),
                          "latent_type": manifest.get("latent_type", "gaussian"), "artifact": artifact,
                          "params": params, "shapes": json.dumps(flat_names), "blob": blob,

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from latentpref.pipelines.config import load_config
 from latentpref.pipelines.nightly import nightly
+from latentpref.tasks.data.store import Store
+from latentpref.tasks.policy.table import PolicyTable, night_tag
 
 pytestmark = pytest.mark.slow
 
@@ -60,16 +62,16 @@ def test_every_user_is_k_numbers_with_a_code_mixture(discrete_run):
     cfg, report, store = discrete_run
     assert report.users["fitted"] + report.users["cold_start"] == cfg.data.n_users
     assert report.users["fitted"] > 0
-    seen = 0
-    for dirpath, _, files in os.walk(os.path.join(store, "users")):
-        if "codes.safetensors" in files:
-            seen += 1
-            assert load_file(os.path.join(dirpath, "codes.safetensors"))["delta"].shape == (N_CODES,)
-            manifest = json.load(open(os.path.join(dirpath, "manifest.json")))
-            assert manifest["mode"] == "codes" and manifest["latent_type"] == "discrete"
-            assert len(manifest["code_mixture"]) == N_CODES
-            assert sum(manifest["code_mixture"]) == pytest.approx(1.0, abs=1e-4)
-    assert seen == cfg.data.n_users
+    # one row per user in the policy table: K code offsets and the manifest's code mixture
+    table = PolicyTable(Store(store), report.clap_version)
+    policies = table.policies([f"u{i:05d}" for i in range(cfg.data.n_users)], night_tag(report.run_id))
+    assert len(policies) == cfg.data.n_users
+    for policy in policies.values():
+        assert policy.tensors["delta"].shape == (N_CODES,) and policy.manifest["artifact"] == "codes.safetensors"
+        assert policy.manifest["mode"] == "codes" and policy.manifest["latent_type"] == "discrete"
+        assert len(policy.manifest["code_mixture"]) == N_CODES
+        assert sum(policy.manifest["code_mixture"]) == pytest.approx(1.0, abs=1e-4)
+    assert table.dataset().schema.field("params").type.list_size == N_CODES
 
 
 def test_evaluation_rows_and_report(discrete_run):

@@ -298,3 +298,33 @@ def test_prepared_texts_pass_the_feedback_validation(tiny_run):
     good, bad = validate_feedback(pa.table(rows))
     assert bad.num_rows == 0, bad.slice(0, 5).to_pylist()
     assert good.num_rows == len(texts) + prompts.num_rows
+
+
+def test_forgotten_user_is_gone_and_the_next_night_does_not_bring_them_back(tiny_run, capsys):
+    """`latentpref forget` on a real night's store: no file holds the id any more (policy table versions, run
+    tables, logs, MLflow's artifacts and database), lineage shows a tombstone, and the next night skips them.
+    Last in this file: it changes the shared store."""
+    from latentpref.pipelines.cli import main
+
+    cfg, report, store = tiny_run
+    victim = "u00003"
+    args = ["--store", store, "--preset", "tiny"]
+    assert main(["forget", victim, *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policies"]["rows"] >= 1 and out["mlflow"]["runs_deleted"] >= 1
+    left = []
+    for dirpath, _, files in os.walk(store):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as fh:
+                if victim.encode() in fh.read():
+                    left.append(path)
+    # the prepared data still names them (the simulated population; prepare's digest covers those files)?
+    assert not left, left
+    assert main(["lineage", victim, *args]) == 0
+    stone = json.loads(capsys.readouterr().out)
+    assert stone["forgotten"] is True and victim not in json.dumps(stone)
+    again = nightly(cfg, until="personalize")
+    records = pq.read_table(os.path.join(store, "runs", again.run_id, "personalize_users.parquet"))
+    assert victim not in records["user_id"].to_pylist()
+    assert victim not in PolicyTable(Store(store), report.clap_version).manifests([victim])

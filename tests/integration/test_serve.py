@@ -1,6 +1,7 @@
 """`latentpref serve` for real: one Ray Serve app over a small store (tests/serve_store.py), reached over HTTP on
 127.0.0.1: the completions contract, every bad-request kind answered 4xx while the server stays up, bearer token,
-batching of different users, the stock `openai` client, and a new night picked up with no mixed responses.
+batching of different users, the stock `openai` client, feedback refitting a user within seconds (stored first,
+idempotent, bad rows refused, rate-limited), and a new night picked up with no mixed responses.
 """
 import json
 import socket
@@ -198,6 +199,73 @@ def test_stock_openai_client(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).completions.create(
             model="latentpref", prompt="hi")
+
+
+def test_feedback_refits_the_user_within_seconds(server):
+    """POST /v1/feedback: stored before the 2xx, the user refitted in the replica, and the next completion for them
+    names the new fit version; a new user (no fit) becomes personalized the same way."""
+    base, store = server
+    before = complete(base, user="user-3")[1]["personalization"]
+    assert before["served"] == "personalized"
+    rows = serve_store.pair_rows("user-3", 4, offset=200) + serve_store.pair_rows("newcomer-1", 3, offset=300)
+    t0 = time.monotonic()
+    status, body = call(base, "/v1/feedback", {"rows": rows, "idempotency_key": "req-1"})
+    assert status == 200, body
+    assert body["accepted"] == 7 and body["users"] == ["newcomer-1", "user-3"] and body["refit"] == "queued"
+    from latentpref.tasks.data.ingest import committed_rows_for
+    assert committed_rows_for(store, ["user-3"]).num_rows == 4        # durable before the answer
+    deadline, after, new = time.monotonic() + 60, before, None
+    while time.monotonic() < deadline:
+        after = complete(base, user="user-3")[1]["personalization"]
+        new = complete(base, user="newcomer-1")[1]["personalization"]
+        if after["user_artifact_version"] != before["user_artifact_version"] and new["served"] == "personalized":
+            break
+        time.sleep(0.2)
+    seconds = time.monotonic() - t0
+    assert after["user_artifact_version"] != before["user_artifact_version"], after
+    assert after["refitted_online"] and not before["refitted_online"]
+    assert new["served"] == "personalized" and new["user_artifact_version"].startswith("clapv1-"), new
+    # the same request again (a client retry): stored once, nothing new to fit
+    status, again = call(base, "/v1/feedback", {"rows": rows, "idempotency_key": "req-1"})
+    assert status == 200 and again["already_stored"] and again["batch"] == body["batch"]
+    assert committed_rows_for(store, ["user-3"]).num_rows == 4
+    health = call(base, "/health", token=None)[1]
+    assert health["feedback_requests"] == 2 and health["online_refit_errors"] == 0
+    print(f"feedback to a completion naming the new fit: {seconds:.1f}s")
+
+
+def test_bad_feedback_is_refused_and_nothing_stored(server):
+    base, store = server
+    from latentpref.tasks.data.ingest import committed_rows_for
+    good = serve_store.pair_rows("user-4", 2, offset=400)
+    bad = {**serve_store.pair_rows("user-4", 1, offset=500)[0], "chosen": "nul\x00byte"}
+    status, body = call(base, "/v1/feedback", {"rows": good + [bad]})
+    assert status == 422 and body["error"]["message"].startswith("row 2: control_chars"), body
+    assert committed_rows_for(store, ["user-4"]) is None
+    assert call(base, "/v1/feedback", {"rows": good}, token="wrong")[0] == 401
+    assert call(base, "/v1/feedback", raw=b"{not json")[0] == 400
+    assert complete(base, user="user-4")[0] == 200          # the server stays up
+
+
+def test_feedback_rate_limit_per_user(server):
+    base, _ = server
+    codes = []
+    for i in range(14):   # default: 10 per second per user, bursts of 10
+        status, body = call(base, "/v1/feedback", {"rows": serve_store.pair_rows("user-5", 1, offset=600 + i)})
+        codes.append(status)
+    assert codes[:10] == [200] * 10 and 429 in codes[10:], codes
+    req = urllib.request.Request(base + "/v1/feedback", method="POST",
+                                 data=json.dumps({"rows": serve_store.pair_rows("user-5", 1, offset=700)}).encode())
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        retry_after = None
+    except urllib.error.HTTPError as err:
+        assert err.code == 429
+        retry_after = err.headers.get("Retry-After")
+    assert retry_after is None or int(retry_after) >= 1
+    assert call(base, "/v1/feedback", {"rows": serve_store.pair_rows("user-6", 1, offset=800)})[0] == 200
 
 
 def test_a_new_night_is_picked_up_atomically(server):
