@@ -172,15 +172,29 @@ def _rewrite_parquet_under(store: Store, parts: tuple[str, ...], user_id: str) -
                 table = pq.read_table(io.BytesIO(store.read_bytes(*path)))
             except Exception:       # not a table we can read: the text scrub still sees its bytes
                 continue
-            if "user_id" not in table.column_names:
-                continue
-            keep = pc.invert(pc.fill_null(pc.equal(table["user_id"], user_id), False))
-            kept = table.filter(keep)
-            if kept.num_rows != table.num_rows:
+            kept = table
+            if "user_id" in table.column_names:
+                kept = table.filter(pc.invert(pc.fill_null(pc.equal(table["user_id"], user_id), False)))
+            kept, mentions = _null_mentions(kept, user_id)
+            if kept.num_rows != table.num_rows or mentions:
                 store.write_table(kept, *path)
                 files += 1
                 rows += table.num_rows - kept.num_rows
     return {"files_rewritten": files, "rows_removed": rows}
+
+
+def _null_mentions(table: pa.Table, user_id: str) -> tuple[pa.Table, int]:
+    """Null every string cell of other rows that names the user (e.g. another user's `swap_partner`)."""
+    mentions = 0
+    for i, field in enumerate(table.schema):
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        hit = pc.fill_null(pc.match_substring(table.column(i), user_id), False)
+        n = pc.sum(hit).as_py() or 0
+        if n:
+            mentions += n
+            table = table.set_column(i, field, pc.if_else(hit, pa.scalar(None, field.type), table.column(i)))
+    return table, mentions
 
 
 def _lance_tables(store: Store, folder: tuple[str, ...]) -> list[tuple[str, ...]]:

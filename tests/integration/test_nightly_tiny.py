@@ -3,6 +3,7 @@
 One flow run (module-scoped fixture) is shared by the assertions below; a second run then checks that an
 unchanged night is skipped stage by stage.
 """
+import json
 import os
 
 import mlflow
@@ -307,7 +308,8 @@ def test_forgotten_user_is_gone_and_the_next_night_does_not_bring_them_back(tiny
     from latentpref.pipelines.cli import main
 
     cfg, report, store = tiny_run
-    victim = "u00003"
+    evaluated = pq.read_table(os.path.join(store, "runs", report.run_id, "evaluation_per_user.parquet"))
+    victim = sorted(set(evaluated["user_id"].to_pylist()))[0]      # one with MLflow runs of their own
     args = ["--store", store, "--preset", "tiny"]
     assert main(["forget", victim, *args]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -49,7 +49,8 @@ def server(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = ServeOptions(store=store.root, max_batch_size=16, batch_wait_timeout_s=0.05, cache_users=4,
-                               reload_interval_s=0.5, max_tokens_cap=24, token_file=str(token_file))
+                               reload_interval_s=0.5, max_tokens_cap=24, token_file=str(token_file),
+                               feedback_rate_per_s=0.5, feedback_burst=3)   # a limit sequential calls reach
         serve.run(build_app(options), name="latentpref", route_prefix="/")
         yield f"http://127.0.0.1:{port}", store
     finally:
@@ -250,10 +251,11 @@ def test_bad_feedback_is_refused_and_nothing_stored(server):
 def test_feedback_rate_limit_per_user(server):
     base, _ = server
     codes = []
-    for i in range(14):   # default: 10 per second per user, bursts of 10
+    for i in range(6):   # this server: 0.5 requests per second per user, bursts of 3
         status, body = call(base, "/v1/feedback", {"rows": serve_store.pair_rows("user-5", 1, offset=600 + i)})
         codes.append(status)
-    assert codes[:10] == [200] * 10 and 429 in codes[10:], codes
+    assert codes[:3] == [200] * 3 and 429 in codes[3:], codes
+    assert body["error"]["type"] == "rate_limit_error" if codes[-1] == 429 else True
     req = urllib.request.Request(base + "/v1/feedback", method="POST",
                                  data=json.dumps({"rows": serve_store.pair_rows("user-5", 1, offset=700)}).encode())
     req.add_header("Content-Type", "application/json")
