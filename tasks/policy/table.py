@@ -305,14 +305,21 @@ class PolicyTable:
             if frag is None:
                 raise RuntimeError(f"policy table {self.uri}: fragment {frag_id} of the night's read version is gone "
                                    "(compacted while the night ran?); re-run the night")
-            if len(offsets) >= frag.count_rows():
+            live = frag.count_rows()
+            if len(offsets) >= live:
                 removed.append(frag_id)
                 continue
-            meta = frag.delete(f"_rowoffset IN ({','.join(map(str, sorted(offsets)))})")
-            if meta is None:
-                removed.append(frag_id)
-            else:
-                updated.append(meta)
+            # full row addresses: Lance 14 matches `_rowoffset` only in fragment 0
+            addresses = ",".join(str((frag_id << 32) | o) for o in sorted(offsets))
+            deleted_before = frag.metadata.deletion_file.num_deleted_rows if frag.metadata.deletion_file else 0
+            meta = frag.delete(f"_rowaddr IN ({addresses})")
+            deleted_now = 0 if meta is None or meta.deletion_file is None else meta.deletion_file.num_deleted_rows
+            if meta is None or deleted_now != deleted_before + len(offsets):
+                # never commit a transaction that would keep a replaced row or drop a kept one
+                raise RuntimeError(f"policy table {self.uri}: deleting {len(offsets)} replaced rows of fragment "
+                                   f"{frag_id} ({live} live rows) deleted {deleted_now - deleted_before}; "
+                                   "nothing committed")
+            updated.append(meta)
         op = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
                                          new_fragments=list(staged.fragments))
         new = lance.LanceDataset.commit(self.uri, op, read_version=ds.version,

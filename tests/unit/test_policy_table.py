@@ -79,6 +79,32 @@ def test_staged_chunks_commit_together_and_tags_pin_a_night(tmp_path):
         table.dataset("night-nope")
 
 
+def test_upserts_across_many_fragments_keep_one_row_per_user(tmp_path):
+    """Tasks stage one fragment each, so a table has many; a night replaces rows spread over all of them (and a
+    fragment partly replaced twice), and every user keeps exactly one row, the newest."""
+    table = PolicyTable(Store(str(tmp_path)), "c1")
+    users = [f"u{i:03d}" for i in range(40)]
+    staged = None
+    for i in range(0, 40, 8):                     # 5 tasks -> 5 fragments
+        part, _ = table.stage([_fit(u, "a", 1.0) for u in users[i:i + 8]], read_version=None)
+        staged = part if staged is None else staged + part
+    table.commit(staged)
+    assert len(table.dataset().get_fragments()) == 5
+    for night, picked in (("b", users[3::3]), ("c", users[5::4])):
+        read = table.latest_version()
+        staged = None
+        for i in range(0, len(picked), 4):
+            part, _ = table.stage([_fit(u, night, 2.0) for u in picked[i:i + 4]], read_version=read)
+            staged = part if staged is None else staged + part
+        table.commit(staged)
+        rows = table.rows(users, columns=["user_id", "version"]).to_pylist()
+        assert sorted(r["user_id"] for r in rows) == users            # nobody lost, nobody twice
+    versions = {r["user_id"]: r["version"] for r in table.rows(users, columns=["user_id", "version"]).to_pylist()}
+    for u in users:
+        want = "c1-c" if u in users[5::4] else "c1-b" if u in users[3::3] else "c1-a"
+        assert versions[u] == want, u
+
+
 def test_lookup_after_commits_uses_the_user_id_index(tmp_path):
     table = PolicyTable(Store(str(tmp_path)), "c1")
     table.write([_fit(f"u{i:03d}", "a", 1.0) for i in range(50)])
