@@ -20,7 +20,10 @@ Steps (every phase's wall time and the load average go in the JSON: the box is s
    connection / 5xx / 429 (Retry-After honoured); meanwhile the completion clients keep requesting completions,
    polling first the users whose feedback was answered and whose new policy they have not seen yet (least recently
    polled first), other users otherwise. When `--kill-at` of the feedback requests have been answered, the serving
-   replica's process (pid from /health) gets SIGKILL; Serve starts a new one. After the last feedback answer the
+   replica's process (pid from /health) gets SIGKILL; Serve starts a new one, and the `--resend-after-kill` requests
+   answered last before the kill are sent again with the same key and rows (a client whose answer was lost in the
+   kill; requests in flight during the restart wait in Serve's proxy, so few fail on their own). After the last
+   feedback answer the
    completions go on until every feedback user was seen on a new policy or `--settle-s` passed.
 5. a night: `latentpref personalize --store COPY` (server still up, no load); the server picks up its release.
 6. forgetting: `--forget-cli` users with `latentpref forget`, `--forget-api` with `DELETE /v1/users/{id}` (server
@@ -277,6 +280,7 @@ class Load:
         self.stop = threading.Event()
         self.counter = 0
         self.kill: dict = {}
+        self.resent: list[dict] = []          # requests answered before the kill, sent again after it (same key)
         self.t0 = self.t_feedback_done = self.t_end = time.time()
 
     # completion clients ----------------------------------------------------------------------------------
@@ -327,7 +331,8 @@ class Load:
     # feedback clients ------------------------------------------------------------------------------------
     def send_feedback(self, client: Http, user: str, rows: list[dict], key: str, use_header: bool,
                       deadline: float) -> dict:
-        rec = {"user": user, "key": key, "rows": rows, "attempts": 0, "statuses": [], "t_first_send": time.time()}
+        rec = {"user": user, "key": key, "rows": rows, "attempts": 0, "statuses": [], "t_first_send": time.time(),
+               "use_header": use_header}
         backoff = 0.5
         while True:
             rec["attempts"] += 1
@@ -393,6 +398,9 @@ def kill_replica(port: int, load: Load, restart_budget_s: float) -> None:
         load.kill["error"] = "no /health answer before the kill"
         return
     pid = h["pid"]
+    with load.lock:
+        resend = [f for f in load.feedback if f.get("status") == 200][-load.args.resend_after_kill:] \
+            if load.args.resend_after_kill > 0 else []
     load.kill.update(pid=pid, at=time.time(), feedback_answered_before=sum(
         f.get("status") == 200 for f in load.feedback), health_before={k: h.get(k) for k in (
             "feedback_requests", "online_refits", "online_refit_pending", "online_refit_errors", "served")})
@@ -404,9 +412,20 @@ def kill_replica(port: int, load: Load, restart_budget_s: float) -> None:
         if h is not None and h.get("pid") != pid:
             load.kill.update(new_pid=h["pid"], restarted_at=time.time(),
                              restart_s=round(time.time() - load.kill["at"], 2))
-            return
+            break
         time.sleep(0.5)
-    load.kill["error"] = f"no new replica within {restart_budget_s:.0f}s"
+    else:
+        load.kill["error"] = f"no new replica within {restart_budget_s:.0f}s"
+        return
+    # a client whose answer was lost in the kill sends the same request again, with the SAME idempotency key: the
+    # last `resend_after_kill` requests answered before the kill, re-sent now (they must be stored once)
+    client = Http(port)
+    for f in resend:
+        again = load.send_feedback(client, f["user"], f["rows"], f["key"], f["use_header"],
+                                   deadline=time.monotonic() + load.args.retry_budget_s)
+        load.resent.append({"status": again.get("status"), "already_stored": again.get("already_stored"),
+                            "accepted": again.get("accepted"), "same_batch": again.get("batch") == f["batch"],
+                            "attempts": again["attempts"]})
 
 
 def run_feedback_load(port: int, pool: list[str], jobs: list[tuple], args) -> Load:
@@ -970,6 +989,13 @@ def run(args, write) -> dict:
                          "status_codes_seen": dict(collections.Counter(str(s) for f in load.feedback
                                                                        for s in f["statuses"])),
                          "failed_samples": [f.get("error") for f in load.feedback if f.get("status") != 200][:5],
+                         "resent_after_kill": {"requests": len(load.resent),
+                                               "answered_2xx": sum(r["status"] == 200 for r in load.resent),
+                                               "answered_already_stored": sum(bool(r["already_stored"])
+                                                                              for r in load.resent),
+                                               "same_batch": sum(bool(r["same_batch"]) for r in load.resent),
+                                               "rows_accepted_again": sum(r["accepted"] or 0 for r in load.resent
+                                                                          if not r["already_stored"])},
                          "seconds": round(load.t_feedback_done - load.t0, 1),
                          "requests_per_s": round(len(load.feedback) / max(load.t_feedback_done - load.t0, 1e-9), 2)},
             "feedback_to_policy": timing,
@@ -992,7 +1018,8 @@ def run(args, write) -> dict:
                          "feedback_interval_s": args.feedback_interval_s, "rows": rows_per,
                          "max_tokens": args.max_tokens, "decoding": "greedy", "replica_cpus": args.replica_cpus,
                          "ray_cpus": args.ray_cpus, "baseline_requests": args.baseline_requests,
-                         "kill_at": args.kill_at, "settle_s": args.settle_s, "retry_budget_s": args.retry_budget_s,
+                         "kill_at": args.kill_at, "resend_after_kill": args.resend_after_kill,
+                         "settle_s": args.settle_s, "retry_budget_s": args.retry_budget_s,
                          "forget_cli": args.forget_cli, "forget_api": args.forget_api,
                          "serve_options": options.model_dump(exclude={"store"}), "tiny": args.tiny,
                          "seed": args.seed, "reduced": args.reduced_note},
@@ -1080,6 +1107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-at", type=float, default=0.4, help="kill the replica after this share of feedback answers "
                                                               "(0: no kill)")
     p.add_argument("--restart-budget-s", type=float, default=300.0)
+    p.add_argument("--resend-after-kill", type=int, default=10,
+                   help="re-send this many requests answered just before the kill, same idempotency key, once the new "
+                        "replica answers (a client whose answer was lost): they must be stored once")
     p.add_argument("--retry-budget-s", type=float, default=300.0, help="how long a feedback request is retried")
     p.add_argument("--settle-s", type=float, help="after the last feedback answer: wait this long at most for every "
                                                   "user to be seen on a new policy (default 90; --tiny 30)")

@@ -315,7 +315,12 @@ def _forget(args) -> int:
     store = open_store(cfg.runtime)
     with store_lock(store, "nightly", wait_s=args.wait):     # never beside a night's writes
         report = forget_user(store, args.user_id)
-        report["mlflow"] = forget_in_mlflow(mlflow_uris(cfg.runtime, store)[0], args.user_id)
+        try:
+            report["mlflow"] = forget_in_mlflow(mlflow_uris(cfg.runtime, store)[0], args.user_id)
+        except Exception as err:
+            print(json.dumps(report, indent=2))
+            print(f"error: the store is purged but MLflow is not: {err} (run the command again)", file=sys.stderr)
+            return 1
     print(json.dumps(report, indent=2))
     return 0
 

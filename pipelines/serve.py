@@ -79,12 +79,20 @@ class ServeOptions(BaseModel):
     feedback_max_body_bytes: int = 4 * 1024 * 1024
     online_refit: bool = True          # refit users on their feedback (False: stored, fitted at the next night)
     online_poll_s: float = 1.0         # how often a replica looks for other replicas' online refits and tombstones
+    refit_recover_after_s: float = 30.0   # a refit marker this old with no live owner is re-queued here
     forget_lock_wait_s: float = 5.0    # DELETE /v1/users: wait this long for the store's night lock, else queue
     mlflow_tracking_uri: str | None = None   # where forgotten users' MLflow runs are (default: the store's sqlite)
 
     def limits(self) -> ServeLimits:
         return ServeLimits(max_prompt_chars=self.max_prompt_chars, max_tokens_cap=self.max_tokens_cap,
                            default_max_tokens=self.default_max_tokens, max_best_of=self.max_best_of)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
 def _rss_mb() -> float:
@@ -152,6 +160,7 @@ class Completions:
         if not refitter.available:
             refitter.close()
             return None
+        refitter.recover()          # refits a replica that died (or this one, before a restart) still owed
         return refitter
 
     def _refitted(self, state, result) -> None:
@@ -167,6 +176,8 @@ class Completions:
             try:
                 self.state.refresh_forgotten()   # deletion requests (other replicas, `latentpref forget`)
                 self.state.refresh_online()      # other replicas' online refits
+                if self.refitter is not None:    # markers a dead replica left (older than any live refit takes)
+                    self.refitter.recover(older_than_s=self.opts.refit_recover_after_s)
             except Exception:
                 log.exception("reading online refits / tombstones failed; retrying")
             if time.monotonic() - last_release_check < self.opts.reload_interval_s:
@@ -259,8 +270,9 @@ class Completions:
                                          rows_read=req.rows.num_rows, batch=req.batch or None)
         self.feedback_requests += 1
         refitter = self.refitter
-        if refitter is not None:
-            refitter.request(req.user_ids)
+        if refitter is not None:   # a durable marker first: a replica dying before the refit does not lose it
+            await asyncio.to_thread(refitter.mark_pending, req.user_ids, report.batch)
+            refitter.request(req.user_ids, report.batch)
         return {"object": "feedback", "batch": report.batch, "rows": req.rows.num_rows,
                 "accepted": report.rows_accepted, "duplicate_of_stored": report.rows_duplicate_of_stored,
                 "already_stored": report.already_ingested, "users": req.user_ids,
@@ -294,7 +306,11 @@ class Completions:
                     report = forget_user(self.store, user_id)
                     uri = self.opts.mlflow_tracking_uri or mlflow_uris(RuntimeConfig(store=self.opts.store),
                                                                        self.store)[0]
-                    report["mlflow"] = forget_in_mlflow(uri, user_id)
+                    try:
+                        report["mlflow"] = forget_in_mlflow(uri, user_id)
+                    except Exception as err:   # the store is purged; say what is left instead of a bare 500
+                        return 500, {**report, "mlflow": {"error": str(err)[:500]},
+                                     "purge": "store done, MLflow incomplete: DELETE again or `latentpref forget`"}
                     return 200, report
             except StoreLocked:
                 mark_forgotten(self.store, user_id, pending=True)
@@ -323,6 +339,8 @@ class Completions:
                 "online_refits": 0 if self.refitter is None else self.refitter.refits,
                 "online_refit_pending": 0 if self.refitter is None else self.refitter.pending(),
                 "online_refit_errors": 0 if self.refitter is None else self.refitter.errors,
+                "online_refit_seconds_p50": _quantile(self.refit_seconds, 0.5),
+                "online_refit_seconds_p99": _quantile(self.refit_seconds, 0.99),
                 "cache_capacity": state.users.capacity, "pid": os.getpid(), "rss_mb": round(_rss_mb(), 1)}
 
 

@@ -185,6 +185,7 @@ class OnlineRefitter:
         self.prompt_tokens, self.response_tokens = prompt_tokens, response_tokens
         self.max_users = max_users_per_refit
         self._pending: dict[str, float] = {}
+        self._markers: dict[str, set[str]] = {}     # durable marker (feedback batch) -> its users
         self._cv = threading.Condition()
         self._stop = False
         self._pairs: pa.Table | None = None
@@ -199,12 +200,56 @@ class OnlineRefitter:
         """Whether the release says how its users were fitted (releases from before online refits do not)."""
         return self.manifest.get("mode") == "head-only" and self.manifest.get("fit") is not None
 
-    def request(self, user_ids: list[str]) -> None:
+    def request(self, user_ids: list[str], batch: str | None = None) -> None:
+        """Queue refits of these users; `batch` names a durable marker (`mark_pending`) removed once every user of
+        it is refitted, so refits a dying replica still owed are picked up by `recover`."""
         now = time.time()
         with self._cv:
             for u in user_ids:
                 self._pending.setdefault(u, now)
+            if batch is not None:
+                self._markers[batch] = set(user_ids)
             self._cv.notify()
+
+    # durable markers: serving/refits/<release>/<batch>.json {users, at}, written before the feedback's 2xx
+    def _marker_dir(self) -> tuple[str, ...]:
+        return ("serving", "refits", str(self.manifest.get("release", "")))
+
+    def mark_pending(self, user_ids: list[str], batch: str) -> None:
+        from latentpref.tasks.data.store import json_bytes
+        self.store.write_bytes(json_bytes({"users": sorted(user_ids), "at": time.time()}),
+                               *self._marker_dir(), f"{batch}.json")
+
+    def recover(self, older_than_s: float = 0.0) -> int:
+        """Re-queue the refits of markers no replica cleared (a replica died with them queued). Returns how many
+        markers were re-queued. A refit done twice writes the same row: harmless."""
+        now, n = time.time(), 0
+        with self._cv:
+            owned = set(self._markers)
+        for name in self.store.listdir(*self._marker_dir()):
+            batch = name.removesuffix(".json")
+            if not name.endswith(".json") or batch in owned:
+                continue
+            try:
+                marker = self.store.read_json(*self._marker_dir(), name)
+            except (OSError, ValueError):
+                continue
+            if now - float(marker.get("at", now)) >= older_than_s:
+                self.request(list(marker["users"]), batch)
+                n += 1
+        return n
+
+    def _clear_markers(self, refitted: set[str]) -> None:
+        with self._cv:
+            waiting = set(self._pending)
+            done = [b for b, users in self._markers.items() if users <= refitted and not users & waiting]
+            for b in done:
+                del self._markers[b]
+        for b in done:
+            try:
+                self.store.delete(*self._marker_dir(), f"{b}.json")
+            except OSError:
+                log.warning("could not remove refit marker %s; it is re-queued later (harmless)", b)
 
     def pending(self) -> int:
         with self._cv:
@@ -225,7 +270,9 @@ class OnlineRefitter:
                 users = sorted(self._pending, key=self._pending.get)[:self.max_users]
                 requested = {u: self._pending.pop(u) for u in users}
             try:
-                self.on_refit(self.refit(users, requested))
+                result = self.refit(users, requested)
+                self.on_refit(result)
+                self._clear_markers(set(users))   # forgotten users (skipped) count as done too
             except Exception:    # the feedback is stored: the next request or the night fits it
                 self.errors += 1
                 log.exception("online refit of %d users failed; their feedback is stored and the night fits it",

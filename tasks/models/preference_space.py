@@ -13,6 +13,8 @@ Plain PyTorch; fp32 whatever the LM's dtype.
 """
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +49,12 @@ def pooled_states(base_lm, prompt_ids: Tensor, prompt_mask: Tensor, response_ids
     mask = torch.cat([prompt_mask, response_mask], dim=1).long()
     positions = (mask.cumsum(1) - 1).clamp(min=0)
 
+    caller = threading.get_ident()
+
     def stop(_module, _inputs, output):
-        raise _Reached(output[0] if isinstance(output, tuple) else output)
+        # only this call's forward stops here: a server decodes with the same LM in another thread meanwhile
+        if threading.get_ident() == caller:
+            raise _Reached(output[0] if isinstance(output, tuple) else output)
 
     handle = blocks[layer - 1].register_forward_hook(stop)
     try:

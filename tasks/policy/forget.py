@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import logging
 import time
 from typing import Any, Iterable
@@ -104,6 +105,7 @@ def forget_user(store: Store, user_id: str) -> dict[str, Any]:
     report: dict[str, Any] = {"tombstone": stone["user_key"]}
     texts = _own_texts(store, user_id)
     report["feedback"] = _forget_feedback(store, user_id)
+    report["legacy_files"] = _forget_legacy_folder(store, user_id)
     report["data"] = _rewrite_parquet_under(store, ("data",), user_id)
     report["policies"] = _forget_policies(store, user_id)
     report["latents"] = _forget_texts(store, texts)
@@ -144,6 +146,15 @@ def _own_texts(store: Store, user_id: str) -> dict[str, set]:
     own = {t for t in mine - others if isinstance(t, str) and t.strip()}
     return {"own": own, "keys": {t for t in mine - others if isinstance(t, tuple)} |
             {("p", t) for t in own}}
+
+
+def _forget_legacy_folder(store: Store, user_id: str) -> int:
+    """The per-user folder of a store from before the policy table (kept by the migration): deleted."""
+    from latentpref.tasks.policy.store import user_folder
+    files = _files_under(store, user_folder(user_id))
+    for path in files:
+        store.delete(*path)
+    return len(files)
 
 
 def _forget_feedback(store: Store, user_id: str) -> dict[str, int]:
@@ -189,7 +200,9 @@ def _null_mentions(table: pa.Table, user_id: str) -> tuple[pa.Table, int]:
     for i, field in enumerate(table.schema):
         if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
             continue
-        hit = pc.fill_null(pc.match_substring(table.column(i), user_id), False)
+        # the id as a whole token (ids are [A-Za-z0-9._@-]): forgetting "u1" leaves "u12" alone
+        pattern = f"(^|[^A-Za-z0-9._@-]){re.escape(user_id)}($|[^A-Za-z0-9._@-])"
+        hit = pc.fill_null(pc.match_substring_regex(table.column(i), pattern), False)
         n = pc.sum(hit).as_py() or 0
         if n:
             mentions += n
@@ -206,7 +219,8 @@ def _lance_tables(store: Store, folder: tuple[str, ...]) -> list[tuple[str, ...]
     return sorted(set(found))
 
 
-def _purge(ds, predicate: str, *, served_tags: set[str], options: dict | None) -> dict[str, Any]:
+def _purge(ds, predicate: str, *, served_tags: set[str], options: dict | None,
+           index_column: str | None = None) -> dict[str, Any]:
     """Delete rows matching `predicate` from a Lance dataset so no kept version holds them: delete, rewrite the
     data files with deletions, move served tags to that version and drop the other tags of versions that still
     held them, then remove every unreferenced version and file."""
@@ -224,6 +238,10 @@ def _purge(ds, predicate: str, *, served_tags: set[str], options: dict | None) -
     ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0)
     import lance
     ds = lance.dataset(ds.uri, storage_options=options)
+    if index_column is not None and ds.count_rows():
+        # the index's own files hold the keys it was built on: rebuild it from the rows that are left
+        ds.create_scalar_index(index_column, index_type="BTREE", replace=True)
+        ds = lance.dataset(ds.uri, storage_options=options)
     new_version = ds.version
     moved, dropped = [], []
     for tag in holding:
@@ -256,7 +274,8 @@ def _forget_policies(store: Store, user_id: str) -> dict[str, Any]:
     for parts in _lance_tables(store, ("policies",)):
         ds = lance.dataset(store.lance_uri(*parts), storage_options=store.lance_options())
         quoted = user_id.replace("'", "''")
-        done = _purge(ds, f"user_id = '{quoted}'", served_tags=served, options=store.lance_options())
+        done = _purge(ds, f"user_id = '{quoted}'", served_tags=served, options=store.lance_options(),
+                      index_column="user_id")
         out["tables"] += 1
         out["rows"] += done["rows"]
         out["tags_dropped"] += len(done["tags_dropped"])
@@ -284,7 +303,8 @@ def _forget_texts(store: Store, texts: dict[str, set]) -> dict[str, Any]:
     for parts in _lance_tables(store, ("cache",)):
         ds = lance.dataset(store.lance_uri(*parts), storage_options=store.lance_options())
         listed = ", ".join(f"'{k}'" for k in sorted(keys))
-        done = _purge(ds, f"key IN ({listed})", served_tags=served, options=store.lance_options())
+        done = _purge(ds, f"key IN ({listed})", served_tags=served, options=store.lance_options(),
+                      index_column="key")
         out["tables"] += 1
         out["rows"] += done["rows"]
     return out
@@ -328,17 +348,24 @@ def forget_in_mlflow(tracking_uri: str, user_id: str) -> dict[str, int]:
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     if "'" in user_id or "\\" in user_id:
         return {"runs_deleted": 0}
+    from mlflow.entities import ViewType
     ids = []
-    for exp in client.search_experiments():
+    for exp in client.search_experiments(view_type=ViewType.ALL):
+        # deleted runs too: a purge interrupted after delete_run finishes on the next try
         for run in client.search_runs([exp.experiment_id], filter_string=f"tags.user_id = '{user_id}'",
-                                      max_results=10_000):
-            client.delete_run(run.info.run_id)
+                                      run_view_type=ViewType.ALL, max_results=10_000):
+            if run.info.lifecycle_stage != "deleted":
+                client.delete_run(run.info.run_id)
             ids.append(run.info.run_id)
     vacuumed = 0
     if tracking_uri.startswith("sqlite:///"):
         if ids:
-            subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri,
-                            "--run-ids", ",".join(ids)], check=True, capture_output=True, timeout=600)
+            done = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri,
+                                   "--tracking-uri", tracking_uri, "--run-ids", ",".join(ids)],
+                                  capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"mlflow gc of the user's {len(ids)} runs failed: "
+                                   f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         import sqlite3
         with sqlite3.connect(tracking_uri.removeprefix("sqlite:///")) as db:
             db.execute("VACUUM")

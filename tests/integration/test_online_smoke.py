@@ -40,7 +40,11 @@ def test_online_tiny_loses_nothing_counts_nothing_twice_and_forgets(tmp_path):
     assert [a["status"] for a in r["forget"]["api"]] == [200]
     assert r["forget"]["still_personalized_after"] == 0
     assert r["kill"].get("new_pid") and r["kill"]["new_pid"] != r["kill"]["pid"], r["kill"]   # Serve restarted it
-    assert r["completion_p99_ms"] > 0 and r["completion_p99_ms_without_feedback"] > 0
+    resent = r["feedback"]["resent_after_kill"]          # answers lost in the kill: the same request again
+    assert resent["requests"] >= 1 and resent["answered_already_stored"] == resent["requests"] == resent["same_batch"]
+    assert r["completion_p99_ms_without_feedback"] > 0 and r["completions"]["requests"] > 0
+    # tiny loads are short: every completion may overlap the kill window, which completion_p99_ms leaves out
+    assert r["completion_p99_ms"] is None or r["completion_p99_ms"] > 0
     assert r["night"]["rc"] == 0 and sum(r["night"]["feedback_users"].values()) == 6
     assert len(r["machine"]["load_average_at_start"]) == 3 and r["settings"]["tiny"] is True
     print(f"online --tiny: {seconds:.0f}s; feedback_to_policy p99 {r['feedback_to_policy_p99_s']}s, "

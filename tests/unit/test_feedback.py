@@ -158,3 +158,28 @@ def test_an_online_refit_writes_the_row_the_night_would(tmp_path):
                                pairs_ipc=table_to_ipc(pairs), fit=serve_store.FIT, mode="head-only",
                                min_pairs=serve_store.MIN_PAIRS))
     assert {r["status"] for r in night} == {"unchanged"}
+
+
+def test_a_refit_owed_by_a_dead_replica_is_recovered(tmp_path):
+    """The marker written before the feedback's 2xx outlives the replica: a new refitter re-queues it, and the
+    marker goes once the refit is done."""
+    from latentpref.tasks.evaluate.feedback import RefitResult
+    store = Store(str(tmp_path))
+    manifest = {"clap_version": "v", "release": "r1"}
+    dead = OnlineRefitter(store, manifest, None, None, on_refit=lambda r: None, prompt_tokens=8, response_tokens=8)
+    dead.close()                                   # dies before refitting
+    dead.mark_pending(["u1", "u2"], "batch-1")
+    done = []
+    live = OnlineRefitter.__new__(OnlineRefitter)
+    OnlineRefitter.__init__(live, store, manifest, None, None, on_refit=done.append, prompt_tokens=8,
+                            response_tokens=8)
+    live.refit = lambda users, requested=None: RefitResult(list(users), {}, [], 0, 0.0)
+    assert live.recover(older_than_s=0.0) == 1
+    deadline = time.monotonic() + 5
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while store.listdir("serving", "refits", "r1") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    live.close()
+    assert done and sorted(done[0].user_ids) == ["u1", "u2"]
+    assert store.listdir("serving", "refits", "r1") == []
