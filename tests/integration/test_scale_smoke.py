@@ -55,9 +55,14 @@ def test_scale_quick_writes_every_key_with_sane_values(tmp_path):
     assert t["row_bytes"] >= 4 * 4160 and t["files"] > 0 and t["upsert_s"] > 0
     assert 0 < t["lookup_p50_ms"] <= t["lookup_p99_ms"]
     assert t["lookup_detail"]["lookups_not_one_row"] == 0              # the upsert replaced, not duplicated
+    assert t["row_delete_check"]["duplicates"] == 0                    # upserts outside fragment 0 too
+    probe = t["compaction_probe"]
+    assert probe["fragments_after"] < probe["fragments_before"]
+    assert probe["after"]["policy_columns"]["lookups_not_one_row"] == 0
 
     s = r["s3"]
     assert s["rows"] == 2_000 and s["row_bytes"] >= 4 * 4160 and s["puts_per_night"] > 0
+    assert s["puts_per_night"] == s["night"]["s3_requests"]["PUT"]
     assert 0 < s["lookup_p50_ms"] <= s["lookup_p99_ms"]
     assert s["lookup_detail"]["lookups_not_one_row"] == 0
     assert s["night"]["objects_written"] <= 3 * s["night"]["tasks"] + 50
