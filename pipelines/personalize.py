@@ -18,7 +18,7 @@ from latentpref.pipelines import console, tracking
 from latentpref.pipelines.config import DataConfig, PersonalizeConfig
 from latentpref.pipelines.pretrain import ClapArtifact
 from latentpref.tasks.data.prepare import DataArtifacts
-from latentpref.tasks.data.store import Store, json_digest, table_digest
+from latentpref.tasks.data.store import Store
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,6 @@ def _encode_new_texts(store: Store, clap: ClapArtifact, data: DataArtifacts, pai
 def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataArtifacts, clap: ClapArtifact,
                       store: Store, parent_run_id: str, user_ids: list[str] | None = None) -> PersonalizeSummary:
     import mlflow
-    import ray
-    from tqdm.auto import tqdm
 
     from latentpref.tasks.data.ipc import table_to_ipc
     from latentpref.tasks.policy.table import PolicyTable, night_tag

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from latentpref.tasks.data import validate
 from latentpref.tasks.data.store import Store, json_digest
-from latentpref.tasks.evaluate.serve_core import BadRequest
+from latentpref.tasks.evaluate.serve_core import BadRequest, parse_json_body
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,7 @@ def parse_feedback_request(body: bytes, content_type: str | None, *, max_body_by
             idempotency key, 422 a row the feedback contract refuses (the message names the row and the reason,
             as `latentpref ingest` quarantines it).
     """
-    media = (content_type or "").split(";")[0].strip().lower()
-    if media != "application/json":
-        raise BadRequest(f"Content-Type must be application/json, got {content_type!r}", status=415,
-                         code="unsupported_media_type")
-    if len(body) > max_body_bytes:
-        raise BadRequest(f"request body of {len(body)} bytes exceeds {max_body_bytes}", status=413,
-                         code="body_too_large")
-    try:
-        parsed = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise BadRequest(f"request body is not valid JSON: {err}", code="invalid_json") from None
+    parsed = parse_json_body(body, content_type, max_body_bytes)
     key = idempotency_key
     if isinstance(parsed, dict) and "rows" in parsed:
         unknown = sorted(set(parsed) - {"rows", "idempotency_key"})

@@ -94,6 +94,25 @@ def _float(body: dict, name: str, default: float, lo: float, hi: float, *, lo_op
     return float(value)
 
 
+def parse_json_body(body: bytes, content_type: str | None, max_body_bytes: int) -> Any:
+    """The JSON value of a request body.
+
+    Raises:
+        BadRequest: 415 not application/json, 413 larger than `max_body_bytes`, 400 not UTF-8 JSON.
+    """
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise BadRequest(f"Content-Type must be application/json, got {content_type!r}", status=415,
+                         code="unsupported_media_type")
+    if len(body) > max_body_bytes:
+        raise BadRequest(f"request body of {len(body)} bytes exceeds {max_body_bytes}", status=413,
+                         code="body_too_large")
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BadRequest(f"request body is not valid JSON: {err}", code="invalid_json") from None
+
+
 def parse_completion_request(body: bytes, content_type: str | None, limits: ServeLimits, *,
                              model: str) -> CompletionRequest:
     """Validate a POST /v1/completions body (OpenAI completions shape) into a `CompletionRequest`.
@@ -103,17 +122,7 @@ def parse_completion_request(body: bytes, content_type: str | None, limits: Serv
             JSON, unknown field, missing/empty/oversize prompt, max_tokens or best_of out of range, best_of > 1 with
             temperature 0, bad user id, ...).
     """
-    media = (content_type or "").split(";")[0].strip().lower()
-    if media != "application/json":
-        raise BadRequest(f"Content-Type must be application/json, got {content_type!r}", status=415,
-                         code="unsupported_media_type")
-    if len(body) > limits.max_body_bytes:
-        raise BadRequest(f"request body of {len(body)} bytes exceeds {limits.max_body_bytes}", status=413,
-                         code="body_too_large")
-    try:
-        parsed = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise BadRequest(f"request body is not valid JSON: {err}", code="invalid_json") from None
+    parsed = parse_json_body(body, content_type, limits.max_body_bytes)
     if not isinstance(parsed, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(parsed).__name__}", code="invalid_json")
     unknown = sorted(set(parsed) - set(FIELDS))

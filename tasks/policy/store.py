@@ -23,7 +23,6 @@ from typing import Any, Sequence
 import pyarrow as pa
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from latentpref.tasks.data.store import Store, json_digest
 from latentpref.tasks.data.validate import check_user_id, user_storage_key

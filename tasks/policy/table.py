@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,9 @@ from safetensors.torch import save as st_save
 
 from latentpref.tasks.data.store import Store
 from latentpref.tasks.data.validate import user_storage_key
+
+if TYPE_CHECKING:
+    from latentpref.tasks.policy.store import UserPolicy
 
 log = logging.getLogger(__name__)
 
