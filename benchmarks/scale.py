@@ -14,7 +14,7 @@ Sections (`--sections`, default all; `--carry OLD.json` copies the sections not 
   head-only) except `--steps` (fewer than the product's 50 so the 10^5 night fits the run's time; the fit's cost is
   linear in steps and the model below is fed at the same steps). Each night runs in a fresh Python process (its own
   local Ray, `address="local"`, `--workers` CPUs, 512 MB object store as `runtime.ray_session`), so
-  `driver_peak_rss_mb` (ru_maxrss of that process; Ray's own processes are not in it) is that night's alone.
+  `driver_peak_rss_mb` (peak RSS of that process; Ray's own processes are not in it) is that night's alone.
   The latent cache is synthetic (random features / posteriors of the tiny preset's head shapes, 200 prompts x 8
   responses, texts of the tiny preset's lengths), so nothing is encoded: `encoded_texts` = 0, and `predicted_s`
   leaves encoding out too. The night's jobs are generated chunk by chunk (the driver never
@@ -268,9 +268,10 @@ def row_delete_check(work: Path, head: HeadShape) -> dict:
     users = ["u0000005", "u0000300", "u0001999"]
     upsert(table, head, users)
     got = table.rows(users, columns=["user_id"])["user_id"].to_pylist()
+    total = table.count()
     shutil.rmtree(root, ignore_errors=True)
     return {"users_upserted": users, "rows_after": {u: got.count(u) for u in users},
-            "duplicates": len(got) - len(set(got)), "rows_total": table.count()}
+            "duplicates": len(got) - len(set(got)), "rows_total": total}
 
 
 # ------------------------------------------------------------------------------------------------ store listings
