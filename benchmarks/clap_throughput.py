@@ -39,18 +39,23 @@ log = logging.getLogger("clap_throughput")
 MODES = ("plain_finetune", "clap_stage1", "clap_stage2", "clap_stage2_full_passes")
 
 
+def corpus_windows(tokenizer, width: int, n: int) -> list[list[int]]:
+    """Consecutive, non-overlapping `width`-token windows of the vendored review corpus, at least `n` of them when
+    the corpus has that many (fewer otherwise)."""
+    windows = []
+    for text in corpus.load_documents(None)["text"].to_pylist():
+        ids = tokenizer.encode(text)
+        windows += [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+        if len(windows) >= n:
+            break
+    return windows
+
+
 def make_batches(tokenizer, *, n_batches: int, prompts: int, responses: int, prompt_tokens: int,
                  response_tokens: int, seed: int) -> list[ClapBatch]:
     """Fixed-length batches cut from the vendored review corpus: prompt = first `prompt_tokens` of a window,
     the B responses of a prompt = the continuations of B windows (no padding, so token counts are exact)."""
-    docs = corpus.load_documents(None)["text"].to_pylist()
-    width = prompt_tokens + response_tokens
-    windows = []
-    for text in docs:
-        ids = tokenizer.encode(text)
-        windows += [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
-        if len(windows) >= n_batches * prompts * responses:
-            break
+    windows = corpus_windows(tokenizer, prompt_tokens + response_tokens, n_batches * prompts * responses)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_batches):

@@ -315,12 +315,10 @@ def _by_kind(paths) -> dict[str, int]:
 
 
 def _predict(task_users: list[int], slots: int, per_user_s: float, fixed_s: float) -> float:
-    """List scheduling of the tasks in submission order on `slots` workers (what Ray does with equal tasks)."""
-    free = [0.0] * slots
-    for n in task_users:
-        i = free.index(min(free))
-        free[i] += n * per_user_s
-    return fixed_s + max(free)
+    """The capacity model of benchmarks/personalize.py (list scheduling of the tasks on `slots` workers)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from personalize import _predict as predict
+    return predict(task_users, slots, per_user_s, fixed_s)
 
 
 def _warm_worker() -> float:
@@ -384,7 +382,7 @@ def night_child(spec: dict) -> dict:
                       seed=spec["seed"], run_id=run_id, read_version=read_version)
     cpu0 = _ray_worker_cpu_s()
     t1 = time.perf_counter()
-    totals, version = fan_out_fits(table, jobs, len(users), run_id=run_id, max_retries=3,
+    totals, version = fan_out_fits(table, jobs, len(users), run_id=run_id, read_version=read_version, max_retries=3,
                                    commit_every_s=spec["commit_every_s"])
     fanout_s = time.perf_counter() - t1
     wall_s = time.perf_counter() - t0
@@ -905,15 +903,9 @@ def section_s3(args, work: Path, head: HeadShape) -> dict:
 # ------------------------------------------------------------------------------------------------ section: encode
 def _encode_texts_from_corpus(tokenizer, n_prompts: int, responses: int, prompt_tokens: int, response_tokens: int):
     """Prompts and responses cut from the vendored review corpus (distinct texts, full token budgets)."""
-    from latentpref.tasks.data import corpus
-    docs = corpus.load_documents(None)["text"].to_pylist()
-    width = prompt_tokens + response_tokens
-    windows = []
-    for text in docs:
-        ids = tokenizer.encode(text)
-        windows += [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
-        if len(windows) >= n_prompts * responses:
-            break
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from clap_throughput import corpus_windows
+    windows = corpus_windows(tokenizer, prompt_tokens + response_tokens, n_prompts * responses)
     prompts, pr = [], []
     for k in range(n_prompts):
         group = windows[k * responses:(k + 1) * responses]

@@ -76,12 +76,13 @@ class NightTotals:
                                 else [a + b for a, b in zip(self.mixture_sum, result["mixture_sum"])])
 
 
-def fan_out_fits(table, jobs: Iterable, n_users: int, *, run_id: str, max_retries: int, commit_every_s: float,
-                 logger=None) -> tuple[NightTotals, int | None]:
+def fan_out_fits(table, jobs: Iterable, n_users: int, *, run_id: str, read_version: int | None, max_retries: int,
+                 commit_every_s: float, logger=None) -> tuple[NightTotals, int | None]:
     """The night's fan-out: one Ray task per chunk of users (`run_chunk`: fit, stage rows, write records), a bounded
     window in flight, the staged rows committed by this driver at most every `commit_every_s` and once at the end,
-    then the night tagged `night-<run_id>`. Keeps counts, not per-user records. Returns (totals, tagged version;
-    None when the table is still empty)."""
+    then the night tagged `night-<run_id>`. `read_version`: the table version the jobs read (their replaced rows'
+    addresses are of it). Keeps counts, not per-user records. Returns (totals, tagged version; None when the table
+    is still empty)."""
     import ray
     from tqdm.auto import tqdm
 
@@ -89,7 +90,6 @@ def fan_out_fits(table, jobs: Iterable, n_users: int, *, run_id: str, max_retrie
     from latentpref.tasks.train.personalize import run_chunk
     log_ = logger or logging.getLogger(__name__)
     remote_fit = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(run_chunk)
-    read_version = table.latest_version()
     # a bounded window of tasks in flight: each job carries its pairs, and submitting every chunk at once
     # would put all of them in the object store together
     in_flight = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
@@ -249,8 +249,8 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
                                records_path=(*parts_dir, f"part-{i // cfg.users_per_task:07d}.parquet"))
 
         totals, policy_version = fan_out_fits(table, jobs(), len(everyone), run_id=parent_run_id,
-                                              max_retries=cfg.max_retries, commit_every_s=cfg.commit_every_s,
-                                              logger=logger)
+                                              read_version=read_version, max_retries=cfg.max_retries,
+                                              commit_every_s=cfg.commit_every_s, logger=logger)
         tag = night_tag(parent_run_id)
         records_path = ("runs", parent_run_id, "personalize_users.parquet")
         local_records = merge_record_parts(store, parts_dir, records_path)

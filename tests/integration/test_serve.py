@@ -4,7 +4,6 @@ batching of different users, the stock `openai` client, feedback refitting a use
 idempotent, bad rows refused, rate-limited), and a new night picked up with no mixed responses.
 """
 import json
-import socket
 import sys
 import threading
 import time
@@ -16,20 +15,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/serve_store.py
 import serve_store  # noqa: E402
+from services import free_port  # noqa: E402
 
 from latentpref.tasks.data.store import Store  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-not-a-secret"
 USERS = [f"user-{i}" for i in range(12)]
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def server(tmp_path_factory):
     serve_store.night(store, "clapv1", USERS, seed=1, cold=("user-11",))
     token_file = root / "token"
     token_file.write_text(TOKEN)
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
     try:

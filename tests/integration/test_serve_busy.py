@@ -3,7 +3,6 @@ the box: its readiness budget outlasts the load instead of Ray Serve's 5 s proxy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/serve_store.py
 import serve_store  # noqa: E402
+from services import free_port  # noqa: E402
 
 from latentpref.tasks.data.store import Store  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BUSY_S = 240
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_serve_starts_and_answers_beside_two_busy_processes(tmp_path):
@@ -35,7 +27,7 @@ def test_serve_starts_and_answers_beside_two_busy_processes(tmp_path):
     # two CPU-bound processes, bounded in time (they stop by themselves)
     burn = f"import time\nt=time.time()\nwhile time.time()-t<{BUSY_S}: pass"
     busy = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     with open(log, "wb") as out:
@@ -74,7 +66,7 @@ def test_serve_starts_and_answers_beside_two_busy_processes(tmp_path):
 def test_a_start_that_cannot_complete_says_why_in_one_line(tmp_path):
     empty = tmp_path / "no-store"
     out = subprocess.run([sys.executable, "-m", "latentpref.pipelines.cli", "serve", "--store", str(empty),
-                          "--port", str(_free_port()), "--start-budget", "20"], capture_output=True, text=True,
+                          "--port", str(free_port()), "--start-budget", "20"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 4, out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
