@@ -162,8 +162,15 @@ class PolicyTable:
         ds = self.dataset(at)
         if ds is None or not ids:
             return pa.table({"user_id": pa.array([], pa.string())})
-        return ds.to_table(columns=list(columns) if columns is not None else None,
-                           filter=pc.field(INDEX_COLUMN).isin(ids), with_row_address=with_address)
+        query = {"columns": list(columns) if columns is not None else None,
+                 "filter": pc.field(INDEX_COLUMN).isin(ids), "with_row_address": with_address}
+        try:
+            return ds.to_table(**query)
+        except (OSError, ValueError):
+            if at is None or self._pinned.pop(at, None) is None:
+                raise
+            # a tag opened earlier was moved and its old version cleaned up (a user forgotten): reopen it
+            return self.dataset(at).to_table(**query)
 
     def manifests(self, user_ids: Iterable[str], at: str | int | None = None) -> dict[str, dict[str, Any]]:
         """user_id -> manifest (as the legacy manifest.json: version, mode, artifact, ...), for users with a row."""

@@ -63,6 +63,8 @@ def test_forget_leaves_no_trace_and_keeps_everyone_else(tmp_path):
     store.write_table(pa.table({"user_id": users, "score": [1.0, 2.0, 3.0]}), "runs", "night-1", "per_user.parquet")
     assert _bytes_left(tmp_path, [GONE]) > 0
 
+    pinned = PolicyTable(store, "clapv1")
+    assert GONE in pinned.manifests(users, current_release(store).policy_tag)   # opened at the served tag
     report = forget_user(store, GONE)
     assert is_forgotten(store, GONE) and not is_forgotten(store, KEPT)
     assert report["policies"]["rows"] >= 1 and report["feedback"]["files_deleted"] == 1
@@ -71,6 +73,8 @@ def test_forget_leaves_no_trace_and_keeps_everyone_else(tmp_path):
     # everyone else intact, the served night still serves them
     release = current_release(store)
     assert release_fit(store, KEPT, release)[0] is not None
+    # a reader that opened the served tag before the forget (a server) reads the moved tag, not deleted files
+    assert set(pinned.manifests(users, release.policy_tag)) == {KEPT, "someone-else"}
     assert release_fit(store, GONE, release)[0] is None
     assert set(table.manifests(users)) == {KEPT, "someone-else"}
     assert night_tag("older") not in table.tags()          # an old night holding them yields to the deletion
