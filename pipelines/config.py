@@ -132,6 +132,17 @@ class PretrainConfig(_Section):
     preference_dims: Annotated[int, Field(ge=0)] = 0
     preference_layer: Annotated[int, Field(ge=1)] = 8
     preference_l2: Annotated[float, Field(gt=0)] = 1.0
+    # stage 3, "follow" (Gaussian only; tasks/train/follow.py, issue 28 lever 2): after stages 1-2 every population
+    # user is fitted as the night fits a user (head-only latent DPO with the personalize section's settings), and a
+    # rank-`follow_rank` adapter reading the preference space's coordinates (zero at z = 0: the prior's text is
+    # untouched) is trained with DPO through the frozen LM, reference z = 0, so that a user's latent makes the LM
+    # prefer that user's responses. Reads the "population" users' pairs. 0 steps = off
+    follow_steps: Annotated[int, Field(ge=0)] = 0
+    follow_rank: Annotated[int, Field(ge=1)] = 64
+    follow_pairs_per_batch: Annotated[int, Field(ge=1)] = 8
+    follow_lr: Annotated[float, Field(gt=0)] = 1e-4
+    follow_beta: Annotated[float, Field(gt=0)] = 0.1
+    follow_nll_weight: Annotated[float, Field(ge=0)] = 1.0
     # learning rate of the latent adapter (None = lr): anchored prefixes need a smaller one than the encoder
     adapter_lr: Annotated[float, Field(gt=0)] | None = None
     use_gpu: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_to_str)] = "auto"  # auto: GPUs if the cluster has them

@@ -145,7 +145,8 @@ def nightly(cfg: NightlyConfig, until: Stage = "report") -> NightlyReport:
                                      "pairs_digest": data.pairs.digest})
                     _say(screen, "prepare", s, data, report)
                     if stop >= 1:
-                        clap, s = stage("pretrain", pretrain_stage, cfg.pretrain, cfg.data, data, store, run_id)
+                        clap, s = stage("pretrain", pretrain_stage, cfg.pretrain, cfg.data, data, store, run_id,
+                                        cfg.personalize.fit_settings().gaussian())
                         report.clap_version = clap.version
                         mlflow.set_tag("clap_version", clap.version)
                         _say(screen, "pretrain", s, clap, report)

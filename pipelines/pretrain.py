@@ -46,6 +46,8 @@ DISCRETE_FIELDS = frozenset({"latent_type", "n_codes", "tau_start", "tau_end", "
 
 PREFERENCE_FIELDS = frozenset({"preference_weight", "preference_lr", "preference_pairs_per_batch"})
 SPACE_FIELDS = frozenset({"preference_dims", "preference_layer", "preference_l2"})
+FOLLOW_FIELDS = frozenset({"follow_steps", "follow_rank", "follow_pairs_per_batch", "follow_lr", "follow_beta",
+                           "follow_nll_weight"})
 
 
 def _uses_pairs(cfg: PretrainConfig) -> bool:
@@ -53,10 +55,17 @@ def _uses_pairs(cfg: PretrainConfig) -> bool:
     on the pooled preference pairs too."""
     if cfg.latent_type == "discrete":
         return cfg.lpc_pair_weight > 0
-    return cfg.preference_weight > 0 or cfg.preference_dims > 0
+    return cfg.preference_weight > 0 or cfg.preference_dims > 0 or cfg.follow_steps > 0
 
 
-def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts) -> str:
+def _follow_on(cfg: PretrainConfig) -> bool:
+    return cfg.latent_type == "gaussian" and cfg.follow_steps > 0
+
+
+def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts,
+                 follow_fit: dict | None = None) -> str:
+    """The CLaP's content digest. `follow_fit`: the per-user fit settings the follow stage fits the population with
+    (the personalize section's; hashed only when the follow stage is on)."""
     from latentpref.tasks.models import precision
     exclude = {"num_workers", "use_gpu", "checkpoint_every", "max_failures", "threads_per_worker"}
     if cfg.latent_type == "gaussian":
@@ -70,16 +79,36 @@ def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts)
         exclude |= PREFERENCE_FIELDS
     if cfg.latent_type == "discrete" or cfg.preference_dims == 0:
         exclude |= SPACE_FIELDS
+    if not _follow_on(cfg):
+        exclude |= FOLLOW_FIELDS
     from latentpref.tasks.models.clap import ADAPTER_LAYOUT
     inputs = {"pretrain": cfg.model_dump(exclude=exclude), "base": data.base_model_version, "layout": ADAPTER_LAYOUT,
               "prompts": data.prompts.digest, "candidates": data.candidates.digest, "pt": data_cfg.prompt_tokens,
               "rt": data_cfg.response_tokens,
               # bf16 and fp32 training give different weights: the precision is part of what a CLaP is
               "lm_dtype": str(precision.lm_dtype(_train_device(cfg))).removeprefix("torch.")}
+    if _follow_on(cfg):
+        if follow_fit is None:
+            raise ValueError("pretrain.follow_steps > 0 needs the per-user fit settings (follow_fit) it fits the "
+                             "population users with")
+        inputs["follow_fit"] = follow_fit
     if _uses_pairs(cfg):
         inputs["pairs"] = data.pairs.digest
         inputs["users"] = data.users.digest   # which users' pairs it reads (their groups)
     return json_digest(inputs)
+
+
+def _final_metrics(history: list[dict]) -> dict[str, float]:
+    """The last stage-1/2 row (the CLaP's NLL, KL, active units: what the night reports), plus the last follow-stage
+    row's own metrics (`follow_*`) when stage 3 ran."""
+    numeric = lambda row: {k: v for k, v in row.items() if isinstance(v, (int, float))}  # noqa: E731
+    clap_rows = [r for r in history if r.get("stage", 1) < 3]
+    final = numeric(clap_rows[-1]) if clap_rows else {}
+    follow_rows = [r for r in history if r.get("stage") == 3]
+    if follow_rows:
+        final.update({k: v for k, v in numeric(follow_rows[-1]).items() if k.startswith("follow_")})
+        final["follow_steps"] = len(follow_rows)
+    return final
 
 
 def _register_clap(local_dir: str, *, version: str, run_id: str, base_model_version: str) -> int:
@@ -158,12 +187,14 @@ TEST_FAULT: dict = {}
 
 @task(name="pretrain", cache_policy=NO_CACHE)
 def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts, store: Store,
-                   parent_run_id: str) -> ClapArtifact:
+                   parent_run_id: str, follow_fit: dict | None = None) -> ClapArtifact:
+    """`follow_fit`: `FitSettings.gaussian()` of the night's personalize section (the follow stage fits the
+    population users as the night will fit a user); required when `cfg.follow_steps` > 0."""
     import mlflow
 
     from latentpref.tasks.train.pretrain import CODE_USAGE_FILE, PretrainJob, run_pretrain
     logger = get_run_logger()
-    version = clap_version(cfg, data_cfg, data)
+    version = clap_version(cfg, data_cfg, data, follow_fit)
     folder = ("models", "clap", version)
     with mlflow.start_run(run_name="pretrain", parent_run_id=parent_run_id, nested=True):
         mlflow.set_tags({"clap_version": version, "base_model_version": data.base_model_version})
@@ -204,7 +235,9 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                                                     "stage1_steps", "stage2_steps", "prompts_per_batch",
                                                     "responses_per_prompt", "lr", "kl_samples", "kl_weight",
                                                     "contrastive_weight", "max_grad_norm", "checkpoint_every", "seed",
-                                                    *DISCRETE_FIELDS, *PREFERENCE_FIELDS, *SPACE_FIELDS}),
+                                                    *DISCRETE_FIELDS, *PREFERENCE_FIELDS, *SPACE_FIELDS,
+                                                    *FOLLOW_FIELDS}),
+                          follow_fit=follow_fit if _follow_on(cfg) else None,
                           **TEST_FAULT)
         logger.info("pretrain: CLaP %s on Ray Train, %d workers, gpu=%s, %d+%d steps", version, cfg.num_workers,
                     use_gpu, cfg.stage1_steps, cfg.stage2_steps)
@@ -224,7 +257,7 @@ def pretrain_stage(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifact
                 model_version = _register_clap(out, version=version, run_id=run_id,
                                                base_model_version=data.base_model_version)
         tracking.log_history(history, prefix="")
-        final = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        final = _final_metrics(history)
         extra = {}
         if code_usage is not None:
             # discrete: argmax-code counts over the training candidates (report: code-usage section) and the

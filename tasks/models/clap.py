@@ -90,6 +90,12 @@ class CLaPConfig:
     preference_dims: int = 0
     preference_layer: int = 8
     preference_std: float = 0.1
+    # Gaussian only (issue 28, lever 2): rank of the *follow* adapter, a second z -> prefix map added to every
+    # layer's prefix and trained after stages 1-2 (tasks/train/follow.py) with DPO through the frozen LM, so that a
+    # population user's latent makes the LM prefer that user's chosen responses. It reads the preference space's
+    # coordinates (z[:, :preference_dims]; all of z without a space) and is exactly zero at z = 0
+    # (`FollowAdapter`), so the prior's text, the reference of every latent LM check, is untouched. 0 = off.
+    follow_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "n_query", "n_prefix", "encoder_layers"):
@@ -111,6 +117,9 @@ class CLaPConfig:
         if self.preference_dims and not (self.preference_layer >= 1 and self.preference_std > 0):
             raise ValueError(f"CLaPConfig.preference_layer={self.preference_layer} must be >= 1 and "
                              f"preference_std={self.preference_std} > 0")
+        if self.follow_rank < 0 or (self.follow_rank and self.latent_type != "gaussian"):
+            raise ValueError(f"CLaPConfig.follow_rank={self.follow_rank} must be >= 0, and > 0 only for "
+                             "latent_type='gaussian' (its z = 0 is the prior)")
         if self.latent_dim % self.n_query:
             raise ValueError(
                 f"CLaPConfig.latent_dim={self.latent_dim} must be divisible by n_query={self.n_query} "
@@ -350,6 +359,14 @@ class LatentAdapter(nn.Module):
             self.k_proj.append(k)
             self.v_proj.append(v)
         self.rotary = copy.deepcopy(body.rotary_emb) if self.kind == "llama" else None
+        self.follow = None
+        if cfg.follow_rank:
+            # its own random stream: every other part of a CLaP with a follow adapter starts exactly as without one
+            # (the follow stage's ablations share stages 1-2)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.follow_rank)
+                self.follow = FollowAdapter(cfg.preference_dims or cfg.latent_dim, cfg.follow_rank, len(blocks),
+                                            P * d)
         self.to(next(base_lm.parameters()).dtype)
         if cfg.prefix_init == "anchor":
             self._anchor(base_lm, blocks)
@@ -387,15 +404,35 @@ class LatentAdapter(nn.Module):
             pos = torch.arange(P, device=z.device)[None]  # prefix occupies positions 0..P-1
             cos, sin = self.rotary(z, pos)  # (1, P, head_dim)
             rope = cos[:, None], sin[:, None]
+        follow = self.follow(z) if self.follow is not None else None   # (L, B, P*C)
         prefix = []
-        for z2h, ln, k_proj, v_proj in zip(self.z2h, self.ln, self.k_proj, self.v_proj):
+        for layer, (z2h, ln, k_proj, v_proj) in enumerate(zip(self.z2h, self.ln, self.k_proj, self.v_proj)):
             h = ln(z2h(z).view(B, P, -1))  # (B, P, C)
+            if follow is not None:
+                h = h + follow[layer].view(B, P, -1)
             k = k_proj(h).view(B, P, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, P, hd)
             v = v_proj(h).view(B, P, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if rope is not None:
                 k = k * rope[0] + _rotate_half(k) * rope[1]
             prefix.append((k, v))
         return prefix
+
+
+class FollowAdapter(nn.Module):
+    """delta_l(z) = W_l (GELU(A z + b) - GELU(b)): a rank-r map from z to every layer's prefix states (before the K/V
+    projections), zero at z = 0 for any weights, and zero everywhere at initialisation (W = 0). Added to the
+    adapter's prefix, it changes what a latent away from the prior makes the LM write, never the prior's text."""
+
+    def __init__(self, in_dims: int, rank: int, n_layers: int, width: int) -> None:
+        super().__init__()
+        self.in_dims = in_dims     # reads z[:, :in_dims] (the preference space's coordinates when it has one)
+        self.inner = nn.Linear(in_dims, rank)
+        self.out = nn.Parameter(torch.zeros(n_layers, rank, width))
+
+    def forward(self, z: Tensor) -> Tensor:
+        """(B, latent_dim) -> (n_layers, B, width)."""
+        g = F.gelu(self.inner(z[:, :self.in_dims])) - F.gelu(self.inner.bias)
+        return torch.einsum("br,lrw->lbw", g, self.out)
 
 
 def _pre_attention_norm(block: nn.Module, kind: str) -> nn.Module:

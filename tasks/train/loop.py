@@ -165,12 +165,24 @@ class UserDirections(nn.Module):
 def set_stage(clap: nn.Module, stage: int) -> None:
     """Trainable parameters of CLaP stage 1 or 2 (spec §2.6): stage 1 freezes the base LM and the adapter's K/V
     copies and trains the skip MLP; stage 2 trains everything but the skip MLP (a stage-1 device only, spec
-    §3.4; frozen so DDP sees no trainable parameter without a gradient)."""
-    if stage not in (1, 2):
-        raise ValueError(f"stage={stage!r}; expected 1 (frozen base + G-skip) or 2 (all + contrastive)")
+    §3.4; frozen so DDP sees no trainable parameter without a gradient). Stage 3 (our extension, issue 28 lever 2,
+    tasks/train/follow.py) trains only the follow adapter; it stays frozen in stages 1 and 2."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage={stage!r}; expected 1 (frozen base + G-skip), 2 (all + contrastive) or 3 "
+                         "(follow adapter only)")
+    follow = getattr(clap.adapter, "follow", None)
+    if stage == 3:
+        if follow is None:
+            raise ValueError("stage 3 trains the follow adapter; this CLaP has none (CLaPConfig.follow_rank = 0)")
+        clap.requires_grad_(False)
+        follow.requires_grad_(True)
+        return
+    clap.requires_grad_(True)
     freeze_base(clap, frozen=(stage == 1))
     if clap.skip is not None:
         clap.skip.requires_grad_(stage == 1)
+    if follow is not None:
+        follow.requires_grad_(False)
 
 
 def clap_param_groups(clap: nn.Module, *, lr: float, adapter_lr: float, bow_lr: float) -> list[dict]:

@@ -93,6 +93,14 @@ class PretrainJob(BaseModel):
     preference_dims: int = 0
     preference_layer: int = 8
     preference_l2: float = 1.0
+    # Gaussian only: stage 3, "follow" (tasks/train/follow.py; PretrainConfig documents it), after stages 1-2
+    follow_steps: int = 0
+    follow_rank: int = 64
+    follow_pairs_per_batch: int = 8
+    follow_lr: float = 1e-4
+    follow_beta: float = 0.1
+    follow_nll_weight: float = 1.0
+    follow_fit: dict[str, Any] | None = None   # FitConfig kwargs of the population users' head fits
 
 
 def _load_training_data(job: PretrainJob):
@@ -174,9 +182,35 @@ def _build_clap(job: PretrainJob):
                               prefix_init=job.prefix_init, anchor_scale=job.anchor_scale,
                               feature_norm=job.feature_norm, pool_tokens=job.pool_tokens,
                               bow_head=job.bow_weight > 0, preference_dims=job.preference_dims,
-                              preference_layer=job.preference_layer)
+                              preference_layer=job.preference_layer,
+                              follow_rank=job.follow_rank if _follows(job) else 0)
     model = clap_lib.CLaP(base, cfg)
     return model, tokenizer
+
+
+def _follows(job: PretrainJob) -> bool:
+    return job.latent_type == "gaussian" and job.follow_steps > 0
+
+
+def _start_follow(model, tokenizer, job: PretrainJob, rank: int, world: int, start_step: int):
+    """Stage 3's objective and pair batches: every population user's head fitted on the (now frozen) encoder, the
+    same on every rank (deterministic), pairs sharded by rank. A run resumed inside stage 3 refits the same heads:
+    stage 3 changes only the follow adapter, never the encoder the heads read."""
+    from latentpref.tasks.train.fit_user import FitConfig
+    from latentpref.tasks.train.follow import FollowObjective, FollowSettings, fit_population_heads
+
+    pairs, n_users = _load_pairs(job)
+    if len(pairs) < world:
+        raise ValueError(f"the follow stage needs population users' train pairs on every worker; {len(pairs)} pairs "
+                         f"for {world} workers")
+    heads = fit_population_heads(model, tokenizer, pairs, n_users, FitConfig(**(job.follow_fit or {})),
+                                 prompt_tokens=job.prompt_tokens, response_tokens=job.response_tokens)
+    settings = FollowSettings(steps=job.follow_steps, pairs_per_batch=job.follow_pairs_per_batch, lr=job.follow_lr,
+                              beta=job.follow_beta, nll_weight=job.follow_nll_weight)
+    batches = sample_pair_batches(tokenizer, pairs[rank::world], pairs_per_batch=job.follow_pairs_per_batch,
+                                  max_prompt_tokens=job.prompt_tokens, max_response_tokens=job.response_tokens,
+                                  seed=job.seed * 1000 + rank + 7919 * start_step + 2)
+    return FollowObjective(model, heads, settings), batches
 
 
 # ------------------------------------------------------------------------------------------------ discrete (LPC)
@@ -413,17 +447,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # every rank fits the same space from the same pairs (deterministic); DDP broadcasts rank 0's buffers anyway
         space_pairs, n_space_users = _load_pairs(job)
         model.set_preference_space(fit_population_space(model, tokenizer, space_pairs, n_space_users, job))
-    total = job.stage1_steps + job.stage2_steps
+    total = job.stage1_steps + job.stage2_steps + (job.follow_steps if _follows(job) else 0)
     device = ray.train.torch.get_device()
+    follow_batches = None
 
     stage, wrapped, opt = None, None, None
     tokens, t0 = 0.0, time.perf_counter()
     for step in range(start_step, total):
-        want = 1 if step < job.stage1_steps else 2
+        want = 1 if step < job.stage1_steps else 2 if step < job.stage1_steps + job.stage2_steps else 3
         if want != stage:
             stage = want
             set_stage(model, stage)
-            if discrete:
+            if stage == 3:
+                objective, follow_batches = _start_follow(model, tokenizer, job, rank, world, start_step)
+            elif discrete:
                 # without pair batches the pair posterior gets no gradient: freeze it, or DDP waits for one
                 model.pair_posterior.requires_grad_(pair_batches is not None)
                 objective = DiscreteClapObjective(
@@ -439,20 +476,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                           else 0.0)
             # re-wrap on a stage switch: DDP registers hooks only for parameters trainable at wrap time
             wrapped = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": False})
-            groups = _param_groups(model, job)
-            if user_directions is not None:
+            groups = (_param_groups(model, job) if stage < 3
+                      else [{"params": list(model.adapter.follow.parameters()), "lr": job.follow_lr}])
+            if user_directions is not None and stage < 3:
                 groups.append({"params": list(user_directions.parameters()), "lr": job.preference_lr})
             opt = torch.optim.AdamW(groups, weight_decay=0.0)
             if opt_state is not None and opt_state.get("stage") == stage:
                 opt.load_state_dict(opt_state["state"])
             opt_state = None
-        batch = next(batches).to(device)
-        # pair batches exist exactly when the LPC pair term or the population preference term is on
-        pair_batch = next(pair_batches).to(device) if pair_batches is not None else None
-        if discrete:
-            loss, metrics = wrapped(batch, stage, generator, step=step, pairs=pair_batch)
+        if stage == 3:
+            loss, metrics = wrapped(next(follow_batches).to(device))
         else:
-            loss, metrics = wrapped(batch, stage, generator, pairs=pair_batch)
+            batch = next(batches).to(device)
+            # pair batches exist exactly when the LPC pair term or the population preference term is on
+            pair_batch = next(pair_batches).to(device) if pair_batches is not None else None
+            if discrete:
+                loss, metrics = wrapped(batch, stage, generator, step=step, pairs=pair_batch)
+            else:
+                loss, metrics = wrapped(batch, stage, generator, pairs=pair_batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if job.max_grad_norm is not None:

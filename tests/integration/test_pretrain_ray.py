@@ -203,3 +203,34 @@ def test_pooled_encoder_and_bag_of_words_train_through_ray(ray_cluster, store, t
     vocab = model.bow.bias.shape[0]
     assert model.bow.bias.max() < 0 and model.bow.bias.max() > math.log(1.0 / vocab)
 
+
+
+def test_follow_stage_trains_only_the_follow_adapter_and_resumes_inside_it(ray_cluster, store, tmp_path):
+    """Stage 3 ("follow", issue 28 lever 2) on 2 DDP workers: it runs after stages 1-2, only the follow adapter
+    changes in it (the encoder, the main adapter and the base are the stage-2 checkpoint's), the prior's text
+    (z = 0) is exactly the stage-2 CLaP's, and a worker killed inside stage 3 resumes from the step-8 checkpoint
+    (the population heads are refitted from the unchanged encoder)."""
+    marker = tmp_path / "fault-fired"
+    follow = dict(follow_steps=4, follow_rank=4, follow_pairs_per_batch=2, follow_lr=1e-2,
+                  follow_fit={"steps": 5, "lr": 1e-2, "n_samples": 4},
+                  pairs_path=["data", "pairs", "t", "pairs.parquet"])
+    total = STAGE1 + STAGE2 + 4
+    result = run_pretrain(_job(store, fail_at_step=9, fail_marker=str(marker), **follow),
+                          storage_path=str(tmp_path / "ray"), name="follow", num_workers=2, use_gpu=False,
+                          max_failures=2)
+    assert marker.exists(), "the fault never fired"
+    assert result.error is None and result.metrics["step"] == total
+    history = _history(result)
+    assert [r["stage"] for r in history] == [1] * STAGE1 + [2] * STAGE2 + [3] * 4
+    assert [r["resumed_from_step"] for r in history][-2:] == [8, 8]
+    assert all(math.isfinite(r["follow_dpo"]) and 0 <= r["follow_acc"] <= 1 for r in history[-4:])
+    with result.checkpoint.as_directory() as d:
+        model = load_clap(os.path.join(d, "clap"))
+    assert model.cfg.follow_rank == 4 and model.adapter.follow.out.abs().sum() > 0
+    # the same job without stage 3 is the stage-2 CLaP: everything but the follow adapter is equal
+    plain = run_pretrain(_job(store, **{**follow, "follow_steps": 0}), storage_path=str(tmp_path / "ray"),
+                         name="plain", num_workers=2, use_gpu=False, max_failures=0)
+    with plain.checkpoint.as_directory() as d:
+        stage2 = load_clap(os.path.join(d, "clap"))
+    followed = {k: v for k, v in model.state_dict().items() if not k.startswith("adapter.follow.")}
+    torch.testing.assert_close(followed, stage2.state_dict())
