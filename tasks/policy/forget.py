@@ -111,7 +111,7 @@ def forget_user(store: Store, user_id: str) -> dict[str, Any]:
     report["latents"] = _forget_texts(store, texts)
     report["runs"] = _rewrite_parquet_under(store, ("runs",), user_id)
     report["mlflow_artifacts"] = _rewrite_parquet_under(store, ("mlflow",), user_id)
-    report["text_files"] = _scrub_text_files(store, [user_id, *sorted(texts["own"])])
+    report["text_files"] = _scrub_text_files(store, user_id, sorted(texts["own"]))
     if store.exists(*PENDING, f"{stone['user_key']}.json"):
         store.delete(*PENDING, f"{stone['user_key']}.json")
     report["seconds"] = round(time.time() - t0, 3)
@@ -310,10 +310,13 @@ def _forget_texts(store: Store, texts: dict[str, set]) -> dict[str, Any]:
     return out
 
 
-def _scrub_text_files(store: Store, needles: Iterable[str]) -> dict[str, int]:
-    """Drop every line naming the user or one of their own texts from the text files of run folders, MLflow's
-    artifacts and serving manifests."""
-    needles = [n for n in needles if n and len(n) >= 3]
+def _scrub_text_files(store: Store, user_id: str, texts: Iterable[str]) -> dict[str, int]:
+    """Drop every line naming the user (the id as a whole token, as in the Parquet files: forgetting "u1" keeps the
+    lines of "u12") or holding one of their own texts, from the text files of run folders, MLflow's artifacts and
+    serving manifests."""
+    alternatives = [f"(?:^|[^A-Za-z0-9._@-]){re.escape(user_id)}(?:$|[^A-Za-z0-9._@-])"]
+    alternatives += [re.escape(t) for t in texts if t and len(t) >= 3]
+    pattern = re.compile("|".join(alternatives), re.MULTILINE)
     files = lines = 0
     for folder in SCRUBBED_FOLDERS:
         for path in _files_under(store, tuple(folder.split("/"))):
@@ -323,11 +326,11 @@ def _scrub_text_files(store: Store, needles: Iterable[str]) -> dict[str, int]:
                 text = store.read_bytes(*path).decode("utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
-            if not any(n in text for n in needles):
+            if not pattern.search(text):
                 continue
             kept, dropped = [], 0
             for line in text.splitlines(keepends=True):
-                if any(n in line for n in needles):
+                if pattern.search(line):
                     dropped += 1
                 else:
                     kept.append(line)

@@ -58,7 +58,7 @@ def test_forget_leaves_no_trace_and_keeps_everyone_else(tmp_path):
     texts.commit(texts.write_fragments(cache))
     run = tmp_path / "runs" / "night-1"
     run.mkdir(parents=True)
-    (run / "nightly.log").write_text(f"fitted {GONE} ok\nfitted {KEPT} ok\nsummary line\n")
+    (run / "nightly.log").write_text(f"fitted {GONE} ok\nfitted {KEPT} ok\nfitted {GONE}2 ok\nsummary line\n")
     (run / "report.html").write_text(f"<td>{GONE}</td>\n<td>{KEPT}</td>\n<p>{SECRET}</p>\n")
     store.write_table(pa.table({"user_id": users, "score": [1.0, 2.0, 3.0]}), "runs", "night-1", "per_user.parquet")
     assert _bytes_left(tmp_path, [GONE]) > 0
@@ -69,7 +69,9 @@ def test_forget_leaves_no_trace_and_keeps_everyone_else(tmp_path):
     assert is_forgotten(store, GONE) and not is_forgotten(store, KEPT)
     assert report["policies"]["rows"] >= 1 and report["feedback"]["files_deleted"] == 1
     assert report["runs"]["rows_removed"] == 1 and report["text_files"]["lines_removed"] >= 2
-    assert _bytes_left(tmp_path, [GONE, SECRET.strip()]) == 0, "the user's id or own text is still in the store"
+    assert _bytes_left(tmp_path, [SECRET.strip()]) == 0, "the user's own text is still in the store"
+    # the id nowhere but inside the other id "<GONE>2" (one log line, kept)
+    assert _bytes_left(tmp_path, [GONE]) == _bytes_left(tmp_path, [GONE + "2"]) == 1, "the user's id is still there"
     # everyone else intact, the served night still serves them
     release = current_release(store)
     assert release_fit(store, KEPT, release)[0] is not None
@@ -79,7 +81,8 @@ def test_forget_leaves_no_trace_and_keeps_everyone_else(tmp_path):
     assert set(table.manifests(users)) == {KEPT, "someone-else"}
     assert night_tag("older") not in table.tags()          # an old night holding them yields to the deletion
     assert committed_rows_for(store, [KEPT]).num_rows == 2 and committed_rows_for(store, [GONE]) is None
-    assert (run / "nightly.log").read_text() == f"fitted {KEPT} ok\nsummary line\n"
+    # the id as a whole token: a user whose id only starts with theirs keeps their line
+    assert (run / "nightly.log").read_text() == f"fitted {KEPT} ok\nfitted {GONE}2 ok\nsummary line\n"
     kept_texts = texts.load(["The movie 9 was"], [("The movie 9 was", " wonderful and warm 9 .")])
     assert kept_texts.mu.shape[0] == 1
     # the next nights skip them
