@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--eval-at", default="0,30,60")
     ap.add_argument("--latent", choices=("served", "preference"), default="served")
     ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--fit-share", type=float, default=1.0,
+                    help="< 1 (a diagnostic): fit each user on this share of their train pairs and also evaluate the "
+                         "rest (train prompts, pairs their fit never read)")
     ap.add_argument("--position", choices=("per-prompt", "user-mean"), default="per-prompt",
                     help="user-mean (a diagnostic): every prompt gets the mean of the user's latents over their own "
                          "train prompts, a prompt-independent position")
@@ -107,12 +110,25 @@ def main() -> None:
         return sums / counts.clamp(min=1)[:, None]
 
     rng = np.random.default_rng(0)
-    data = {}
+    data, extra = {}, {}
     for group in ("population", "holdout", "out_of_cohort"):
         ids = [u for u, g in groups.items() if g == group]
         if not ids:
             continue
         train, held, n = population_pairs(pairs.filter(pc.is_in(pairs["user_id"], value_set=pa.array(ids, pa.string()))))
+        if args.fit_share < 1.0:
+            # each user's train pairs split in two: the fit reads the first share; the rest (train prompts, pairs
+            # the user's fit never read) is evaluated as "<group>_unfitted_train_pairs"
+            seen_count: dict[int, int] = {}
+            total = {u: sum(p.user_index == u for p in train) for u in range(n)}
+            fitted, unfitted = [], []
+            for p in train:
+                k = seen_count.get(p.user_index, 0)
+                seen_count[p.user_index] = k + 1
+                (fitted if k < round(args.fit_share * total[p.user_index]) else unfitted).append(p)
+            train = fitted
+            pick = rng.choice(len(unfitted), min(args.eval_pairs, len(unfitted)), replace=False)
+            extra[f"{group}_unfitted_train_pairs"] = [unfitted[i] for i in pick]
         heads = fit_population_heads(clap, tokenizer, train, n, fit, prompt_tokens=pt, response_tokens=rt)
         if args.position == "user-mean":
             heads.user_mean = _user_means(heads, train, n)
@@ -160,7 +176,8 @@ def main() -> None:
 
     def evaluate(step):
         row = {"step": step, **{g: held_out(g, h, s) for g, (_, s, h) in data.items()},
-               "population_train_pairs": held_out("train", pop_heads, train_sample)}
+               "population_train_pairs": held_out("train", pop_heads, train_sample),
+               **{name: held_out(name, data[name.split("_unfitted")[0]][2], sample) for name, sample in extra.items()}}
         print(json.dumps(row), flush=True)
         return row
 
@@ -190,7 +207,7 @@ def main() -> None:
         if step in eval_at:
             evals.append(evaluate(step))
     out = {"store": args.store, "clap_version": version, "preset": args.preset, "latent": args.latent,
-           "position": args.position,
+           "position": args.position, "fit_share": args.fit_share,
            "scale": args.scale, "settings": vars(args), "fit": fit.__dict__, "n_population_train_pairs": len(pop_train),
            "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(args.steps, 1), 2),
            "total_seconds": round(time.perf_counter() - t0, 1), "evals": evals, "history": history,

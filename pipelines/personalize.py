@@ -231,6 +231,8 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         cache_path = ("cache", clap.version, "texts.lance")
 
         fit = cfg.fit_settings()   # the same payload the evaluation times its refit with
+        if cfg.preference_only:
+            fit = _preference_projection(store, clap, cfg, fit)
         table = PolicyTable(store, clap.version)
         read_version = table.latest_version()   # every task reads the users' rows of this version
         parts_dir = ("runs", parent_run_id, "personalize_users")
@@ -283,3 +285,16 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
     logger.info("personalize: %d users (%d fitted, %d unchanged, %d cold start) in %.1fs", summary.n_users,
                 summary.n_fitted, summary.n_unchanged, summary.n_cold_start, seconds)
     return summary
+
+
+def _preference_projection(store: Store, clap: ClapArtifact, cfg: PersonalizeConfig, fit):
+    """`personalize.preference_only`: the fit settings that project every head-only fit onto the CLaP's preference
+    space (its `preference_dims` first coordinates)."""
+    import dataclasses
+    saved = store.read_json(*clap.path, "clap_config.json")["clap_config"]
+    dims = int(saved.get("preference_dims", 0))
+    if not dims or saved.get("latent_type", "gaussian") != "gaussian" or cfg.mode != "head-only":
+        raise ValueError(f"personalize.preference_only needs head-only fits of a Gaussian CLaP with a preference "
+                         f"space (pretrain.preference_dims > 0); CLaP {clap.version} has preference_dims={dims}, "
+                         f"latent_type={saved.get('latent_type', 'gaussian')!r}, mode={cfg.mode!r}")
+    return dataclasses.replace(fit, project_dims=dims, project_scale=cfg.preference_scale)

@@ -25,6 +25,15 @@ class FitSettings:
     seed: int = 0
     noise_draws: int | None = 4          # None = fresh latent samples every step (the reference estimator)
     code_evidence_ratio: float = 1.0     # discrete code fits: lpc.md §6.3 keeps every positive gap
+    # head-only Gaussian fits, after the fit (personalize.preference_only): keep the first `project_dims` latent
+    # coordinates (the CLaP's preference space) with their means times `project_scale`, the rest at the prior's
+    # N(0, 1) (`fit_user.project_heads`). 0 = off; left out of `as_dict` when off, so older fits keep their versions
+    project_dims: int = 0
+    project_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.project_dims < 0 or not self.project_scale > 0:
+            raise ValueError(f"project_dims={self.project_dims} must be >= 0 and project_scale={self.project_scale} > 0")
 
     @classmethod
     def of(cls, fit: "FitSettings | Mapping[str, Any]", *, fresh_noise: bool = False) -> "FitSettings":
@@ -40,11 +49,15 @@ class FitSettings:
         return cls(**fit)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.project_dims:
+            del out["project_dims"], out["project_scale"]
+        return out
 
     def gaussian(self) -> dict[str, Any]:
         """Keyword arguments of `fit_user.FitConfig` (head-only and the encoder modes)."""
-        return {k: v for k, v in self.as_dict().items() if k != "code_evidence_ratio"}
+        return {k: v for k, v in self.as_dict().items()
+                if k not in ("code_evidence_ratio", "project_dims", "project_scale")}
 
     def codes(self) -> dict[str, Any]:
         """Keyword arguments of `fit_codes.CodeFitConfig` besides the estimator (discrete CLaPs): the code fits

@@ -116,6 +116,27 @@ class FitResult:
     config: FitConfig = field(default_factory=FitConfig)
 
 
+def project_heads(weight: Tensor, bias: Tensor, dims: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Heads that keep only latent coordinates 0..dims-1 (the CLaP's preference space), their means times `scale`;
+    every other coordinate is the prior's N(0, 1) for any prompt (mean and log-variance columns zeroed).
+
+    The layout is `policy.user_latent`'s: query q emits latent dims q*D/Q .. (q+1)*D/Q - 1, its first D/Q columns
+    means and the rest log-variances. Shapes (..., Q, d, 2D/Q) and (..., Q, 2D/Q); returns new tensors.
+    """
+    Q, E = weight.shape[-3], weight.shape[-1]
+    half = E // 2
+    D = Q * half
+    if not 0 < dims <= D:
+        raise ValueError(f"project dims={dims} must be in 1..{D} (the latent's dimensions)")
+    mean_scale = torch.zeros(Q, E, dtype=weight.dtype, device=weight.device)
+    logvar_keep = torch.zeros(Q, E, dtype=weight.dtype, device=weight.device)
+    for j in range(dims):
+        mean_scale[j // half, j % half] = scale
+        logvar_keep[j // half, half + j % half] = 1.0
+    factor = mean_scale + logvar_keep                                      # (Q, E)
+    return weight * factor[:, None, :], bias * factor
+
+
 def init_params(n_users: int, n_query: int, d: int, latent_dim: int) -> tuple[Tensor, Tensor]:
     """Zero (standardized) heads: every user's policy is exactly N(0, I) = pi_ref (spec §2.2 `standardize`).
 

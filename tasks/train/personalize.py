@@ -244,9 +244,15 @@ def _fit_gaussian_chunk(job: ChunkJob, chunk: "_ChunkState", cache: LatentCache,
     t0 = time.perf_counter()
     if job.mode == "head-only":
         from latentpref.tasks.train.fit_user import fit_users
-        init = _warm_start_heads(chunk, ids, job.clap_version, Q, d, D) if job.warm_start else None
+        # a projected head is not where the fit ended (scaled, coordinates dropped): such fits start fresh
+        warm = job.warm_start and not job.fit.project_dims
+        init = _warm_start_heads(chunk, ids, job.clap_version, Q, d, D) if warm else None
         result = fit_users(cache.features[p_idx], *post, user_index_t, len(to_fit), cfg, init=init,
                            pair_weight=weights)
+        if job.fit.project_dims:   # personalize.preference_only: the user is a position in the preference space
+            from latentpref.tasks.train.fit_user import project_heads
+            result.weight, result.bias = project_heads(result.weight, result.bias, job.fit.project_dims,
+                                                       job.fit.project_scale)
         artifacts = [(HEAD_FILE, {"weight": result.weight[i], "bias": result.bias[i]}) for i in range(len(to_fit))]
         n_params = int(result.weight[0].numel() + result.bias[0].numel())
     else:
