@@ -21,19 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def main() -> None:
@@ -74,6 +67,9 @@ def main() -> None:
     from latentpref.tasks.train.follow import (FollowObjective, FollowSettings, fit_population_heads,
                                                head_latents)
     from latentpref.tasks.train.loop import make_pair_batch, population_pairs, sample_pair_batches, set_stage
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from nights import _cpu   # the CPU model name, as the nights' JSONs record it
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -151,7 +151,7 @@ def _perplexity(usage) -> float:
     return float(code_usage_perplexity(torch.as_tensor(usage, dtype=torch.float64)))
 
 
-def _encode_new_texts(store: Store, clap: ClapArtifact, data: DataArtifacts, pairs: pa.Table,
+def _encode_new_texts(store: Store, clap: ClapArtifact, clap_config: dict, data: DataArtifacts, pairs: pa.Table,
                       extra_prompts: list[str], data_cfg: DataConfig, cfg: PersonalizeConfig, logger) -> dict:
     """Encode, in Ray tasks, the texts of tonight's pairs (and the evaluation prompts) that the CLaP version's
     content-keyed latent table does not hold yet; the driver only plans and commits once. A text is encoded once per
@@ -159,10 +159,9 @@ def _encode_new_texts(store: Store, clap: ClapArtifact, data: DataArtifacts, pai
     import ray
     from tqdm.auto import tqdm
 
-    from latentpref.tasks.models.clap import CONFIG_FILE
     from latentpref.tasks.policy.text_cache import TextLatentTable, encode_texts, plan_encode_jobs
     t0 = time.perf_counter()
-    discrete = store.read_json(*clap.path, CONFIG_FILE)["clap_config"].get("latent_type") == "discrete"
+    discrete = clap_config.get("latent_type") == "discrete"
     table = TextLatentTable(store, clap.version)
     prompts, chosen, rejected = (pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
     jobs = plan_encode_jobs(table, prompts + extra_prompts,
@@ -197,6 +196,7 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
     import mlflow
 
     from latentpref.tasks.data.ipc import table_to_ipc
+    from latentpref.tasks.models.clap import CONFIG_FILE
     from latentpref.tasks.policy.table import PolicyTable, night_tag
     from latentpref.tasks.train.personalize import ChunkJob
     logger = get_run_logger()
@@ -226,13 +226,16 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
         sorted_users = pairs["user_id"].to_numpy(zero_copy_only=False)
         # prompts of the evaluation split are encoded too, so evaluation and serving find them cached
         prompts_tbl = store.read_table(*data.prompts.path)
-        encoded = _encode_new_texts(store, clap, data, pairs, prompts_tbl["prompt"].to_pylist(), data_cfg, cfg, logger)
+        # the CLaP's saved CLaPConfig: its latent type (encoding) and preference space (preference_only)
+        clap_config = store.read_json(*clap.path, CONFIG_FILE)["clap_config"]
+        encoded = _encode_new_texts(store, clap, clap_config, data, pairs, prompts_tbl["prompt"].to_pylist(),
+                                    data_cfg, cfg, logger)
         mlflow.log_metrics({k: float(v) for k, v in encoded.items()})
         cache_path = ("cache", clap.version, "texts.lance")
 
         fit = cfg.fit_settings()   # the same payload the evaluation times its refit with
         if cfg.preference_only:
-            fit = _preference_projection(store, clap, cfg, fit)
+            fit = _preference_projection(clap_config, clap.version, cfg, fit)
         table = PolicyTable(store, clap.version)
         read_version = table.latest_version()   # every task reads the users' rows of this version
         parts_dir = ("runs", parent_run_id, "personalize_users")
@@ -287,14 +290,13 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
     return summary
 
 
-def _preference_projection(store: Store, clap: ClapArtifact, cfg: PersonalizeConfig, fit):
+def _preference_projection(saved: dict, clap_version: str, cfg: PersonalizeConfig, fit):
     """`personalize.preference_only`: the fit settings that project every head-only fit onto the CLaP's preference
-    space (its `preference_dims` first coordinates)."""
+    space (its `preference_dims` first coordinates); `saved` is the CLaP's saved CLaPConfig."""
     import dataclasses
-    saved = store.read_json(*clap.path, "clap_config.json")["clap_config"]
     dims = int(saved.get("preference_dims", 0))
     if not dims or saved.get("latent_type", "gaussian") != "gaussian" or cfg.mode != "head-only":
         raise ValueError(f"personalize.preference_only needs head-only fits of a Gaussian CLaP with a preference "
-                         f"space (pretrain.preference_dims > 0); CLaP {clap.version} has preference_dims={dims}, "
+                         f"space (pretrain.preference_dims > 0); CLaP {clap_version} has preference_dims={dims}, "
                          f"latent_type={saved.get('latent_type', 'gaussian')!r}, mode={cfg.mode!r}")
     return dataclasses.replace(fit, project_dims=dims, project_scale=cfg.preference_scale)
