@@ -132,6 +132,10 @@ class PretrainConfig(_Section):
     preference_dims: Annotated[int, Field(ge=0)] = 0
     preference_layer: Annotated[int, Field(ge=1)] = 8
     preference_l2: Annotated[float, Field(gt=0)] = 1.0
+    # share of stage 1-2 rows whose z keeps only the preference coordinates (the other latent_dim - preference_dims
+    # at the prior's mean 0), as personalize.preference_only serves users: the LM learns to write from the space's
+    # position alone, not only from the free coordinates that describe the text. Needs preference_dims > 0. 0 = off
+    preference_only_share: Annotated[float, Field(ge=0, le=1)] = 0.0
     # stage 3, "follow" (Gaussian only; tasks/train/follow.py, issue 28 lever 2): after stages 1-2 every population
     # user is fitted as the night fits a user (head-only latent DPO with the personalize section's settings), and a
     # rank-`follow_rank` adapter reading the preference space's coordinates (zero at z = 0: the prior's text is
@@ -252,6 +256,11 @@ class EvaluateConfig(_Section):
     ptuning_sft_lr: float = 1e-3              # spec §5
     # samples per prompt of the un-personalised model for the oracle_best_of_k ceiling and the reward spread
     oracle_k: Annotated[int, Field(ge=1)] = 4
+    # > 1: also evaluate `latent_dpo_best_of_k`, serving's personal best-of-K (`best_of` of /v1/completions): K
+    # samples per prompt under the user's latent (the first is latent_dpo's own text), the one with the highest
+    # latent reward of the user returned (LM-free scoring, tasks/evaluate/serving.latent_rewards). Decodes K - 1
+    # more texts per user and prompt. 0 = off
+    best_of_k: Annotated[int, Field(ge=0)] = 0
     users_per_task: int = 2                   # users evaluated in one Ray task (each task loads the models once)
     # CPUs (= torch threads) of each evaluation task: each task holds its own copies of the LM, so on a small box
     # fewer, wider tasks hold fewer copies (default preset, 2 tasks x 1 thread: the box peaked at 9.0 GB evaluating)
@@ -301,6 +310,9 @@ class NightlyConfig(_Section):
         if self.pretrain.latent_type == "discrete" and self.pretrain.preference_dims > 0:
             raise ValueError(f"pretrain.preference_dims={self.pretrain.preference_dims} needs "
                              "pretrain.latent_type=gaussian (the discrete CLaP has no Gaussian posterior mean)")
+        if self.pretrain.preference_only_share > 0 and not self.pretrain.preference_dims:
+            raise ValueError(f"pretrain.preference_only_share={self.pretrain.preference_only_share} trains the LM on "
+                             "the preference space's coordinates alone: it needs pretrain.preference_dims > 0")
         if self.pretrain.preference_dims > self.pretrain.latent_dim:
             raise ValueError(f"pretrain.preference_dims={self.pretrain.preference_dims} exceeds "
                              f"pretrain.latent_dim={self.pretrain.latent_dim}")

@@ -45,7 +45,7 @@ DISCRETE_FIELDS = frozenset({"latent_type", "n_codes", "tau_start", "tau_end", "
 
 
 PREFERENCE_FIELDS = frozenset({"preference_weight", "preference_lr", "preference_pairs_per_batch"})
-SPACE_FIELDS = frozenset({"preference_dims", "preference_layer", "preference_l2"})
+SPACE_FIELDS = frozenset({"preference_dims", "preference_layer", "preference_l2", "preference_only_share"})
 FOLLOW_FIELDS = frozenset({"follow_steps", "follow_rank", "follow_pairs_per_batch", "follow_lr", "follow_beta",
                            "follow_nll_weight"})
 
@@ -79,6 +79,8 @@ def clap_version(cfg: PretrainConfig, data_cfg: DataConfig, data: DataArtifacts,
         exclude |= PREFERENCE_FIELDS
     if cfg.latent_type == "discrete" or cfg.preference_dims == 0:
         exclude |= SPACE_FIELDS
+    if cfg.preference_only_share == 0:
+        exclude.add("preference_only_share")
     if not _follow_on(cfg):
         exclude |= FOLLOW_FIELDS
     from latentpref.tasks.models.clap import ADAPTER_LAYOUT

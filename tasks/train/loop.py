@@ -226,8 +226,18 @@ class ClapObjective(nn.Module):
 
     def __init__(self, clap: nn.Module, *, kl_samples: int = 16, kl_weight: float = 1.0,
                  contrastive_weight: float = 1.0, shared_prompt_cache: bool = True, bow_weight: float = 0.0,
-                 user_directions: UserDirections | None = None, preference_weight: float = 0.0):
+                 user_directions: UserDirections | None = None, preference_weight: float = 0.0,
+                 preference_only_share: float = 0.0):
         super().__init__()
+        if not 0.0 <= preference_only_share <= 1.0:
+            raise ValueError(f"preference_only_share={preference_only_share} must be in [0, 1]")
+        if preference_only_share > 0 and not getattr(getattr(clap, "cfg", None), "preference_dims", 0):
+            raise ValueError(f"preference_only_share={preference_only_share} needs a CLaP with a preference space "
+                             "(CLaPConfig.preference_dims > 0): it trains the LM on the space's coordinates alone")
+        # users are served at their preference coordinates with every other coordinate at the prior's mean 0
+        # (personalize.preference_only); this share of rows is trained exactly so, or the adapter learns to read
+        # the text from the 28 free coordinates and barely from the preference ones
+        self.preference_only_share = preference_only_share
         if bow_weight > 0 and getattr(clap, "bow", None) is None:
             raise ValueError(f"bow_weight={bow_weight} needs a CLaP built with CLaPConfig.bow_head=True")
         if preference_weight > 0 and user_directions is None:
@@ -248,8 +258,8 @@ class ClapObjective(nn.Module):
         """One CLaP step's loss (scalar, with grad) and detached metrics; rows are P prompts x B responses.
 
         Stage 1: L_lm with G-skip (when the skip MLP exists) + DG-KLD. Stage 2: L_lm + DG-KLD + contrastive.
-        `generator` draws, in this order, the DG-KLD noise, the prefix latent z, the G-skip latents and the pair
-        term's samples. `pairs` (with user_index) feeds the population preference term; it is required when
+        `generator` draws, in this order, the DG-KLD noise, the prefix latent z, the G-skip latents, the rows
+        trained from the preference coordinates alone (`preference_only_share` > 0) and the pair term's samples. `pairs` (with user_index) feeds the population preference term; it is required when
         preference_weight > 0 (every DDP rank must give the user directions a gradient).
         """
         P, B = batch.n_prompts, batch.n_responses
@@ -263,6 +273,8 @@ class ClapObjective(nn.Module):
             # a fresh posterior sample per response position (spec §2.4)
             T = batch.response_ids.shape[1]
             skip_z = latent.sample(mu, logvar, T, generator=generator).transpose(0, 1)  # (P*B, T, D)
+        if self.preference_only_share > 0:
+            z, skip_z = self._preference_only_rows(z, skip_z, generator)
         contrastive_on = stage == 2 and B > 1 and self.contrastive_weight > 0
         if contrastive_on and not self.shared_prompt_cache:
             rows = []
@@ -309,6 +321,20 @@ class ClapObjective(nn.Module):
         if self.preference_weight > 0:
             metrics.update(preference=preference.detach(), preference_acc=preference_acc)
         return loss, metrics
+
+    def _preference_only_rows(self, z: torch.Tensor, skip_z: torch.Tensor | None,
+                              generator: torch.Generator | None):
+        """z (and the G-skip latents) with the free coordinates (all but the first preference_dims) set to 0 on a
+        `preference_only_share` of the rows, drawn from `generator`."""
+        r = self.clap.cfg.preference_dims
+        draw = torch.rand(z.shape[0], generator=generator, device=generator.device if generator is not None
+                          else z.device).to(z.device)
+        keep_free = (draw >= self.preference_only_share).to(z.dtype)[:, None]              # (N, 1)
+        mask = torch.cat([torch.ones_like(z[:, :r]), keep_free.expand(-1, z.shape[1] - r)], dim=1)
+        z = z * mask
+        if skip_z is not None:
+            skip_z = skip_z * mask[:, None, :]
+        return z, skip_z
 
     def _preference_term(self, pairs: PairBatch | None, generator: torch.Generator | None):
         if pairs is None or pairs.user_index is None:

@@ -92,6 +92,7 @@ class PretrainJob(BaseModel):
     # PretrainConfig documents it), fitted on the readable users' train pairs before the first step
     preference_dims: int = 0
     preference_layer: int = 8
+    preference_only_share: float = 0.0   # rows trained from the space's coordinates alone (PretrainConfig)
     preference_l2: float = 1.0
     # Gaussian only: stage 3, "follow" (tasks/train/follow.py; PretrainConfig documents it), after stages 1-2
     follow_steps: int = 0
@@ -473,7 +474,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                           contrastive_weight=job.contrastive_weight, bow_weight=job.bow_weight,
                                           user_directions=user_directions,
                                           preference_weight=job.preference_weight if user_directions is not None
-                                          else 0.0)
+                                          else 0.0, preference_only_share=job.preference_only_share)
             # re-wrap on a stage switch: DDP registers hooks only for parameters trainable at wrap time
             wrapped = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": False})
             groups = (_param_groups(model, job) if stage < 3

@@ -308,3 +308,32 @@ def test_population_pairs_index_train_users_and_keep_weights():
     assert [(p.prompt, p.user_index, p.weight) for p in heldout] == [("p3", 0, 2.0)]
     bare, none_held, one = population_pairs(table.select(["prompt", "chosen", "rejected"]))
     assert len(bare) == 4 and not none_held and one == 1 and {p.user_index for p in bare} == {0}
+
+
+def test_preference_only_rows_keep_the_space_and_zero_the_free_coordinates():
+    torch.manual_seed(0)
+    model = CLaP(copy.deepcopy(_base("tiny-gpt2")[0]), CLaPConfig(latent_dim=8, n_query=2, preference_dims=3,
+                                                                          preference_layer=1))
+    with pytest.raises(ValueError, match="preference space"):
+        ClapObjective(CLaP(copy.deepcopy(_base("tiny-gpt2")[0]), CLaPConfig(latent_dim=8, n_query=2)),
+                      preference_only_share=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ClapObjective(model, preference_only_share=1.5)
+    z = torch.randn(400, 8)
+    skip = torch.randn(400, 5, 8)
+    out, out_skip = ClapObjective(model, preference_only_share=0.25)._preference_only_rows(
+        z, skip, torch.Generator().manual_seed(3))
+    assert torch.equal(out[:, :3], z[:, :3])                                   # the space's coordinates untouched
+    dropped = (out[:, 3:] == 0).all(1)
+    assert torch.equal(out[~dropped], z[~dropped])                             # other rows whole
+    assert 0.15 < float(dropped.float().mean()) < 0.35                         # about the share
+    assert (out_skip[dropped][..., 3:] == 0).all() and torch.equal(out_skip[~dropped], skip[~dropped])
+    assert torch.equal(out_skip[..., :3], skip[..., :3])
+    every, _ = ClapObjective(model, preference_only_share=1.0)._preference_only_rows(z, None, None)
+    assert (every[:, 3:] == 0).all()
+    # through a whole stage-1 step: a finite loss, and the encoder's free coordinates still get a gradient from the
+    # rows that keep them (and the KL)
+    batch = _batch("tiny-gpt2")
+    loss, _ = ClapObjective(model, kl_samples=4, preference_only_share=0.5)(batch, 1, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and _grad_norm(model.encoder.parameters()) > 0
