@@ -25,7 +25,7 @@ from typing import Any
 
 FIGURES = ("win_rate_vs_prior", "win_rate_vs_base", "own_vs_swapped", "heldout_accuracy", "latent_heldout_accuracy",
            "perplexity", "mean_reward", "fit_seconds", "z_sensitivity_nats")
-METHODS = ("latent_dpo", "clap_prior", "base_lm", "oracle_best_of_k", "lora_dpo", "ptuning_dpo", "full_dpo")
+METHODS = ("latent_dpo", "latent_dpo_best_of_k", "clap_prior", "base_lm", "oracle_best_of_k", "lora_dpo", "ptuning_dpo", "full_dpo")
 
 
 def _cpu() -> str:

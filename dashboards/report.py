@@ -31,7 +31,7 @@ from latentpref.dashboards.user_map import UserMap
 SECTIONS = ("comparison", "cohorts", "generations", "win-rates", "few-shot", "training", "user-latents",
             "code-usage", "lineage", "per-user")
 # the methods a generation table shows, in this order: un-personalised first, then the personalised ones
-_GENERATION_METHODS = ("clap_prior", "latent_dpo", "lora_dpo", "ptuning_dpo", "full_dpo", "oracle_best_of_k",
+_GENERATION_METHODS = ("clap_prior", "latent_dpo", "latent_dpo_best_of_k", "lora_dpo", "ptuning_dpo", "full_dpo", "oracle_best_of_k",
                        "base_lm")
 # quality columns of the pooled and per-group comparison tables, in this order (absent ones are left out)
 _QUALITY_COLUMNS = ("win_rate_vs_prior", "win_rate_vs_base", "own_vs_swapped", "win_rate", "mean_reward",

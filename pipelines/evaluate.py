@@ -167,7 +167,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
             baselines=tuple(cfg.baselines), baseline_steps=cfg.baseline_steps, baseline_lr=cfg.lr_by_method(),
             baseline_beta=cfg.beta_by_method(), baseline_batch_size=cfg.baseline_batch_size,
             latent_fit=pcfg.fit_settings(),
-            seed=cfg.seed, oracle_k=cfg.oracle_k, ptuning_prefix=prefix,
+            seed=cfg.seed, oracle_k=cfg.oracle_k, best_of_k=cfg.best_of_k, ptuning_prefix=prefix,
             baseline_user_ids=None if cfg.baseline_users is None else baseline_users)
 
         # fan-out: baselines are a full DPO run through the LM per user, by far the costliest part of the night,

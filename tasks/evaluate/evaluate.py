@@ -55,6 +55,7 @@ class EvalSettings:
     latent_fit: FitSettings          # the night's fit settings, to time a one-user latent fit like-for-like
     seed: int = 0
     oracle_k: int = 4                # samples per prompt of the un-personalised model for oracle_best_of_k
+    best_of_k: int = 0               # > 1: latent_dpo_best_of_k, serving's personal best-of-K (0 = off)
     # the night's P-Tuning-SFT prefix (baselines.fit_prefix_sft): init and reference of every P-Tuning-DPO fit
     ptuning_prefix: dict[str, torch.Tensor] | None = None
     # users the baselines are fitted for (a subset of the evaluated users: a fit through the LM costs ~100x a latent
@@ -97,6 +98,37 @@ def _clap_generate_rows(clap, tokenizer, prompts: list[str], prompt_index: list[
                             do_sample=True, top_k=50, generator=gens)
         texts += tokenizer.batch_decode(out, skip_special_tokens=True)
     return texts
+
+
+BEST_OF_METHOD = "latent_dpo_best_of_k"
+
+
+def _best_of_texts(clap, tokenizer, prompts: list[str], user_ids: list[str], user_policies: dict[str, Any],
+                   serving_z: dict[str, torch.Tensor], first: dict[str, list[str]],
+                   s: EvalSettings) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Serving's personal best-of-K for every user (`s.best_of_k` > 1; else {}): K samples per prompt under the
+    user's serving latent, sample 0 being `first` (latent_dpo's own text, on the prompt's stream 0) and sample j on
+    the prompt's stream j (the streams the oracle's pool of the prior draws from), every user's extra samples decoded
+    together; the sample with the highest latent reward of the user (`serving.latent_rewards`, LM-free, as
+    `best_of` in /v1/completions) is kept. Returns {user: (chosen texts per prompt, (K, prompts) latent rewards)}."""
+    k = s.best_of_k
+    if k <= 1:
+        return {}
+    from latentpref.tasks.evaluate.serving import latent_rewards
+    n, extra = len(prompts), k - 1
+    rows_z = torch.cat([serving_z[u].repeat(extra, 1) for u in user_ids])
+    samples = [j for _ in user_ids for j in range(1, k) for _ in range(n)]
+    decoded = _clap_generate_rows(clap, tokenizer, prompts * (extra * len(user_ids)),
+                                  list(range(n)) * (extra * len(user_ids)), rows_z, s, samples=samples)
+    out = {}
+    for i, u in enumerate(user_ids):
+        mine = decoded[i * extra * n:(i + 1) * extra * n]
+        pool = [first[u]] + [mine[j * n:(j + 1) * n] for j in range(extra)]                  # K x prompts
+        rewards = latent_rewards(clap, tokenizer, user_policies[u], prompts * k, [t for texts in pool for t in texts],
+                                 prompt_tokens=s.prompt_tokens, response_tokens=s.response_tokens).reshape(k, n)
+        best = rewards.argmax(0)                                    # ties: the first (latent_dpo's own text)
+        out[u] = ([pool[b][i_p] for i_p, b in enumerate(best)], rewards)
+    return out
 
 
 def latent_implicit_reward(mu_p, logvar_p, mu_y) -> torch.Tensor:
@@ -212,6 +244,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
     all_texts = _clap_generate_rows(clap, tokenizer, prompts * len(user_ids), list(range(len(prompts))) * len(user_ids),
                                     torch.cat([serving_z[u] for u in user_ids]), settings)
     latent_texts = {u: all_texts[k * len(prompts):(k + 1) * len(prompts)] for k, u in enumerate(user_ids)}
+    best_of = _best_of_texts(clap, tokenizer, prompts, user_ids, user_policies, serving_z, latent_texts, settings)
 
     rows: list[dict[str, Any]] = []
     for n_done, user_id in enumerate(user_ids):
@@ -275,6 +308,14 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                         artifact_bytes=int(manifest.get("artifact_bytes", 0)),
                         cold_start=bool(manifest.get("cold_start", False))))
 
+        if user_id in best_of:
+            bo_texts, bo_rewards = best_of[user_id]
+            rows.append(row(BEST_OF_METHOD, bo_texts, heldout_accuracy=None, fit_seconds=fit_s,
+                            fit_timed_alone=refit_s is not None, trainable_params=rows[-1]["trainable_params"],
+                            artifact_bytes=rows[-1]["artifact_bytes"],
+                            # how far the chosen sample's latent reward is above latent_dpo's own text's
+                            latent_reward_gain=float(bo_rewards.max(0).mean() - bo_rewards[0].mean())))
+
         # baselines on exactly the same pairs
         for method in settings.baselines:
             if not triples or (settings.baseline_user_ids is not None and user_id not in settings.baseline_user_ids):
@@ -309,7 +350,7 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
 
 SUMMARY_COLUMNS = ("mean_reward", "win_rate", "win_rate_vs_prior", "win_rate_vs_base", "own_vs_swapped",
                    "heldout_accuracy", "latent_heldout_accuracy", "z_sensitivity_nats", "latent_shift", "perplexity",
-                   "fit_seconds", "reward_spread")
+                   "fit_seconds", "reward_spread", "latent_reward_gain")
 
 
 def summarise(per_user: pa.Table, *, seed: int = 0) -> pa.Table:

@@ -83,7 +83,8 @@ def test_per_user_metrics_for_latent_dpo_and_lora(tiny_run):
         assert 0 < r.data.metrics["artifact_bytes"] < 64 * 1024   # head-only target (issue 5)
 
 
-ALL_METHODS = {"base_lm", "clap_prior", "oracle_best_of_k", "latent_dpo", "lora_dpo", "full_dpo", "ptuning_dpo"}
+ALL_METHODS = {"base_lm", "clap_prior", "oracle_best_of_k", "latent_dpo", "latent_dpo_best_of_k", "lora_dpo",
+               "full_dpo", "ptuning_dpo"}
 LINEAGE_TAGS = {"clap_version", "base_model_version", "pairs_digest", "candidates_digest", "prompts_digest",
                 "user_id", "method", "cohort"}
 

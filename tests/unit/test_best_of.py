@@ -171,3 +171,30 @@ def test_best_of_one_and_the_prior_draw_one_sample(generator):
 def test_best_of_refuses_greedy(generator):
     with pytest.raises(ValueError, match="best_of=2 with temperature=0"):
         complete_best_of(generator, [_request(user="user-0", temperature=0.0, best_of=2)])
+
+
+def test_the_nights_best_of_k_keeps_the_highest_latent_reward_sample_per_prompt():
+    """evaluate's `latent_dpo_best_of_k`: sample 0 is latent_dpo's own text, the kept sample per prompt is the
+    argmax of the user's latent reward over the K, and K = 0 / 1 evaluates nothing extra."""
+    from latentpref.tasks.evaluate.evaluate import EvalSettings, _best_of_texts, _clap_generate_rows
+    from latentpref.tasks.policy.settings import FitSettings
+    clap, tok = _clap()
+    g = torch.Generator().manual_seed(5)
+    policy = FixedPolicy(torch.randn(1, clap.cfg.latent_dim, generator=g), torch.zeros(1, clap.cfg.latent_dim))
+    prompts = ["The film was", "A long day at the"]
+    s = EvalSettings(prompts_per_user=2, max_new_tokens=6, prompt_tokens=16, response_tokens=16, baselines=(),
+                     baseline_steps=0, baseline_lr={}, baseline_beta={}, baseline_batch_size=1,
+                     latent_fit=FitSettings(), best_of_k=3)
+    p_ids, p_mask = tokenize_prompts(tok, prompts, 16)
+    z = {"u": policy.mu.expand(2, -1).clone()}
+    first = {"u": _clap_generate_rows(clap, tok, prompts, [0, 1], z["u"], s)}
+    got = _best_of_texts(clap, tok, prompts, ["u"], {"u": policy}, z, first, s)
+    texts, rewards = got["u"]
+    assert rewards.shape == (3, 2)
+    pool = [first["u"]] + [_clap_generate_rows(clap, tok, prompts, [0, 1], z["u"], s, samples=[j, j])
+                           for j in (1, 2)]
+    want = latent_rewards(clap, tok, policy, prompts * 3, [t for p in pool for t in p], **LENGTHS).reshape(3, 2)
+    np.testing.assert_allclose(rewards, want, rtol=1e-5, atol=1e-6)
+    assert texts == [pool[int(b)][i] for i, b in enumerate(want.argmax(0))]
+    assert _best_of_texts(clap, tok, prompts, ["u"], {"u": policy}, z, first,
+                          dataclasses.replace(s, best_of_k=1)) == {}
