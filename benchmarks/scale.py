@@ -18,9 +18,11 @@ Sections (`--sections`, default all; `--carry OLD.json` copies the sections not 
   The latent cache is synthetic (random features / posteriors of the tiny preset's head shapes, 200 prompts x 8
   responses, texts of the tiny preset's lengths), so nothing is encoded: `encoded_texts` = 0, and `predicted_s`
   leaves encoding out too. The night's jobs are generated chunk by chunk (the driver never
-  holds the whole night's pairs); `product_driver_pairs` is measured apart, each in its own process: the memory
-  `personalize_stage`'s driver adds by holding the whole night's pairs (sorted table, user column, the encode
-  planning's lists of every pair's texts), at the smallest night's size and a quarter of it, projected linearly.
+  holds the whole night's pairs); `product_driver_pairs` is measured apart, each size in its own process: the
+  memory `personalize_stage`'s driver adds to turn the night's pairs into jobs (`plan_night_pairs`: the pairs read
+  in record batches with the encode plan made from them, sorted by user into run-scoped chunk files in buckets, then
+  `chunk_jobs`, every job made), at a quarter of the smallest night's size, that size and four times it (the
+  growth per 1,000 users from the two largest, both past one sort bucket), projected linearly.
   Stores: the second night runs on the first night's store (its table holds the first night's users; the second
   night's first users are the same ids with new pairs, so it upserts them: rows replaced, deletion files written).
   `objects_written`: every file the night creates in the store (the store listed before and after; the task record
@@ -426,33 +428,70 @@ def night_child(spec: dict) -> dict:
 
 
 def pairs_table_child(spec: dict) -> dict:
-    """The driver memory of building a night's jobs as `personalize_stage` does: the whole pairs table in memory,
-    sorted, the sorted user column as a numpy object array, one IPC slice per chunk (jobs consumed one at a time)."""
-    from latentpref.tasks.data.ipc import table_to_ipc
-    world = SyntheticWorld(HeadShape(**spec["head"]))
-    users = user_ids(0, spec["users"])
+    """The driver memory of turning a night's pairs into jobs as `personalize_stage` does: `plan_night_pairs` (the
+    prepared pairs table read in record batches, counted per user, the encode plan made batch by batch against the
+    CLaP's latent table, the pairs sorted by user into run-scoped chunk files) and then every `ChunkJob` of
+    `chunk_jobs` made, one at a time. The inputs were written by the parent (`_write_night_inputs`)."""
+    import pickle
+    from types import SimpleNamespace
+
+    from latentpref.pipelines.personalize import chunk_jobs, plan_night_pairs
+    from latentpref.tasks.data.store import Store
+    from latentpref.tasks.policy.text_cache import EncodePlanner, TextLatentTable
+    from latentpref.tasks.train import night_pairs
+    store = Store(spec["store"])
+    data = SimpleNamespace(pairs=SimpleNamespace(path=tuple(spec["pairs_path"])),
+                           users=SimpleNamespace(path=tuple(spec["users_path"])))
+    folder = ("runs", "bench", "personalize_pairs")
+    U = spec["users_per_task"]
+    planner = EncodePlanner(TextLatentTable(store, CLAP_VERSION), discrete=False)   # imports Lance: not counted
     rss0 = _rss_now_mb()
     t0 = time.perf_counter()
-    U = spec["users_per_task"]
-    pairs = pa.concat_tables([world.pairs(users[i:i + U], spec["seed"] * 1_000_003 + k)
-                              for k, i in enumerate(range(0, len(users), U))]).sort_by("user_id")
-    sorted_users = pairs["user_id"].to_numpy(zero_copy_only=False)
-    built = _rss_now_mb()
-    n_bytes = 0
-    for i in range(0, len(users), U):
-        chunk = users[i:i + U]
-        lo = int(np.searchsorted(sorted_users, chunk[0], side="left"))
-        hi = int(np.searchsorted(sorted_users, chunk[-1], side="right"))
-        n_bytes += len(table_to_ipc(pairs.slice(lo, hi - lo)))
-    peak_pairs = _peak_rss_mb()
-    prompts, chosen, rejected = (pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
-    lists = (prompts, list(zip(prompts, chosen)) + list(zip(prompts, rejected)), list(zip(prompts, chosen, rejected)))
-    peak_lists = _peak_rss_mb()
-    del lists
-    return {"users": len(users), "pair_rows": pairs.num_rows, "pairs_table_mb": pairs.nbytes / 2 ** 20,
-            "rss_before_mb": rss0, "rss_after_build_mb": built, "peak_rss_mb": peak_lists,
-            "pairs_increment_mb": peak_pairs - rss0, "with_encode_lists_increment_mb": peak_lists - rss0,
-            "ipc_bytes_total_mb": n_bytes / 2 ** 20, "seconds": time.perf_counter() - t0}
+    everyone, placement = plan_night_pairs(store, data, planner=planner, user_ids=None, users_per_task=U,
+                                           folder=folder)
+    planned = planner.jobs(texts_per_job=spec["texts_per_job"], clap_path=(), tokenizer_path=(), prompt_tokens=0,
+                           response_tokens=0)
+    peak_plan = _peak_rss_mb()
+    plan_s = time.perf_counter() - t0
+    n_jobs, job_bytes = 0, []
+    for job in chunk_jobs(everyone, placement, users_per_task=U, parts_dir=("runs", "bench", "parts"),
+                          store_root=store.root, clap_version=CLAP_VERSION, fit={"steps": 1}, mode="head-only",
+                          min_pairs=1):
+        n_jobs += 1
+        job_bytes.append(len(pickle.dumps(job)))
+    peak = _peak_rss_mb()
+    files = store.listdir(*folder)
+    return {"users": len(everyone), "pair_rows": sum(p.rows for p in placement), "rss_before_mb": rss0,
+            "peak_rss_mb": peak, "plan_increment_mb": peak_plan - rss0, "driver_increment_mb": peak - rss0,
+            "chunk_files": len(files), "chunk_files_mb": sum(store.fs.size(store.url(*folder, n)) for n in files)
+            / 2 ** 20, "jobs": n_jobs, "job_bytes_max": max(job_bytes, default=0),
+            "encode_texts_planned": sum(j.n_texts for j in planned), "bucket_rows": night_pairs.BUCKET_ROWS,
+            "scan_batch_rows": night_pairs.SCAN_BATCH_ROWS, "plan_s": plan_s,
+            "seconds": time.perf_counter() - t0}
+
+
+def _write_night_inputs(root: str, head: HeadShape, n_users: int, seed: int, users_per_task: int) -> dict:
+    """A prepared-style pairs table (the train split: `SyntheticWorld.pairs`, 64 per user) and users table of
+    `n_users` users under the store `root`, written a chunk of users at a time (this process never holds them
+    whole). Returns the paths (a `pairs_table_child` spec's part)."""
+    import pyarrow.parquet as pq
+    world = SyntheticWorld(head)
+    users = user_ids(0, n_users)
+    folder = ("data", "users", f"bench-{n_users}")
+    base = Path(root, *folder)
+    base.mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        for k, i in enumerate(range(0, n_users, users_per_task)):
+            t = world.pairs(users[i:i + users_per_task], seed * 1_000_003 + k)
+            t = t.append_column("split", pa.array(["train"] * t.num_rows, pa.string()))
+            writer = writer or pq.ParquetWriter(base / "pairs.parquet", t.schema, compression="zstd")
+            writer.write_table(t)
+    finally:
+        if writer is not None:
+            writer.close()
+    pq.write_table(pa.table({"user_id": pa.array(users, pa.string())}), base / "users.parquet")
+    return {"store": root, "pairs_path": [*folder, "pairs.parquet"], "users_path": [*folder, "users.parquet"]}
 
 
 def probe_child(spec: dict) -> dict:
@@ -593,7 +632,7 @@ def section_nights(args, work: Path, head: HeadShape, store_root: str | None = N
                            "table holds the earlier nights' users; the first users of night k are the same ids with "
                            "new pairs, so they are upserted)"}
     if args.pairs_table and "://" not in store_root:
-        out["product_driver_pairs"] = product_driver_pairs(args, head, sizes)
+        out["product_driver_pairs"] = product_driver_pairs(args, head, sizes, work)
     return out
 
 
@@ -628,24 +667,34 @@ def derive_night(night: dict, probes: list[dict]) -> dict:
     return night
 
 
-def product_driver_pairs(args, head: HeadShape, sizes: list[int]) -> dict:
-    """What `personalize_stage`'s driver holds besides fan_out_fits: the night's whole pairs table (sorted, the user
-    column as a numpy object array) and the encode planning's Python lists of every pair's texts. Measured at the
-    smallest night's size and a quarter of it (each in a fresh process), projected linearly to every night size."""
+def product_driver_pairs(args, head: HeadShape, sizes: list[int], work: Path) -> dict:
+    """What `personalize_stage`'s driver adds, besides fan_out_fits, to turn the night's pairs into jobs
+    (`pairs_table_child`: streamed, planned, sorted into chunk files in buckets of `night_pairs.BUCKET_ROWS` rows;
+    each job names a file and a row group). Measured at a quarter of the smallest night's size, that size and
+    four times it (each in a fresh process, on inputs written here a chunk at a time), projected linearly from the
+    two largest: past one bucket, what grows is the user ids and per-user counts, not the pairs."""
     n0 = min(sizes)
-    measured = [run_child("pairs_table", {"head": asdict(head), "users": n, "seed": 17,
-                                           "users_per_task": args.users_per_task}) for n in (max(n0 // 4, 1), n0)]
-    a, b = measured
+    measured = []
+    for n in (max(n0 // 4, 1), n0, 4 * n0):
+        root = str(work / f"driver-pairs-{n}")
+        spec = {**_write_night_inputs(root, head, n, 17, args.users_per_task), "users": n,
+                "users_per_task": args.users_per_task, "texts_per_job": args.texts_per_job}
+        measured.append(run_child("pairs_table", spec))
+        shutil.rmtree(root, ignore_errors=True)
+    _, a, b = measured
     out = {"measured": measured, "projected": {}}
-    for key in ("pairs_increment_mb", "with_encode_lists_increment_mb"):
+    for key in ("plan_increment_mb", "driver_increment_mb"):
         slope = (b[key] - a[key]) / max(b["users"] - a["users"], 1)
         out[f"{key}_per_1000_users"] = 1000 * slope
         for n in sizes:
             out["projected"].setdefault(str(n), {})[key] = b[key] + slope * (n - b["users"])
-    out["note"] = ("increments over the process's RSS before building (the night driver's own peak is separate): "
-                   "pairs_increment = the sorted pairs table + user column + one IPC slice at a time; "
-                   "with_encode_lists = plus the Python lists _encode_new_texts builds from every pair (prompts, "
-                   "(prompt, response) and (prompt, chosen, rejected) tuples) before plan_encode_jobs")
+    out["note"] = ("increments over the child's RSS before planning (the night driver's own peak is separate): "
+                   "plan_increment = plan_night_pairs (pairs read in batches of scan_batch_rows, the encode plan "
+                   "from each batch, the pairs sorted by user into chunk files a bucket of at most bucket_rows rows "
+                   "at a time) + the plan's jobs; driver_increment = plus every ChunkJob made (a path and a row group "
+                   "each: job_bytes_max pickled). Projection: the slope between the two largest sizes, both past one "
+                   "bucket. Before issue 29 item 3 the driver held the whole sorted table and Python lists of every "
+                   "pair's texts: +56 MB / +125 MB per 1,000 users (benchmarks/results/scale.json of that time)")
     return out
 
 
@@ -1142,7 +1191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-warmup-chunks", type=int, default=1,
                     help="chunks per probe process run first and not counted (a process's first fit is slower)")
     ap.add_argument("--no-pairs-table", dest="pairs_table", action="store_false",
-                    help="skip the personalize_stage-style pairs-table driver measurement")
+                    help="skip the measurement of personalize_stage's driver turning the pairs into jobs")
     ap.add_argument("--table-rows", type=int, default=1_000_000)
     ap.add_argument("--upsert-share", type=float, default=0.1)
     ap.add_argument("--lookups", type=int, default=1000)

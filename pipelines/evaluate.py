@@ -154,7 +154,7 @@ def evaluate_stage(cfg: EvaluateConfig, data_cfg: DataConfig, pcfg: PersonalizeC
         test = prompts.filter(pc.equal(prompts["split"], "test"))
         all_pairs = store.read_table(*data.pairs.path)
         heldout = all_pairs.filter(pc.equal(all_pairs["split"], "heldout"))
-        train = training_pairs(store, data)
+        train = training_pairs(store, data, user_ids)     # the evaluated users' rows only, read in batches
         for name, ref in (("prompts", data.prompts), ("pairs", data.pairs), ("users_hidden", data.users)):
             tracking.log_table_input(ref.url(store), name=name, digest=ref.digest, context="evaluation", rows=ref.rows)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -34,20 +34,13 @@ class PersonalizeSummary:
     encoded_texts: int = 0            # texts the night encoded (the rest were in the latent table already)
 
 
-def training_pairs(store: Store, data: DataArtifacts) -> pa.Table:
-    """The feedback every user is fitted on: simulated pairs (train split) + ingested real feedback."""
-    from latentpref.tasks.data.ingest import read_feedback_store
-    pairs = store.read_table(*data.pairs.path)
-    pairs = pairs.filter(pc.equal(pairs["split"], "train"))
-    cols = ["user_id", "prompt", "chosen", "rejected", "weight"]
-    pairs = pairs.select(cols).cast(pa.schema([("user_id", pa.string()), ("prompt", pa.string()),
-                                               ("chosen", pa.string()), ("rejected", pa.string()),
-                                               ("weight", pa.float32())]))
-    ingested = read_feedback_store(store)
-    if ingested is not None and ingested.num_rows:
-        pairs = pa.concat_tables([pairs, ingested.select(cols).cast(pairs.schema)])
-    from latentpref.tasks.policy.forget import drop_forgotten
-    return drop_forgotten(store, pairs)        # forgotten users never come back, whatever re-runs
+def training_pairs(store: Store, data: DataArtifacts, user_ids: list[str] | None = None) -> pa.Table:
+    """The feedback every user (or only `user_ids`) is fitted on: simulated pairs (train split) + ingested real
+    feedback, forgotten users dropped, as ONE table (evaluation, tools). The night itself streams the same rows
+    (`iter_training_pairs`) and never holds them whole."""
+    from latentpref.tasks.train.night_pairs import PAIRS_SCHEMA, PairSources, iter_training_pairs
+    batches = list(iter_training_pairs(store, PairSources.of(store, data.pairs.path), user_ids=user_ids))
+    return pa.concat_tables(batches) if batches else PAIRS_SCHEMA.empty_table()
 
 
 @dataclass
@@ -90,8 +83,8 @@ def fan_out_fits(table, jobs: Iterable, n_users: int, *, run_id: str, read_versi
     from latentpref.tasks.train.personalize import run_chunk
     log_ = logger or logging.getLogger(__name__)
     remote_fit = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(run_chunk)
-    # a bounded window of tasks in flight: each job carries its pairs, and submitting every chunk at once
-    # would put all of them in the object store together
+    # a bounded window of tasks in flight: a job may carry its pairs (IPC; the night's name a file and a row group
+    # instead), and submitting every chunk at once would put all of them in the object store together
     in_flight = max(2, 4 * int(ray.cluster_resources().get("CPU", 1)))
     queue = iter(jobs)
     pending = {}
@@ -151,25 +144,28 @@ def _perplexity(usage) -> float:
     return float(code_usage_perplexity(torch.as_tensor(usage, dtype=torch.float64)))
 
 
-def _encode_new_texts(store: Store, clap: ClapArtifact, clap_config: dict, data: DataArtifacts, pairs: pa.Table,
-                      extra_prompts: list[str], data_cfg: DataConfig, cfg: PersonalizeConfig, logger) -> dict:
-    """Encode, in Ray tasks, the texts of tonight's pairs (and the evaluation prompts) that the CLaP version's
-    content-keyed latent table does not hold yet; the driver only plans and commits once. A text is encoded once per
-    CLaP version, whoever's feedback it is in (tasks/policy/text_cache.py)."""
+def _plan_pair_texts(planner):
+    """An observer of the night's pair batches for the encode plan: every pair's prompt, (prompt, chosen) before
+    (prompt, rejected) (groups 0 / 1: the order one plan over the whole table's lists gives) and, for discrete
+    CLaPs, the pair itself; only the texts the latent table lacks are kept."""
+    def observe(batch: pa.Table) -> None:
+        prompts, chosen, rejected = (batch[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
+        planner.add("prompt", prompts)
+        planner.add("response", zip(prompts, chosen), group=0)
+        planner.add("response", zip(prompts, rejected), group=1)
+        planner.add("pair", zip(prompts, chosen, rejected))
+    return observe
+
+
+def _encode_new_texts(table, jobs: list, cfg: PersonalizeConfig, logger) -> dict:
+    """Encode, in Ray tasks, the planned texts (tonight's pairs' and the evaluation prompts' texts that the CLaP
+    version's content-keyed latent table does not hold yet: `EncodePlanner`); the driver commits once. A text is
+    encoded once per CLaP version, whoever's feedback it is in (tasks/policy/text_cache.py)."""
     import ray
     from tqdm.auto import tqdm
 
-    from latentpref.tasks.policy.text_cache import TextLatentTable, encode_texts, plan_encode_jobs
+    from latentpref.tasks.policy.text_cache import encode_texts
     t0 = time.perf_counter()
-    discrete = clap_config.get("latent_type") == "discrete"
-    table = TextLatentTable(store, clap.version)
-    prompts, chosen, rejected = (pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
-    jobs = plan_encode_jobs(table, prompts + extra_prompts,
-                            list(zip(prompts, chosen)) + list(zip(prompts, rejected)),
-                            list(zip(prompts, chosen, rejected)), discrete=discrete,
-                            texts_per_job=cfg.texts_per_encode_task, clap_path=tuple(clap.path),
-                            tokenizer_path=tuple(data.base_model_path), prompt_tokens=data_cfg.prompt_tokens,
-                            response_tokens=data_cfg.response_tokens, threads=1)
     remote = ray.remote(num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)(encode_texts)
     fragments, texts, tokens = [], 0, 0
     n_texts = sum(j.n_texts for j in jobs)
@@ -190,15 +186,60 @@ def _encode_new_texts(store: Store, clap: ClapArtifact, clap_config: dict, data:
     return {"encoded_texts": texts, "encoded_tokens": tokens, "encode_tasks": len(jobs), "encode_seconds": seconds}
 
 
+def plan_night_pairs(store: Store, data: DataArtifacts, *, planner, user_ids: list[str] | None,
+                     users_per_task: int, folder: tuple[str, ...]) -> tuple[list[str], list]:
+    """The night's users and where each chunk's pairs are, in memory bounded whatever the number of users or pairs
+    (tasks/train/night_pairs.py): one streamed read of the pairs (counted per user, their new texts planned by
+    `planner`), then the pairs written under `folder` of the store sorted by user, one row group per chunk.
+
+    Returns (everyone: the sorted user ids, chunk k = everyone[k*users_per_task : (k+1)*users_per_task];
+    the `ChunkPairs` of each chunk). Local scratch files (about twice the compressed pairs) are removed."""
+    from latentpref.tasks.train.night_pairs import (PairSources, iter_training_pairs, population_ids, spill_pairs,
+                                                    write_chunk_pairs)
+    sources = PairSources.of(store, data.pairs.path)
+    scratch = tempfile.mkdtemp(prefix="latentpref-night-pairs-")   # a fresh folder per attempt: never read twice
+    try:
+        spill = os.path.join(scratch, "pairs.arrow")
+        counts = spill_pairs(iter_training_pairs(store, sources, user_ids=user_ids), spill,
+                             observe=_plan_pair_texts(planner))
+        population = population_ids(store, data.users.path, sources.forgotten)
+        if user_ids is not None:
+            wanted = set(user_ids)
+            population = [u for u in population if u in wanted]
+        everyone = sorted(set(population).union(counts))
+        del population
+        placement = write_chunk_pairs(store, spill, everyone, counts, users_per_task=users_per_task, folder=folder,
+                                      scratch=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return everyone, placement
+
+
+def chunk_jobs(everyone: list[str], placement: list, *, users_per_task: int, parts_dir: tuple[str, ...],
+               **fields) -> Iterator:
+    """The night's ChunkJobs, one at a time: chunk k = everyone[k*users_per_task : (k+1)*users_per_task], its pairs
+    named by file and row group (`placement[k]`, from `plan_night_pairs`; a chunk without pairs carries the empty
+    table), its records written to `parts_dir`. `fields`: the ChunkJob fields every chunk shares."""
+    from latentpref.tasks.train.night_pairs import empty_pairs_ipc
+    from latentpref.tasks.train.personalize import ChunkJob
+    no_pairs = empty_pairs_ipc()
+    for k, i in enumerate(range(0, len(everyone), users_per_task)):
+        where = placement[k]
+        pairs = ({"pairs_path": where.path, "pairs_row_groups": (where.row_group,)} if where.rows
+                 else {"pairs_ipc": no_pairs})
+        # the encoder modes (trunk-frozen, faithful) load the CLaP in the worker, from the store
+        yield ChunkJob(user_ids=tuple(everyone[i:i + users_per_task]), **pairs, **fields,
+                       records_path=(*parts_dir, f"part-{k:07d}.parquet"))
+
+
 @task(name="personalize", cache_policy=NO_CACHE)
 def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataArtifacts, clap: ClapArtifact,
                       store: Store, parent_run_id: str, user_ids: list[str] | None = None) -> PersonalizeSummary:
     import mlflow
 
-    from latentpref.tasks.data.ipc import table_to_ipc
     from latentpref.tasks.models.clap import CONFIG_FILE
     from latentpref.tasks.policy.table import PolicyTable, night_tag
-    from latentpref.tasks.train.personalize import ChunkJob
+    from latentpref.tasks.policy.text_cache import EncodePlanner, TextLatentTable
     logger = get_run_logger()
     t0 = time.perf_counter()
     with mlflow.start_run(run_name="personalize", parent_run_id=parent_run_id, nested=True):
@@ -209,53 +250,47 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
             moved = migrate_legacy(store)
             logger.info("personalize: %d users' fits migrated from per-user folders into the policy table",
                         moved["migrated"])
-        pairs = training_pairs(store, data)
         tracking.log_table_input(data.pairs.url(store), name="pairs", digest=data.pairs.digest, context="training",
                                  rows=data.pairs.rows)
-        from latentpref.tasks.policy.forget import drop_forgotten
-        population = drop_forgotten(store, store.read_table(*data.users.path))["user_id"].to_pylist()
-        everyone = list(dict.fromkeys(population + pairs["user_id"].to_pylist()))
-        if user_ids is not None:
-            wanted = set(user_ids)
-            everyone = [u for u in everyone if u in wanted]
-            pairs = pairs.filter(pc.is_in(pairs["user_id"], value_set=pa.array(everyone, pa.string())))
-        # chunks are runs of consecutive user ids, so after one sort each chunk's pairs are one contiguous slice
-        # (a filter per chunk rescans every row: O(rows x chunks), hours at 10^6 users)
-        everyone.sort()
-        pairs = pairs.sort_by("user_id")
-        sorted_users = pairs["user_id"].to_numpy(zero_copy_only=False)
-        # prompts of the evaluation split are encoded too, so evaluation and serving find them cached
-        prompts_tbl = store.read_table(*data.prompts.path)
         # the CLaP's saved CLaPConfig: its latent type (encoding) and preference space (preference_only)
         clap_config = store.read_json(*clap.path, CONFIG_FILE)["clap_config"]
-        encoded = _encode_new_texts(store, clap, clap_config, data, pairs, prompts_tbl["prompt"].to_pylist(),
-                                    data_cfg, cfg, logger)
-        mlflow.log_metrics({k: float(v) for k, v in encoded.items()})
-        cache_path = ("cache", clap.version, "texts.lance")
-
+        texts = TextLatentTable(store, clap.version)
         fit = cfg.fit_settings()   # the same payload the evaluation times its refit with
         if cfg.preference_only:
             fit = _preference_projection(clap_config, clap.version, cfg, fit)
         table = PolicyTable(store, clap.version)
-        read_version = table.latest_version()   # every task reads the users' rows of this version
         parts_dir = ("runs", parent_run_id, "personalize_users")
-
-        def jobs():
-            for i in range(0, len(everyone), cfg.users_per_task):
-                chunk = tuple(everyone[i:i + cfg.users_per_task])
-                lo = int(np.searchsorted(sorted_users, chunk[0], side="left"))
-                hi = int(np.searchsorted(sorted_users, chunk[-1], side="right"))
-                # the encoder modes (trunk-frozen, faithful) load the CLaP in the worker, from the store
-                yield ChunkJob(store_root=store.root, clap_version=clap.version,
-                               user_ids=chunk, pairs_ipc=table_to_ipc(pairs.slice(lo, hi - lo)), fit=fit,
-                               mode=cfg.mode, min_pairs=cfg.min_pairs, clap_path=tuple(clap.path),
-                               discrete_estimator=cfg.discrete_estimator, read_version=read_version,
-                               night=parent_run_id,
-                               records_path=(*parts_dir, f"part-{i // cfg.users_per_task:07d}.parquet"))
-
-        totals, policy_version = fan_out_fits(table, jobs(), len(everyone), run_id=parent_run_id,
-                                              read_version=read_version, max_retries=cfg.max_retries,
-                                              commit_every_s=cfg.commit_every_s, logger=logger)
+        # the night's pairs, sorted by user into a run-scoped table (one row group per chunk), so neither the driver
+        # nor a job holds the whole night's pairs; removed when the fits are done. Files a killed earlier attempt of
+        # this run left there are removed first: jobs name only what this attempt wrote.
+        pairs_dir = ("runs", parent_run_id, "personalize_pairs")
+        store.delete(*pairs_dir)
+        try:
+            planner = EncodePlanner(texts, discrete=clap_config.get("latent_type") == "discrete")
+            everyone, placement = plan_night_pairs(store, data, planner=planner, user_ids=user_ids,
+                                                   users_per_task=cfg.users_per_task, folder=pairs_dir)
+            # prompts of the evaluation split are encoded too, so evaluation and serving find them cached
+            planner.add("prompt", store.read_table(*data.prompts.path)["prompt"].to_pylist(), group=1)
+            encode_jobs = planner.jobs(texts_per_job=cfg.texts_per_encode_task, clap_path=tuple(clap.path),
+                                       tokenizer_path=tuple(data.base_model_path),
+                                       prompt_tokens=data_cfg.prompt_tokens, response_tokens=data_cfg.response_tokens,
+                                       threads=1)
+            del planner
+            encoded = _encode_new_texts(texts, encode_jobs, cfg, logger)
+            del encode_jobs
+            mlflow.log_metrics({k: float(v) for k, v in encoded.items()})
+            read_version = table.latest_version()   # every task reads the users' rows of this version
+            jobs = chunk_jobs(everyone, placement, users_per_task=cfg.users_per_task, parts_dir=parts_dir,
+                              store_root=store.root, clap_version=clap.version, fit=fit, mode=cfg.mode,
+                              min_pairs=cfg.min_pairs, clap_path=tuple(clap.path),
+                              discrete_estimator=cfg.discrete_estimator, read_version=read_version,
+                              night=parent_run_id)
+            totals, policy_version = fan_out_fits(table, jobs, len(everyone), run_id=parent_run_id,
+                                                  read_version=read_version, max_retries=cfg.max_retries,
+                                                  commit_every_s=cfg.commit_every_s, logger=logger)
+        finally:   # the pairs are in the prepared tables and the feedback store: this copy served its night
+            store.delete(*pairs_dir)
+        cache_path = ("cache", clap.version, "texts.lance")
         tag = night_tag(parent_run_id)
         records_path = ("runs", parent_run_id, "personalize_users.parquet")
         local_records = merge_record_parts(store, parts_dir, records_path)

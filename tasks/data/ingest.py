@@ -38,20 +38,25 @@ class IngestReport:
         return asdict(self)
 
 
-def read_feedback_store(store: Store) -> pa.Table | None:
-    """Every stored good feedback row (all users), or None when nothing was ingested yet.
-
-    Only batches whose commit marker exists are read: a batch cut off mid-way (crash, store outage) stays
-    invisible until it is ingested again.
-    """
+def committed_feedback_files(store: Store) -> list[tuple[str, ...]]:
+    """The store paths of every committed feedback batch file (all users), in the order `read_feedback_store`
+    concatenates them. Only batches whose commit marker exists count: a batch cut off mid-way (crash, store outage)
+    stays invisible until it is ingested again."""
     committed = {n[: -len(".json")] for n in store.listdir("feedback", "_batches") if n.endswith(".json")}
-    tables = []
+    files = []
     for part in store.listdir("feedback"):
         if not part.startswith("user="):
             continue
         for name in store.listdir("feedback", part):
             if name.startswith("batch-") and name.endswith(".parquet") and name[6:-8] in committed:
-                tables.append(store.read_table("feedback", part, name))
+                files.append(("feedback", part, name))
+    return files
+
+
+def read_feedback_store(store: Store) -> pa.Table | None:
+    """Every stored good feedback row (all users) as one table, or None when nothing was ingested yet: the files of
+    `committed_feedback_files`, in order (reading them one at a time, as the night does, holds less)."""
+    tables = [store.read_table(*parts) for parts in committed_feedback_files(store)]
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")

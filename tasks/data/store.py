@@ -17,6 +17,7 @@ idempotent: a PUT rewrites the whole object with the same bytes, reads and listi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,7 +31,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -327,6 +328,48 @@ class Store:
 
     def read_table(self, *parts: str) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(*parts)))
+
+    @contextlib.contextmanager
+    def _parquet_file(self, *parts: str) -> Iterator[pq.ParquetFile]:
+        """An open Parquet file of the store: locally by path, remotely through fsspec (ranged reads: only the
+        footer and the column chunks asked for are fetched), closed on leaving."""
+        path = self._path(*parts)
+        source = path if self.is_local else self._retry("open", parts, lambda: self.fs.open(path, "rb"))
+        try:
+            pf = pq.ParquetFile(source)
+            try:
+                yield pf
+            finally:
+                pf.close()
+        finally:
+            if not self.is_local:
+                source.close()
+
+    def iter_batches(self, *parts: str, columns: Sequence[str] | None = None,
+                     batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """A Parquet table of the store in record batches of at most `batch_rows` rows (`columns` only), in file
+        order: for tables that grow with the number of users, read without holding them whole (memory: about one
+        row group's column chunks). A transient error part-way is not retried here (the caller would see batches
+        twice): the caller re-runs its reading."""
+        with self._parquet_file(*parts) as pf:
+            yield from pf.iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None)
+
+    def read_row_groups(self, *parts: str, row_groups: Sequence[int],
+                        columns: Sequence[str] | None = None) -> pa.Table:
+        """Only these row groups of a Parquet table of the store (one chunk of a table written row group by row
+        group), with `read_bytes`' retries.
+
+        Raises:
+            ValueError: a row group the file does not have (the message names the file and its count).
+        """
+        def read() -> pa.Table:
+            with self._parquet_file(*parts) as pf:
+                n = pf.num_row_groups
+                bad = [g for g in row_groups if not 0 <= g < n]
+                if bad:
+                    raise ValueError(f"{redact_url(self.url(*parts))} has {n} row groups; asked for {bad}")
+                return pf.read_row_groups(list(row_groups), columns=list(columns) if columns else None)
+        return self._retry("read", parts, read)
 
     def delete(self, *parts: str) -> None:
         path = self._path(*parts)

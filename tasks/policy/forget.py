@@ -22,7 +22,7 @@ import io
 import re
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,14 +51,19 @@ def forgotten_keys(store: Store) -> set[str]:
     return {n.removesuffix(".json") for n in store.listdir(*TOMBSTONES) if n.endswith(".json")}
 
 
-def drop_forgotten(store: Store, table: pa.Table, column: str = "user_id") -> pa.Table:
-    """`table` without the rows of forgotten users."""
-    keys = forgotten_keys(store)
+def drop_forgotten(store: Store, table: pa.Table, column: str = "user_id", *,
+                   keys: Collection[str] | None = None) -> pa.Table:
+    """`table` without the rows of forgotten users. `keys`: the tombstone keys (`forgotten_keys`) where the caller
+    listed them once for many tables (a night reading its pairs batch by batch); default: listed now."""
+    keys = forgotten_keys(store) if keys is None else keys
     if not keys or not table.num_rows:
         return table
-    ids = table[column].to_pylist()
-    keep = [tombstone_key(u) not in keys for u in ids]
-    return table if all(keep) else table.filter(pa.array(keep))
+    # one hash per distinct user, not per row
+    gone = [u for u in pc.unique(table[column]).to_pylist() if u is not None and tombstone_key(u) in keys]
+    if not gone:
+        return table
+    return table.filter(pc.invert(pc.fill_null(pc.is_in(table[column], value_set=pa.array(gone, table[column].type)),
+                                               False)))
 
 
 PENDING = (*TOMBSTONES, "_pending")     # ids whose purge waits for the night's lock (removed once purged)

@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +37,8 @@ import torch
 from latentpref.tasks.data.store import Store
 from latentpref.tasks.policy.cache import LatentCache, build_latent_cache, text_key
 
-__all__ = ["TABLE_FORMAT", "EncodeJob", "TextLatentTable", "encode_texts", "plan_encode_jobs", "row_schema"]
+__all__ = ["TABLE_FORMAT", "EncodeJob", "EncodePlanner", "TextLatentTable", "encode_texts", "plan_encode_jobs",
+           "row_schema"]
 
 TABLE_FORMAT = "1"          # bump when the row layout changes (a new table folder would then be needed)
 _META = "latentpref."       # schema-metadata prefix
@@ -110,9 +112,9 @@ class TextLatentTable:
                  for i in range(0, len(keys), _LOOKUP_BATCH)]
         return pa.concat_tables(parts) if parts else ds.schema.empty_table().select(columns)
 
-    def _present(self, keys: Sequence[str]) -> set[tuple[str, str]]:
-        """(kind, key) of every row among `keys`."""
-        ds = self._open()
+    def _present(self, keys: Sequence[str], ds=None) -> set[tuple[str, str]]:
+        """(kind, key) of every row among `keys` (in `ds`, an opened version of the table; default: the latest)."""
+        ds = ds if ds is not None else self._open()
         if ds is None or not keys:
             return set()
         rows = self._rows(ds, _uniq(keys), ["key", "kind"])
@@ -355,12 +357,24 @@ def plan_encode_jobs(table: TextLatentTable, prompts: Iterable[str], prompt_resp
     """The texts without a row, split into jobs of about `texts_per_job` texts each ([] when nothing is missing).
 
     `job_fields` are the remaining `EncodeJob` fields (clap_path, tokenizer_path, prompt_tokens, response_tokens,
-    threads, ...); store_root and clap_version default to the table's."""
+    threads, ...); store_root and clap_version default to the table's. Texts that arrive in batches (a night's
+    pairs, streamed): `EncodePlanner`, which gives the same jobs."""
+    _check_texts_per_job(texts_per_job)
+    missing = table.missing_texts(prompts, prompt_response, pairs, discrete=discrete)
+    return _split_jobs(table, missing, texts_per_job, job_fields)
+
+
+def _check_texts_per_job(texts_per_job: int) -> None:
     if texts_per_job < 1:
         raise ValueError(f"texts_per_job={texts_per_job}; expected >= 1")
+
+
+def _split_jobs(table: TextLatentTable, missing: tuple[list, list, list], texts_per_job: int,
+                job_fields: dict) -> list[EncodeJob]:
+    """Missing (prompts, prompt-responses, pairs) -> EncodeJobs of about `texts_per_job` texts each."""
     job_fields.setdefault("store_root", table.store.root)
     job_fields.setdefault("clap_version", table.clap_version)
-    m_prompts, m_pr, m_pairs = table.missing_texts(prompts, prompt_response, pairs, discrete=discrete)
+    m_prompts, m_pr, m_pairs = missing
     # one sequence, so each job's texts are mostly of one kind (batches of one shape) and sizes are even
     items = [("p", t) for t in m_prompts] + [("r", t) for t in m_pr] + [("q", t) for t in m_pairs]
     if not items:
@@ -374,3 +388,73 @@ def plan_encode_jobs(table: TextLatentTable, prompts: Iterable[str], prompt_resp
                               prompt_response=tuple(t for k, t in chunk if k == "r"),
                               pairs=tuple(t for k, t in chunk if k == "q"), **job_fields))
     return jobs
+
+
+TextKind = Literal["prompt", "response", "pair"]
+
+
+class EncodePlanner:
+    """`plan_encode_jobs` for texts that arrive in batches (the night streams its pairs: issue 29): each `add` looks
+    its texts up in the table at once and keeps only those without a row, so what is held is the night's new texts,
+    never every pair's. Texts already found in the table are remembered up to `recent_keys` keys (then forgotten
+    all at once: memory stays bounded, a text seen again costs one more lookup, never a wrong plan).
+
+    Order: texts of a lower `group` come first in the plan whatever the order of the calls, and each group keeps
+    first-seen order; so a night that adds each batch's (prompt, chosen) to group 0 and (prompt, rejected) to group
+    1 gets exactly the jobs of one `plan_encode_jobs` call over the whole lists (every chosen before every
+    rejected). The table is read at its version when the planner was made."""
+
+    def __init__(self, table: TextLatentTable, *, discrete: bool, recent_keys: int = 1 << 20):
+        self.table = table
+        self.discrete = discrete
+        self.recent_keys = recent_keys
+        self._ds = table._open()     # None: no table yet, every text is new
+        # kind -> group -> {key: text}, first-seen order (dicts keep insertion order)
+        self._missing: dict[str, dict[int, dict[str, Any]]] = {"prompt": {}, "response": {}, "pair": {}}
+        self._missing_keys: dict[str, set[str]] = {"prompt": set(), "response": set(), "pair": set()}
+        self._held: set[tuple[str, str]] = set()    # (kind, key) found in the table lately
+        self.lookups = 0                             # keys looked up in the table (for tests, logs)
+
+    def add(self, kind: TextKind, texts: Iterable, *, group: int = 0) -> None:
+        """Note texts of one kind: prompts (str), (prompt, response) or (prompt, chosen, rejected) tuples; pairs
+        count for discrete CLaPs only (their pair posterior), as in `missing_texts`."""
+        if kind not in self._missing:
+            raise ValueError(f"kind={kind!r}; expected one of {get_args(TextKind)}")
+        if kind == "pair" and not self.discrete:
+            return
+        keyed = {}      # key -> text, first-seen; texts repeat a lot, so they are hashed once per call
+        for t in _uniq(texts):
+            keyed.setdefault(text_key(*t) if isinstance(t, tuple) else text_key(t), t)
+        known = self._missing_keys[kind]
+        ask = [k for k in keyed if k not in known and (kind, k) not in self._held]
+        self.lookups += len(ask)
+        found = self.table._present(ask, self._ds) if ask and self._ds is not None else set()
+        if len(self._held) + len(found) > self.recent_keys:
+            self._held.clear()
+        self._held |= found
+        asked = set(ask)
+        into = self._missing[kind].setdefault(group, {})
+        for k, t in keyed.items():     # in the call's order: a group keeps first-seen order
+            if k in known or (k in asked and (kind, k) not in found):
+                into.setdefault(k, t)
+                known.add(k)
+
+    def missing(self) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str, str]]]:
+        """The distinct texts without a row, as `TextLatentTable.missing_texts` lists them."""
+        out = []
+        for kind in ("prompt", "response", "pair"):
+            merged: dict[str, Any] = {}
+            for group in sorted(self._missing[kind]):
+                for k, t in self._missing[kind][group].items():
+                    merged.setdefault(k, t)
+            out.append(list(merged.values()))
+        return out[0], out[1], out[2]
+
+    @property
+    def n_missing(self) -> int:
+        return sum(len(x) for x in self.missing())
+
+    def jobs(self, *, texts_per_job: int, **job_fields) -> list[EncodeJob]:
+        """The plan: the missing texts split into `EncodeJob`s as `plan_encode_jobs` splits them."""
+        _check_texts_per_job(texts_per_job)
+        return _split_jobs(self.table, self.missing(), texts_per_job, job_fields)

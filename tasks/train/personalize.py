@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from latentpref.tasks.data.ipc import table_from_ipc, table_to_ipc  # noqa: F401  (table_to_ipc: for the flow)
@@ -64,11 +65,15 @@ class ChunkJob:
     store_root: str
     clap_version: str
     user_ids: tuple[str, ...]
-    pairs_ipc: bytes            # the chunk's train pairs as an Arrow IPC stream
     fit: FitSettings            # built once from the config (PersonalizeConfig.fit_settings()); a mapping of
     #                             its fields is accepted (unset noise_draws: fresh samples in the faithful mode)
     mode: str
     min_pairs: int
+    # the chunk's train pairs, exactly one of: an Arrow IPC stream (small refits, tools, tests), or a Parquet file
+    # of the store and its row groups holding them (the night: tasks/train/night_pairs.py, so no job carries pairs)
+    pairs_ipc: bytes | None = None
+    pairs_path: tuple[str, ...] = ()
+    pairs_row_groups: tuple[int, ...] = ()
     warm_start: bool = True
     clap_path: tuple[str, ...] = ()   # the CLaP folder in the store; needed by the encoder modes
     discrete_estimator: str = "dpo"   # discrete CLaPs: "dpo" | "mean_posterior" (fit_codes.CodeFitConfig)
@@ -79,7 +84,32 @@ class ChunkJob:
     records_path: tuple[str, ...] = ()  # run_chunk: where this task writes its per-user records (Parquet)
 
     def __post_init__(self) -> None:
+        if (self.pairs_ipc is None) == (not self.pairs_path):
+            raise ValueError("ChunkJob needs its pairs as exactly one of pairs_ipc (Arrow IPC bytes) or pairs_path "
+                             f"(+ pairs_row_groups); got pairs_ipc={'None' if self.pairs_ipc is None else 'bytes'}, "
+                             f"pairs_path={self.pairs_path!r}")
+        if self.pairs_path and not self.pairs_row_groups:
+            raise ValueError(f"ChunkJob.pairs_path={self.pairs_path!r} needs pairs_row_groups (the chunk's row groups "
+                             "of that file); a chunk without pairs passes the empty table as pairs_ipc")
+        object.__setattr__(self, "pairs_path", tuple(self.pairs_path))
+        object.__setattr__(self, "pairs_row_groups", tuple(int(g) for g in self.pairs_row_groups))
         object.__setattr__(self, "fit", FitSettings.of(self.fit, fresh_noise=self.mode == "faithful"))
+
+    def read_pairs(self, store: Store) -> pa.Table:
+        """The chunk's train pairs, from the job's bytes or its row groups of the run's pairs file.
+
+        Raises:
+            ValueError: the row groups hold users outside the chunk (the file was rewritten since the job was made).
+        """
+        if self.pairs_ipc is not None:
+            return table_from_ipc(self.pairs_ipc)
+        pairs = store.read_row_groups(*self.pairs_path, row_groups=self.pairs_row_groups)
+        stray = set(pc.unique(pairs["user_id"]).to_pylist()) - set(self.user_ids)
+        if stray:
+            raise ValueError(f"{'/'.join(self.pairs_path)} row groups {list(self.pairs_row_groups)} hold "
+                             f"{len(stray)} users outside this chunk of {len(self.user_ids)}: the run's pairs file "
+                             "is not the one this job was planned on (rewritten by another attempt of the night?)")
+        return pairs
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,7 +198,7 @@ def stage_chunk(job: ChunkJob) -> ChunkResult:
                          "CLaP folder in the store")
     torch.set_num_threads(1)
     store = Store(job.store_root)
-    pairs = table_from_ipc(job.pairs_ipc)
+    pairs = job.read_pairs(store)
     if job.cache_path:
         cache = LatentCache.from_bytes(store.read_bytes(*job.cache_path))
     else:   # exactly this chunk's texts, from the content-keyed table the night's encoding tasks filled

@@ -6,6 +6,7 @@ test_personalize_chunk.py / test_clap_discrete.py. Expected tensors come from `b
 """
 from __future__ import annotations
 
+import random
 import shutil
 
 import pytest
@@ -17,7 +18,8 @@ from latentpref.tasks.data.store import Store
 from latentpref.tasks.models.clap import CLaP, CLaPConfig, save_clap
 from latentpref.tasks.models.registry import GPT2_EOS, GPT2_TOKENIZER_DIR, GPT2_VOCAB, load_tokenizer
 from latentpref.tasks.policy.cache import build_latent_cache, text_key
-from latentpref.tasks.policy.text_cache import EncodeJob, TextLatentTable, encode_texts, plan_encode_jobs
+from latentpref.tasks.policy.text_cache import (EncodeJob, EncodePlanner, TextLatentTable, encode_texts,
+                                               plan_encode_jobs)
 
 K = 5
 PT, RT = 8, 6
@@ -209,3 +211,37 @@ def test_settings_mismatch_and_concurrent_creation(world, monkeypatch):
                                response_tokens=RT)
     with pytest.raises(ValueError, match="fixed per CLaP version"):
         table.write_fragments(wider)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "discrete"])
+def test_encode_planner_over_batches_plans_what_one_call_plans(world, name):
+    """The night plans from its pairs batch by batch (EncodePlanner): the same jobs as plan_encode_jobs over the
+    whole lists (every chosen before every rejected, the evaluation prompts last), holding only the new texts."""
+    store, models, tokenizer = world
+    discrete = name == "discrete"
+    _run_night(store, name, *_texts(PROMPTS[:2], PAIRS[:2]), texts_per_job=3)      # some texts are held already
+    responses = RESPONSES + ["a brand new answer", "yet another"]
+    rng = random.Random(0)
+    rows = [(rng.choice(PROMPTS + ["a new prompt"]), *rng.sample(responses, 2)) for _ in range(40)]
+    prompts, chosen, rejected = ([r[i] for r in rows] for i in range(3))
+    extra = ["an evaluation prompt", PROMPTS[0]]
+    table = TextLatentTable(store, name)
+    fields = {"clap_path": ("models", name), "tokenizer_path": ("models", "tokenizer"), "prompt_tokens": PT,
+              "response_tokens": RT}
+    want = plan_encode_jobs(table, prompts + extra, list(zip(prompts, chosen)) + list(zip(prompts, rejected)),
+                            rows, discrete=discrete, texts_per_job=3, **fields)
+    planner = EncodePlanner(table, discrete=discrete, recent_keys=4)      # a tiny memory of held keys: forgets
+    for lo in range(0, len(rows), 7):
+        p, c, r = prompts[lo:lo + 7], chosen[lo:lo + 7], rejected[lo:lo + 7]
+        planner.add("prompt", p)
+        planner.add("response", zip(p, c), group=0)
+        planner.add("response", zip(p, r), group=1)
+        planner.add("pair", zip(p, c, r))
+    planner.add("prompt", extra, group=1)
+    assert want and planner.jobs(texts_per_job=3, **fields) == want
+    held = {text_key(p) for p in PROMPTS[:2]}
+    assert not any(text_key(p) in held for p in planner.missing()[0])    # only texts without a row are kept
+    with pytest.raises(ValueError, match="kind='answer'"):
+        planner.add("answer", ["x"])
+    with pytest.raises(ValueError, match="texts_per_job=0"):
+        planner.jobs(texts_per_job=0, **fields)
