@@ -17,12 +17,8 @@ Sections (`--sections`, default all; `--carry OLD.json` copies the sections not 
   `driver_peak_rss_mb` (peak RSS of that process; Ray's own processes are not in it) is that night's alone.
   The latent cache is synthetic (random features / posteriors of the tiny preset's head shapes, 200 prompts x 8
   responses, texts of the tiny preset's lengths), so nothing is encoded: `encoded_texts` = 0, and `predicted_s`
-  leaves encoding out too. The night's jobs are generated chunk by chunk (the driver never
-  holds the whole night's pairs); `product_driver_pairs` is measured apart, each size in its own process: the
-  memory `personalize_stage`'s driver adds to turn the night's pairs into jobs (`plan_night_pairs`: the pairs read
-  in record batches with the encode plan made from them, sorted by user into run-scoped chunk files in buckets, then
-  `chunk_jobs`, every job made), at a quarter of the smallest night's size, that size and four times it (the
-  growth per 1,000 users from the two largest, both past one sort bucket), projected linearly.
+  leaves encoding out too. The night's jobs are generated chunk by chunk (the driver never holds the whole night's
+  pairs). The nights merge the table's fragments before their tag as the product does (`compact_fragments`).
   Stores: the second night runs on the first night's store (its table holds the first night's users; the second
   night's first users are the same ids with new pairs, so it upserts them: rows replaced, deletion files written).
   `objects_written`: every file the night creates in the store (the store listed before and after; the task record
@@ -38,6 +34,11 @@ Sections (`--sections`, default all; `--carry OLD.json` copies the sections not 
   and the records merge are not in the model (their measured seconds are in the JSON); `predicted_s_from_cpu` uses
   the probes' CPU seconds per user instead (an unshared box), `worker_cpu_share_during_fanout` is the CPU the
   night's Ray workers got.
+- `driver` (`product_driver_pairs`): the memory `personalize_stage`'s driver adds to turn a night's pairs into
+  jobs (`plan_night_pairs`: the pairs read in record batches with the encode plan made from them, sorted by user
+  into run-scoped chunk files in buckets, then `chunk_jobs`, every job made), each size in its own process on a
+  prepared-style pairs table (64 pairs per user), at a quarter of the smallest `--night-users`, that size and four
+  times it (the growth per 1,000 users from the two largest, both past one sort bucket), projected linearly.
 - `table`: `--table-rows` (10^6) rows of the tiny head on local disk, written through `PolicyTable.stage` in chunks
   of 256 users and committed in one transaction (as one night of fresh users would leave it: one fragment per chunk),
   tagged night-base; then `--upsert-share` (10%) of random users upserted through `stage` (chunks of 256,
@@ -86,7 +87,7 @@ import pyarrow as pa
 
 log = logging.getLogger("benchmarks.scale")
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("nights", "table", "s3", "encode")
+SECTIONS = ("nights", "table", "s3", "encode", "driver")
 PAIRS_PER_USER = 64
 N_PROMPTS, N_RESPONSES = 200, 8
 CLAP_VERSION = "synthetic"
@@ -385,7 +386,8 @@ def night_child(spec: dict) -> dict:
     cpu0 = _ray_worker_cpu_s()
     t1 = time.perf_counter()
     totals, version = fan_out_fits(table, jobs, len(users), run_id=run_id, read_version=read_version, max_retries=3,
-                                   commit_every_s=spec["commit_every_s"])
+                                   commit_every_s=spec["commit_every_s"],
+                                   compact_fragments=spec.get("compact_fragments", 0))
     fanout_s = time.perf_counter() - t1
     wall_s = time.perf_counter() - t0
     worker_cpu_s = _ray_worker_cpu_s() - cpu0
@@ -425,6 +427,12 @@ def night_child(spec: dict) -> dict:
         "workers": spec["workers"], "commit_every_s": spec["commit_every_s"], "store": store.root,
         "load_avg_before": load0, "load_avg_after": _load(),
     }
+
+
+def pcfg_compact_fragments() -> int:
+    """The product's merge threshold (`personalize.compact_fragments`): the nights here merge as a night does."""
+    from latentpref.pipelines.config import PersonalizeConfig
+    return PersonalizeConfig.model_fields["compact_fragments"].default
 
 
 def pairs_table_child(spec: dict) -> dict:
@@ -614,7 +622,7 @@ def section_nights(args, work: Path, head: HeadShape, store_root: str | None = N
     for i, n in enumerate(sizes):
         spec = {"store": store_root, "head": asdict(head), "users": n, "seed": 17 + i, "run_id": f"scale{i}-{n}",
                 "workers": args.workers, "users_per_task": args.users_per_task, "steps": args.steps,
-                "commit_every_s": args.commit_every_s}
+                "commit_every_s": args.commit_every_s, "compact_fragments": pcfg_compact_fragments()}
         log.info("night %d: %d users into %s", i, n, store_root)
         offset = request_log.stat().st_size if request_log else 0
         night = run_child("night", spec, env=env)
@@ -631,8 +639,6 @@ def section_nights(args, work: Path, head: HeadShape, store_root: str | None = N
            "store_layout": "one store for all nights: night 1 on an empty store, night k on night k-1's store (its "
                            "table holds the earlier nights' users; the first users of night k are the same ids with "
                            "new pairs, so they are upserted)"}
-    if args.pairs_table and "://" not in store_root:
-        out["product_driver_pairs"] = product_driver_pairs(args, head, sizes, work)
     return out
 
 
@@ -1247,6 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"quick": args.quick, "sections": sections, "workers": args.workers,
                      "users_per_task": args.users_per_task, "night_users": args.night_users,
                      "fit": fit.as_dict(), "product_steps": pcfg.steps, "commit_every_s": args.commit_every_s,
+                     "compact_fragments": pcfg.compact_fragments,
                      "pairs_per_user": PAIRS_PER_USER, "head": {**asdict(head), "params": head.n_params,
                                                                 "bytes": 4 * head.n_params},
                      "head_source": "tiny preset: pretrain.n_query, pretrain.latent_dim, base model width",
@@ -1267,13 +1274,13 @@ def main(argv: list[str] | None = None) -> int:
             res = section_nights(args, work, head)
             result["nights"], result["nights_probes"] = res["nights"], res["probes"]
             result["nights_store_layout"] = res["store_layout"]
-            if "product_driver_pairs" in res:
-                result["product_driver_pairs"] = res["product_driver_pairs"]
             shutil.rmtree(work / "nights-store", ignore_errors=True)
         if "table" in sections:
             result["table"] = section_table(args, work, head)
         if "s3" in sections:
             result["s3"] = section_s3(args, work, head)
+        if "driver" in sections and args.pairs_table:
+            result["product_driver_pairs"] = product_driver_pairs(args, head, args.night_users, work)
         if "encode" in sections:
             result["encode"] = section_encode(args, work)
         else:
@@ -1283,9 +1290,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     if args.carry:
         old = json.loads(Path(args.carry).read_text())
-        keys = {"nights": ("nights", "nights_probes", "nights_store_layout", "product_driver_pairs"),
+        keys = {"nights": ("nights", "nights_probes", "nights_store_layout"),
                 "table": ("table",), "s3": ("s3",),
-                "encode": ("encode",)}
+                "encode": ("encode",), "driver": ("product_driver_pairs",)}
         carried = [k for s in SECTIONS if s not in sections for k in keys[s] if k in old]
         for k in carried:
             result[k] = old[k]

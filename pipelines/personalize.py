@@ -70,10 +70,12 @@ class NightTotals:
 
 
 def fan_out_fits(table, jobs: Iterable, n_users: int, *, run_id: str, read_version: int | None, max_retries: int,
-                 commit_every_s: float, logger=None) -> tuple[NightTotals, int | None]:
+                 commit_every_s: float, compact_fragments: int = 0, compact_target_rows: int = 65_536,
+                 logger=None) -> tuple[NightTotals, int | None]:
     """The night's fan-out: one Ray task per chunk of users (`run_chunk`: fit, stage rows, write records), a bounded
     window in flight, the staged rows committed by this driver at most every `commit_every_s` and once at the end,
-    then the night tagged `night-<run_id>`. `read_version`: the table version the jobs read (their replaced rows'
+    the table's small fragments merged when it holds more than `compact_fragments` (0 = never), then the night
+    tagged `night-<run_id>`. `read_version`: the table version the jobs read (their replaced rows'
     addresses are of it). Keeps counts, not per-user records. Returns (totals, tagged version; None when the table
     is still empty)."""
     import ray
@@ -113,6 +115,14 @@ def fan_out_fits(table, jobs: Iterable, n_users: int, *, run_id: str, read_versi
                 table.commit(to_commit, message=f"night {run_id}: {to_commit.users} users")
                 to_commit, last_commit = StagedChunk(read_version=read_version), time.monotonic()
     table.commit(to_commit, message=f"night {run_id}: {to_commit.users} users")
+    if compact_fragments and table.fragment_count() > compact_fragments:
+        try:
+            merged = table.merge_fragments(target_rows_per_fragment=compact_target_rows)
+            log_.info("personalize: policy table fragments merged %d -> %d in %.1fs", merged["fragments_before"],
+                      merged["fragments_after"], merged["seconds"])
+        except Exception as err:   # a concurrent online refit's commit can conflict: the rows are all committed
+            log_.warning("personalize: merging the policy table's fragments failed (%s: %s); tagging it as it is",
+                         type(err).__name__, str(err)[:300])
     return totals, (table.tag(night_tag(run_id)) if table.exists() else None)
 
 
@@ -287,7 +297,9 @@ def personalize_stage(cfg: PersonalizeConfig, data_cfg: DataConfig, data: DataAr
                               night=parent_run_id)
             totals, policy_version = fan_out_fits(table, jobs, len(everyone), run_id=parent_run_id,
                                                   read_version=read_version, max_retries=cfg.max_retries,
-                                                  commit_every_s=cfg.commit_every_s, logger=logger)
+                                                  commit_every_s=cfg.commit_every_s,
+                                                  compact_fragments=cfg.compact_fragments,
+                                                  compact_target_rows=cfg.compact_target_rows, logger=logger)
         finally:   # the pairs are in the prepared tables and the feedback store: this copy served its night
             store.delete(*pairs_dir)
         cache_path = ("cache", clap.version, "texts.lance")

@@ -364,6 +364,24 @@ class PolicyTable:
         return version
 
     # ------------------------------------------------------------------------------------------ upkeep
+    def fragment_count(self, at: str | int | None = None) -> int:
+        ds = self.dataset(at)
+        return 0 if ds is None else len(ds.get_fragments())
+
+    def merge_fragments(self, *, target_rows_per_fragment: int = 65_536) -> dict[str, Any]:
+        """Merge small fragments into fragments of up to `target_rows_per_fragment` rows (a new version holding the
+        same rows; no tag or old version is touched, unlike `compact`). A lookup costs CPU per fragment and every
+        night task adds one, so a night past a fragment count merges before it tags (`fan_out_fits`)."""
+        ds = self.dataset()
+        if ds is None:
+            return {"exists": False}
+        before, t0 = len(ds.get_fragments()), time.perf_counter()
+        ds.optimize.compact_files(target_rows_per_fragment=target_rows_per_fragment)
+        ds = self.dataset()
+        self._index(ds)
+        return {"exists": True, "fragments_before": before, "fragments_after": len(ds.get_fragments()),
+                "version": ds.version, "seconds": time.perf_counter() - t0}
+
     def compact(self, *, keep_nights: int = 7, protect: Iterable[str] = ()) -> dict[str, Any]:
         """Merge small fragments, keep the newest `keep_nights` night tags (and every tag in `protect`: the served
         release's), delete the other night tags, then remove the versions no tag holds (and files nothing

@@ -214,3 +214,24 @@ def test_the_table_on_s3(moto, monkeypatch):
     assert table.manifests(["u1"])["u1"]["version"] == "c1-b"
     assert table.manifests(["u1"], night_tag("n1"))["u1"]["version"] == "c1-a"
     assert table.count() == 4 and moto.fs().exists("policies-test/store/policies/c1.lance/_versions")
+
+
+def test_merging_fragments_keeps_every_row_and_every_tag(tmp_path):
+    store = Store(str(tmp_path))
+    table = PolicyTable(store, "c1")
+    for night in range(5):        # five nights of one small task each: one fragment per commit
+        table.write([_fit(f"u{night}-{i}", f"n{night}", float(night)) for i in range(3)] +
+                    ([_fit("u0-0", f"n{night}", float(night))] if night else []), night=f"n{night}")
+        table.tag(night_tag(f"n{night}"))
+    before = {u: m["version"] for u, m in table.manifests([f"u{n}-{i}" for n in range(5) for i in range(3)]).items()}
+    tags_before = table.tags()
+    assert table.fragment_count() >= 5
+    merged = table.merge_fragments(target_rows_per_fragment=1024)
+    assert merged["fragments_before"] >= 5 and merged["fragments_after"] == 1 == table.fragment_count()
+    assert table.count() == 15                                            # the same rows, one per user
+    assert {u: m["version"] for u, m in table.manifests(list(before)).items()} == before
+    assert table.manifests(["u0-0"])["u0-0"]["version"] == "c1-n4"        # the upserted row is the newest
+    assert all(table.tags()[t] == v for t, v in tags_before.items())     # no tag moved or dropped
+    assert table.manifests(["u0-0"], night_tag("n0"))["u0-0"]["version"] == "c1-n0"   # old nights still read
+    assert table.rows(["u3-1"]).num_rows == 1                             # the user_id index still answers
+    assert PolicyTable(store, "none").merge_fragments() == {"exists": False}
