@@ -60,7 +60,6 @@ def main() -> None:
 
     from latentpref.pipelines.config import load_config
     from latentpref.tasks.data.store import Store
-    from latentpref.tasks.data.users import user_groups
     from latentpref.tasks.models.clap import FollowAdapter, load_clap, load_clap_tokenizer
     from latentpref.tasks.policy.store import current_clap_version
     from latentpref.tasks.train.fit_user import FitConfig
@@ -69,7 +68,7 @@ def main() -> None:
     from latentpref.tasks.train.loop import make_pair_batch, population_pairs, sample_pair_batches, set_stage
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from nights import _cpu   # the CPU model name, as the nights' JSONs record it
+    from nights import _cpu, night_population   # the CPU model name as the nights' JSONs record it; the data
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -85,14 +84,7 @@ def main() -> None:
     pt, rt = manifest["prompt_tokens"], manifest["response_tokens"]
 
     # the night's pairs and users tables (data/population/<digest>/): --data, or the store's only one
-    population_dirs = [v for v in store.listdir("data", "population") if store.exists("data", "population", v, "pairs.parquet")]
-    if args.data is None and len(population_dirs) != 1:
-        raise SystemExit(f"error: the store holds {len(population_dirs)} population datasets {population_dirs}; "
-                         "name one with --data")
-    data_dir = args.data or population_dirs[0]
-    pairs = store.read_table("data", "population", data_dir, "pairs.parquet")
-    users = store.read_table("data", "population", data_dir, "users.parquet")
-    groups = dict(zip(users["user_id"].to_pylist(), user_groups(users)))
+    data_dir, pairs, users, groups = night_population(store, args.data)
     fit = FitConfig(**load_config(args.preset).personalize.fit_settings().gaussian())
 
     @torch.no_grad()

@@ -38,6 +38,19 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def night_population(store, digest: str | None):
+    """A night store's population tables (data/population/<digest>/): `digest`, or the store's only one. Returns
+    (digest, pairs table, users table, {user_id: group}). The read-outs of benchmarks/follow.py and space.py use it."""
+    from latentpref.tasks.data.users import user_groups
+    found = [v for v in store.listdir("data", "population") if store.exists("data", "population", v, "pairs.parquet")]
+    if digest is None and len(found) != 1:
+        raise SystemExit(f"error: the store holds {len(found)} population datasets {found}; name one with --data")
+    digest = digest or found[0]
+    pairs = store.read_table("data", "population", digest, "pairs.parquet")
+    users = store.read_table("data", "population", digest, "users.parquet")
+    return digest, pairs, users, dict(zip(users["user_id"].to_pylist(), user_groups(users)))
+
+
 def _figures(row: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"users": row.get("users")}
     for f in FIGURES:

@@ -59,13 +59,12 @@ def main() -> None:
 
     from latentpref.tasks.data.batching import tokenize_prompts, tokenize_responses
     from latentpref.tasks.data.store import Store
-    from latentpref.tasks.data.users import user_groups
     from latentpref.tasks.models.clap import load_clap, load_clap_tokenizer
     from latentpref.tasks.models.preference_space import fit_preference_space, pooled_states
     from latentpref.tasks.policy.store import current_clap_version
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from nights import _cpu
+    from nights import _cpu, night_population
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -80,15 +79,7 @@ def main() -> None:
         raise SystemExit(f"error: CLaP {version} has no preference space (pretrain.preference_dims = 0)")
     pt, rt = manifest["prompt_tokens"], manifest["response_tokens"]
     layer = args.layer or cfg.preference_layer
-    population_dirs = [v for v in store.listdir("data", "population")
-                       if store.exists("data", "population", v, "pairs.parquet")]
-    if args.data is None and len(population_dirs) != 1:
-        raise SystemExit(f"error: the store holds {len(population_dirs)} population datasets {population_dirs}; "
-                         "name one with --data")
-    data_dir = args.data or population_dirs[0]
-    pairs = store.read_table("data", "population", data_dir, "pairs.parquet")
-    users = store.read_table("data", "population", data_dir, "users.parquet")
-    groups = dict(zip(users["user_id"].to_pylist(), user_groups(users)))
+    data_dir, pairs, users, groups = night_population(store, args.data)
     pairs = pairs.filter(pc.is_in(pairs["user_id"], value_set=pa.array(list(groups), pa.string())))
 
     # every pair's two pooled states, once (the only LM work here)
@@ -118,8 +109,8 @@ def main() -> None:
         if dims <= min(len(pop_ids), d):
             spaces[f"space_{dims}"] = fit_preference_space(states["chosen"][pop], states["rejected"][pop], pop_users,
                                                            len(pop_ids), dims=dims, layer=layer)
-    directions, mean, scale = (clap.preference_directions.float(), clap.preference_mean.float(),
-                               clap.preference_scale.float())
+    # a difference of two texts' coordinates: the space's mean cancels
+    directions, scale = clap.preference_directions.float(), clap.preference_scale.float()
     all_states = torch.cat([states["chosen"], states["rejected"]])
     full_std = all_states.std(0).clamp(min=1e-4)
 

@@ -45,3 +45,23 @@ def test_read_night_refuses_an_unfinished_night(tmp_path):
     (tmp_path / "runs" / "r0").mkdir(parents=True)
     with pytest.raises(ValueError, match="no comparison.parquet"):
         nights.read_night(str(tmp_path), "r0", "seeds")
+
+
+def test_night_population_finds_the_stores_only_dataset_or_the_named_one(tmp_path):
+    from latentpref.tasks.data.store import Store
+    store = Store(str(tmp_path))
+
+    def population(digest: str, groups: list[str]) -> None:
+        folder = tmp_path / "data" / "population" / digest
+        folder.mkdir(parents=True)
+        ids = [f"{digest}-u{i}" for i in range(len(groups))]
+        pq.write_table(pa.table({"user_id": ids, "group": groups}), folder / "users.parquet")
+        pq.write_table(pa.table({"user_id": ids, "prompt": ["p"] * len(ids)}), folder / "pairs.parquet")
+
+    population("aa", ["population", "holdout"])
+    digest, pairs, users, groups = nights.night_population(store, None)
+    assert digest == "aa" and pairs.num_rows == 2 and groups == {"aa-u0": "population", "aa-u1": "holdout"}
+    population("bb", ["out_of_cohort"])
+    with pytest.raises(SystemExit, match="2 population datasets"):
+        nights.night_population(store, None)
+    assert nights.night_population(store, "bb")[3] == {"bb-u0": "out_of_cohort"}
