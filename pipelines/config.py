@@ -134,7 +134,9 @@ class PretrainConfig(_Section):
     preference_l2: Annotated[float, Field(gt=0)] = 1.0
     # share of stage 1-2 rows whose z keeps only the preference coordinates (the other latent_dim - preference_dims
     # at the prior's mean 0), as personalize.preference_only serves users: the LM learns to write from the space's
-    # position alone, not only from the free coordinates that describe the text. Needs preference_dims > 0. 0 = off
+    # position alone, not only from the free coordinates that describe the text. Needs preference_dims > 0. 0 = off:
+    # at 0.5 on the seed-0 default night nothing moved beyond a night's noise (LM-run held-out accuracy 0.59 both;
+    # benchmarks/README.md, "Training the LM on the preference coordinates alone")
     preference_only_share: Annotated[float, Field(ge=0, le=1)] = 0.0
     # stage 3, "follow" (Gaussian only; tasks/train/follow.py, issue 28 lever 2): after stages 1-2 every population
     # user is fitted as the night fits a user (head-only latent DPO with the personalize section's settings), and a
