@@ -429,12 +429,6 @@ def night_child(spec: dict) -> dict:
     }
 
 
-def pcfg_compact_fragments() -> int:
-    """The product's merge threshold (`personalize.compact_fragments`): the nights here merge as a night does."""
-    from latentpref.pipelines.config import PersonalizeConfig
-    return PersonalizeConfig.model_fields["compact_fragments"].default
-
-
 def pairs_table_child(spec: dict) -> dict:
     """The driver memory of turning a night's pairs into jobs as `personalize_stage` does: `plan_night_pairs` (the
     prepared pairs table read in record batches, counted per user, the encode plan made batch by batch against the
@@ -622,7 +616,7 @@ def section_nights(args, work: Path, head: HeadShape, store_root: str | None = N
     for i, n in enumerate(sizes):
         spec = {"store": store_root, "head": asdict(head), "users": n, "seed": 17 + i, "run_id": f"scale{i}-{n}",
                 "workers": args.workers, "users_per_task": args.users_per_task, "steps": args.steps,
-                "commit_every_s": args.commit_every_s, "compact_fragments": pcfg_compact_fragments()}
+                "commit_every_s": args.commit_every_s, "compact_fragments": args.compact_fragments}
         log.info("night %d: %d users into %s", i, n, store_root)
         offset = request_log.stat().st_size if request_log else 0
         night = run_child("night", spec, env=env)
@@ -1238,6 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
     args.night_users = [int(x) for x in str(args.night_users).split(",") if x]
     args.users_per_task = args.users_per_task or pcfg.users_per_task
     args.commit_every_s = pcfg.commit_every_s if args.commit_every_s is None else args.commit_every_s
+    args.compact_fragments = pcfg.compact_fragments      # the nights merge fragments as the product's night does
     args.texts_per_job = args.texts_per_job or pcfg.texts_per_encode_task
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -1253,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"quick": args.quick, "sections": sections, "workers": args.workers,
                      "users_per_task": args.users_per_task, "night_users": args.night_users,
                      "fit": fit.as_dict(), "product_steps": pcfg.steps, "commit_every_s": args.commit_every_s,
-                     "compact_fragments": pcfg.compact_fragments,
+                     "compact_fragments": args.compact_fragments,
                      "pairs_per_user": PAIRS_PER_USER, "head": {**asdict(head), "params": head.n_params,
                                                                 "bytes": 4 * head.n_params},
                      "head_source": "tiny preset: pretrain.n_query, pretrain.latent_dim, base model width",

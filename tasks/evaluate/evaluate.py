@@ -300,19 +300,18 @@ def evaluate_users(*, clap, base_model, tokenizer, users_table: pa.Table, user_i
                                   prompt_tokens=settings.prompt_tokens,
                                   response_tokens=settings.response_tokens) if timed else None
         fit_s = manifest.get("fit_seconds", 0.0) if refit_s is None else refit_s
-        rows.append(row("latent_dpo", texts, **lm_checks, latent_heldout_accuracy=latent_acc,
-                        latent_shift=float(mu_p.float().norm(dim=-1).mean()), fit_seconds=fit_s,
-                        fit_timed_alone=refit_s is not None,
-                        trainable_params=int(manifest.get("trainable_params")
+        # the user's fit: what latent_dpo and its best-of-K rows both cost
+        fit_costs = {"fit_seconds": fit_s, "fit_timed_alone": refit_s is not None,
+                     "trainable_params": int(manifest.get("trainable_params")
                                              or sum(t.numel() for t in policy.tensors.values())),
-                        artifact_bytes=int(manifest.get("artifact_bytes", 0)),
+                     "artifact_bytes": int(manifest.get("artifact_bytes", 0))}
+        rows.append(row("latent_dpo", texts, **lm_checks, latent_heldout_accuracy=latent_acc,
+                        latent_shift=float(mu_p.float().norm(dim=-1).mean()), **fit_costs,
                         cold_start=bool(manifest.get("cold_start", False))))
 
         if user_id in best_of:
             bo_texts, bo_rewards = best_of[user_id]
-            rows.append(row(BEST_OF_METHOD, bo_texts, heldout_accuracy=None, fit_seconds=fit_s,
-                            fit_timed_alone=refit_s is not None, trainable_params=rows[-1]["trainable_params"],
-                            artifact_bytes=rows[-1]["artifact_bytes"],
+            rows.append(row(BEST_OF_METHOD, bo_texts, heldout_accuracy=None, **fit_costs,
                             # how far the chosen sample's latent reward is above latent_dpo's own text's
                             latent_reward_gain=float(bo_rewards.max(0).mean() - bo_rewards[0].mean())))
 

@@ -413,7 +413,6 @@ class EncodePlanner:
         self._missing: dict[str, dict[int, dict[str, Any]]] = {"prompt": {}, "response": {}, "pair": {}}
         self._missing_keys: dict[str, set[str]] = {"prompt": set(), "response": set(), "pair": set()}
         self._held: set[tuple[str, str]] = set()    # (kind, key) found in the table lately
-        self.lookups = 0                             # keys looked up in the table (for tests, logs)
 
     def add(self, kind: TextKind, texts: Iterable, *, group: int = 0) -> None:
         """Note texts of one kind: prompts (str), (prompt, response) or (prompt, chosen, rejected) tuples; pairs
@@ -427,7 +426,6 @@ class EncodePlanner:
             keyed.setdefault(text_key(*t) if isinstance(t, tuple) else text_key(t), t)
         known = self._missing_keys[kind]
         ask = [k for k in keyed if k not in known and (kind, k) not in self._held]
-        self.lookups += len(ask)
         found = self.table._present(ask, self._ds) if ask and self._ds is not None else set()
         if len(self._held) + len(found) > self.recent_keys:
             self._held.clear()
@@ -449,10 +447,6 @@ class EncodePlanner:
                     merged.setdefault(k, t)
             out.append(list(merged.values()))
         return out[0], out[1], out[2]
-
-    @property
-    def n_missing(self) -> int:
-        return sum(len(x) for x in self.missing())
 
     def jobs(self, *, texts_per_job: int, **job_fields) -> list[EncodeJob]:
         """The plan: the missing texts split into `EncodeJob`s as `plan_encode_jobs` splits them."""
