@@ -3,6 +3,7 @@
     python benchmarks/follow.py --store STORE --out benchmarks/results/follow-default.json \\
         [--clap VERSION] [--data DIGEST] [--steps 60] [--lr 1e-4] [--beta 0.1] [--nll-weight 1.0] [--pairs-per-batch 8] \\
         [--rank 64] [--eval-pairs 128] [--eval-at 0,30,60] [--latent served|preference] [--scale 1.0]
+    python benchmarks/follow.py --store STORE --out OUT --steps 0 --latent preference --scales 0.125,0.25,0.5,1
 
 It takes a night's store (its CLaP and data, e.g. the README command's default night) and shares that CLaP's
 stages 1-2 between "off" and "on" (the issue allows ablations to share a stage-1 checkpoint): a follow adapter
@@ -15,6 +16,11 @@ group, a fixed sample), the mean |margin| and the NLL change per token of the he
 latent against z = 0; and, on a fixed sample of the population's *train* pairs, the same accuracy (what the stage
 fits). Step 0 is "off". `--latent preference` (a diagnostic) keeps only the preference-space coordinates of the
 user's latent (times `--scale`), the rest at the prior's 0.
+`--scales` (with `--steps 0`) evaluates several scales on the same fits and pairs: what the night's
+`personalize.preference_scale` does to the LM-run held-out accuracy, without a night per value.
+`--position readout` (with `--steps 0 --latent preference`) places each user at one prompt-independent point instead
+of their fitted head: PReF's per-user fit, an L2-logistic read-out of their train pairs' preference-coordinate
+differences (= latent DPO with a prompt-independent N(mu_u, I) on those coordinates), scaled as `_readout` says.
 """
 from __future__ import annotations
 
@@ -49,11 +55,21 @@ def main() -> None:
     ap.add_argument("--fit-share", type=float, default=1.0,
                     help="< 1 (a diagnostic): fit each user on this share of their train pairs and also evaluate the "
                          "rest (train prompts, pairs their fit never read)")
-    ap.add_argument("--position", choices=("per-prompt", "user-mean"), default="per-prompt",
+    ap.add_argument("--position", choices=("per-prompt", "user-mean", "readout"), default="per-prompt",
                     help="user-mean (a diagnostic): every prompt gets the mean of the user's latents over their own "
                          "train prompts, a prompt-independent position")
+    ap.add_argument("--readout-l2", type=float, default=1.0,
+                    help="--position readout: the L2 weight of each user's logistic read-out of the preference "
+                         "coordinates (PReF's per-user fit)")
+    ap.add_argument("--scales", default=None,
+                    help="with --steps 0: comma-separated scales evaluated on the same fits and pairs (a sweep of "
+                         "personalize.preference_scale; written under scale_sweep)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
+    if args.scales and args.steps:
+        ap.error("--scales is a sweep of the un-trained CLaP: use it with --steps 0")
+    if args.position == "readout" and (args.steps or args.latent != "preference"):
+        ap.error("--position readout is a diagnostic of the preference coordinates: --steps 0 --latent preference")
 
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -97,6 +113,36 @@ def main() -> None:
             counts.index_add_(0, b.user_index, torch.ones(len(z)))
         return sums / counts.clamp(min=1)[:, None]
 
+    r_dims = cfg.preference_dims
+
+    def _readout(train, n):
+        """Per user, PReF's fit on the shared directions: an L2-logistic read-out w_u of the preference coordinates'
+        differences (chosen - rejected posterior means, from the night's latent table), prompt-independent; served
+        as z = scale * rms * w_u / |w_u| (rms: the root-mean-square norm of the texts' coordinates)."""
+        from latentpref.tasks.policy.text_cache import TextLatentTable, text_key
+        cache = TextLatentTable(store, version).load([], [(p.prompt, p.chosen) for p in train]
+                                                     + [(p.prompt, p.rejected) for p in train])
+        mu = cache.mu[:, :r_dims]
+        at = lambda p, y: cache.response_index[text_key(p, y)]   # noqa: E731
+        diff = torch.stack([mu[at(p.prompt, p.chosen)] - mu[at(p.prompt, p.rejected)] for p in train])
+        who = torch.tensor([p.user_index for p in train])
+        w = torch.zeros(n, r_dims, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+        counts = torch.zeros(n).index_add_(0, who, torch.ones(len(train))).clamp(min=1)
+
+        def closure():
+            opt.zero_grad()
+            per_pair = torch.nn.functional.softplus(-(w[who] * diff).sum(-1))
+            loss = (torch.zeros(n).index_add(0, who, per_pair) / counts).sum() + args.readout_l2 * (w ** 2).sum() / 2
+            loss.backward()
+            return loss
+        opt.step(closure)
+        rms = float(mu.norm(dim=-1).pow(2).mean().sqrt())
+        heads = type("Readout", (), {})()
+        heads.direction = (w.detach() / w.detach().norm(dim=-1, keepdim=True).clamp(min=1e-8)) * rms
+        heads.rms = rms
+        return heads
+
     rng = np.random.default_rng(0)
     data, extra = {}, {}
     for group in ("population", "holdout", "out_of_cohort"):
@@ -117,6 +163,11 @@ def main() -> None:
             train = fitted
             pick = rng.choice(len(unfitted), min(args.eval_pairs, len(unfitted)), replace=False)
             extra[f"{group}_unfitted_train_pairs"] = [unfitted[i] for i in pick]
+        if args.position == "readout":
+            heads = _readout(train, n)
+            data[group] = (train, [held[i] for i in rng.choice(len(held), min(args.eval_pairs, len(held)),
+                                                               replace=False)], heads)
+            continue
         heads = fit_population_heads(clap, tokenizer, train, n, fit, prompt_tokens=pt, response_tokens=rt)
         if args.position == "user-mean":
             heads.user_mean = _user_means(heads, train, n)
@@ -127,6 +178,10 @@ def main() -> None:
                                                      replace=False)]
 
     def user_latent(heads, batch):
+        if args.position == "readout":
+            z = torch.zeros(len(batch.user_index), cfg.latent_dim)
+            z[:, :r_dims] = heads.direction[batch.user_index] * args.scale
+            return z
         if args.position == "user-mean":
             z = heads.user_mean[batch.user_index]
         else:
@@ -172,16 +227,20 @@ def main() -> None:
     eval_at = sorted({int(s) for s in args.eval_at.split(",")} | {args.steps})
     settings = FollowSettings(steps=args.steps, pairs_per_batch=args.pairs_per_batch, lr=args.lr, beta=args.beta,
                               nll_weight=args.nll_weight)
-    objective = FollowObjective(clap, pop_heads, settings)
-    if args.latent == "preference" or args.position == "user-mean":   # diagnostics train at the latents they evaluate
-        objective.user_latent = lambda batch: user_latent(pop_heads, batch)
+    objective = None if args.position == "readout" else FollowObjective(clap, pop_heads, settings)
+    if objective is not None and (args.latent == "preference" or args.position == "user-mean"):
+        objective.user_latent = lambda batch: user_latent(pop_heads, batch)   # diagnostics train where they evaluate
     set_stage(clap, 3)
     params = [p for p in clap.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     batches = sample_pair_batches(tokenizer, pop_train, pairs_per_batch=args.pairs_per_batch,
                                   max_prompt_tokens=pt, max_response_tokens=rt, seed=1)
     evals, history, t0, train_s = [], [], time.perf_counter(), 0.0
-    if 0 in eval_at:
+    sweep = []
+    for scale in ([float(x) for x in args.scales.split(",")] if args.scales else []):
+        args.scale = scale
+        sweep.append({"scale": scale, **evaluate(0)})
+    if 0 in eval_at and not sweep:
         evals.append(evaluate(0))
     for step in range(1, args.steps + 1):
         t = time.perf_counter()
@@ -198,7 +257,7 @@ def main() -> None:
            "position": args.position, "fit_share": args.fit_share,
            "scale": args.scale, "settings": vars(args), "fit": fit.__dict__, "n_population_train_pairs": len(pop_train),
            "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(args.steps, 1), 2),
-           "total_seconds": round(time.perf_counter() - t0, 1), "evals": evals, "history": history,
+           "total_seconds": round(time.perf_counter() - t0, 1), "evals": evals, "scale_sweep": sweep, "history": history,
            "cpu": _cpu(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
            "trainable_params": sum(p.numel() for p in params)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

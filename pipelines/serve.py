@@ -13,6 +13,8 @@ Requests of different users are batched into one decode (`OnlineGenerator.comple
 replica watches `serving/current.json`; a new release is loaded beside the old one and swapped in with one
 reference assignment: every batch reads the reference once, so in-flight requests finish on the old release
 and no batch mixes two. Config-file deployments (infra/serve/) use `app_builder`.
+A replica's decode batches and its online refits (POST /v1/feedback) take its cores in turns
+(`batcher.ComputeTurns`, first come first served; a refit's encoding in pieces of a few texts), never both at once.
 
 `best_of` = K is a personal best-of-K (`serving.complete_best_of`): K samples in the batch's one decode, the one
 with the highest latent reward of the request's user returned; `personalization` says `best_of` and that reward
@@ -80,6 +82,9 @@ class ServeOptions(BaseModel):
     online_refit: bool = True          # refit users on their feedback (False: stored, fitted at the next night)
     online_poll_s: float = 1.0         # how often a replica looks for other replicas' online refits and tombstones
     refit_recover_after_s: float = 30.0   # a refit marker this old with no live owner is re-queued here
+    refit_turns: bool = True           # refits and decode batches take the cores in turns (False: side by side,
+    #                                    each with every torch thread: both slow down on a small box)
+    refit_texts_per_turn: int = 64     # new texts a refit encodes per turn at most
     forget_lock_wait_s: float = 5.0    # DELETE /v1/users: wait this long for the store's night lock, else queue
     mlflow_tracking_uri: str | None = None   # where forgotten users' MLflow runs are (default: the store's sqlite)
 
@@ -118,6 +123,8 @@ class Completions:
         self.limits = self.opts.limits()
         self.token = load_token(self.opts.token_file)
         self.store = Store(self.opts.store)
+        from latentpref.tasks.evaluate.batcher import ComputeTurns, ModelBatcher
+        self.turns = ComputeTurns()      # decode batches and online refits take the replica's cores in turns
         self.state = self._load(current_release(self.store))
         self.refitter = self._refitter(self.state)
         self.limiter = RateLimiter(self.opts.feedback_rate_per_s, self.opts.feedback_burst)
@@ -125,7 +132,6 @@ class Completions:
         self.served = 0
         self.feedback_requests = 0
         self.refit_seconds: list[float] = []
-        from latentpref.tasks.evaluate.batcher import ModelBatcher
         self.batcher = ModelBatcher(self._complete_batch, max_batch_size=self.opts.max_batch_size,
                                     wait_s=self.opts.batch_wait_timeout_s)
         self._stop = threading.Event()
@@ -156,7 +162,9 @@ class Completions:
         refitter = OnlineRefitter(self.store, manifest, state.clap, state.tokenizer,
                                   on_refit=lambda result, s=state: self._refitted(s, result),
                                   prompt_tokens=int(clap_manifest.get("prompt_tokens", 64)),
-                                  response_tokens=int(clap_manifest.get("response_tokens") or 64))
+                                  response_tokens=int(clap_manifest.get("response_tokens") or 64),
+                                  turns=self.turns if self.opts.refit_turns else None,
+                                  encode_texts_per_turn=self.opts.refit_texts_per_turn)
         if not refitter.available:
             refitter.close()
             return None
@@ -203,7 +211,8 @@ class Completions:
     def _complete_batch(self, requests: list[CompletionRequest]):   # runs in the batcher's worker thread
         from latentpref.tasks.evaluate.serving import complete_best_of
         state = self.state               # read once: the whole batch is served by one release
-        results = complete_best_of(state, requests)
+        with self.turns.turn():
+            results = complete_best_of(state, requests)
         self.served += len(requests)
         return [(state, r) for r in results]
 

@@ -13,9 +13,11 @@ found the model idle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -93,3 +95,50 @@ class ModelBatcher(Generic[T, R]):
                     if not future.done():
                         future.set_result(result)
             idle = False
+
+
+class ComputeTurns:
+    """A first-come-first-served turn lock for the CPU-bound work of one serving replica.
+
+    A replica decodes batches and, between nights, refits users on their feedback (`feedback.OnlineRefitter`).
+    Each takes all of the replica's torch threads; run at the same time on a small box they oversubscribe the
+    cores and both crawl (a decode batch waits behind a refit's encoding spinning for the same cores). With turns,
+    one piece of work runs at a time, in the order asked for: a decode batch waits at most for the piece of refit
+    work ahead of it (refits cut their encoding into small pieces), and a refit waits at most for the batches
+    queued before it, never behind every later one (a plain lock may hand the cores back to the thread that just
+    released them).
+    """
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+        self.turns = 0            # turns taken so far
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """Hold the replica's CPU for the block; blocks until every earlier caller's turn is over."""
+        with self._cv:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            try:
+                while ticket != self._serving:
+                    self._cv.wait()
+            except BaseException:       # interrupted while waiting: its turn is skipped, not waited for forever
+                self._abandoned.add(ticket)
+                self._advance_past_abandoned()
+                raise
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._serving += 1
+                self.turns += 1
+                self._advance_past_abandoned()
+
+    def _advance_past_abandoned(self) -> None:   # under self._cv
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cv.notify_all()

@@ -17,6 +17,7 @@ reads the same feedback and finds the user "unchanged": the feedback counts exac
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -163,11 +164,18 @@ class OnlineRefitter:
             min_pairs, discrete_estimator: written by the personalize stage). clap, tokenizer: the served CLaP.
         on_refit: called with each `RefitResult` (from the refit thread).
         prompt_tokens / response_tokens: the CLaP's token budgets (its manifest).
+        turns: the replica's `batcher.ComputeTurns`, shared with its decode batches: the refit's CPU work (each
+            piece of its encoding, then the fit) runs in turns with them instead of beside them. None: no turns.
+        encode_texts_per_turn: texts encoded per turn at most (a decode batch waits at most for one such piece).
     """
 
     def __init__(self, store: Store, release_manifest: dict[str, Any], clap, tokenizer, *,
                  on_refit: Callable[[RefitResult], None], prompt_tokens: int, response_tokens: int,
-                 max_users_per_refit: int = 256):
+                 max_users_per_refit: int = 256, turns=None, encode_texts_per_turn: int = 64):
+        if encode_texts_per_turn < 1:
+            raise ValueError(f"encode_texts_per_turn={encode_texts_per_turn} must be >= 1")
+        self.turns = turns
+        self.encode_texts_per_turn = encode_texts_per_turn
         self.store = store
         self.manifest = release_manifest
         self.clap, self.tokenizer = clap, tokenizer
@@ -241,6 +249,9 @@ class OnlineRefitter:
             except OSError:
                 log.warning("could not remove refit marker %s; it is re-queued later (harmless)", b)
 
+    def _turn(self):
+        return self.turns.turn() if self.turns is not None else contextlib.nullcontext()
+
     def pending(self) -> int:
         with self._cv:
             return len(self._pending)
@@ -307,26 +318,43 @@ class OnlineRefitter:
         pairs = self.user_pairs(user_ids)
         prompts, chosen, rejected = (pairs[c].to_pylist() for c in ("prompt", "chosen", "rejected"))
         texts = TextLatentTable(self.store, clap_version)
-        m_prompts, m_pr, m_pairs = texts.missing_texts(
+        m_prompts, m_pr, _ = texts.missing_texts(
             prompts, list(zip(prompts, chosen)) + list(zip(prompts, rejected)),
             list(zip(prompts, chosen, rejected)), discrete=False)
         encoded = len(m_prompts) + len(m_pr)
-        if encoded:   # the served CLaP encodes them here, in the serving process (no LM decoding involved)
-            cache = build_latent_cache(self.clap, self.tokenizer, m_prompts, m_pr, prompt_tokens=self.prompt_tokens,
-                                       response_tokens=self.response_tokens, pairs=m_pairs)
-            texts.commit(texts.write_fragments(cache))
         release_id = self.manifest.get("release", "")
         job = ChunkJob(store_root=self.store.root, clap_version=clap_version, user_ids=tuple(sorted(user_ids)),
                        pairs_ipc=table_to_ipc(pairs), fit=self.manifest["fit"], mode="head-only",
                        min_pairs=int(self.manifest.get("min_pairs", 1)),
                        discrete_estimator=self.manifest.get("discrete_estimator") or "dpo",
                        night=f"{ONLINE_NIGHT_PREFIX}{release_id}")
+        # the served CLaP encodes the new texts here, in the serving process (no LM decoding involved), at most
+        # `encode_texts_per_turn` per turn between decode batches; the last piece, the one commit of all of them and
+        # the fit share a turn (a usual refit is one turn: a decode waits for it once)
+        k = self.encode_texts_per_turn
+        pieces = ([(m_prompts[i:i + k], []) for i in range(0, len(m_prompts), k)]
+                  + [([], m_pr[i:i + k]) for i in range(0, len(m_pr), k)])
+        fragments: list[str] = []
+
+        def encode(piece_prompts, piece_pr) -> list[str]:
+            cache = build_latent_cache(self.clap, self.tokenizer, piece_prompts, piece_pr,
+                                       prompt_tokens=self.prompt_tokens, response_tokens=self.response_tokens)
+            return texts.write_fragments(cache)
+
+        for piece in pieces[:-1]:
+            with self._turn():
+                fragments += encode(*piece)
         import torch
         threads = torch.get_num_threads()
-        try:
-            records = fit_chunk(job)     # (a fit chunk runs on one thread: give the replica its threads back)
-        finally:
-            torch.set_num_threads(threads)
+        with self._turn():
+            if pieces:
+                fragments += encode(*pieces[-1])
+            if fragments:
+                texts.commit(fragments)
+            try:
+                records = fit_chunk(job)     # (a fit chunk runs on one thread: give the replica its threads back)
+            finally:
+                torch.set_num_threads(threads)
         policies = PolicyTable(self.store, clap_version).policies(user_ids)
         self.refits += 1
         self.users_refitted += len(user_ids)

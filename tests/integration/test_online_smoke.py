@@ -45,6 +45,9 @@ def test_online_tiny_loses_nothing_counts_nothing_twice_and_forgets(tmp_path):
     assert r["completion_p99_ms_without_feedback"] > 0 and r["completions"]["requests"] > 0
     # tiny loads are short: every completion may overlap the kill window, which completion_p99_ms leaves out
     assert r["completion_p99_ms"] is None or r["completion_p99_ms"] > 0
+    timing = r["feedback_to_policy"]     # every timed request is either clear of the kill window or waited through it
+    split = timing["outside_kill_window"]
+    assert split["requests"] + split["waited_through_the_kill"] == timing["requests_timed"] == 6, timing
     assert r["night"]["rc"] == 0 and sum(r["night"]["feedback_users"].values()) == 6
     assert len(r["machine"]["load_average_at_start"]) == 3 and r["settings"]["tiny"] is True
     print(f"online --tiny: {seconds:.0f}s; feedback_to_policy p99 {r['feedback_to_policy_p99_s']}s, "

@@ -70,3 +70,63 @@ def test_runs_in_a_worker_thread_and_checks_arguments():
         ModelBatcher(lambda items: items, max_batch_size=0, wait_s=0)
     with pytest.raises(ValueError, match="wait_s"):
         ModelBatcher(lambda items: items, max_batch_size=1, wait_s=-1)
+
+
+def _queued(turns, n: int, timeout_s: float = 5.0) -> None:
+    """Wait until n tickets were handed out (the threads are queued in their order)."""
+    deadline = time.monotonic() + timeout_s
+    while turns._next_ticket < n:
+        assert time.monotonic() < deadline, "threads never asked for a turn"
+        time.sleep(0.005)
+
+
+def test_compute_turns_run_one_at_a_time_in_arrival_order():
+    from latentpref.tasks.evaluate.batcher import ComputeTurns
+    turns = ComputeTurns()
+    order, inside, overlap = [], [0], []
+
+    def work(name):
+        with turns.turn():
+            inside[0] += 1
+            overlap.append(inside[0])
+            order.append(name)
+            time.sleep(0.01)
+            inside[0] -= 1
+
+    with turns.turn():                      # held: everyone below queues behind it, in the order they ask
+        threads = []
+        for i, name in enumerate(["decode-1", "refit-piece", "decode-2", "refit-fit"]):
+            threads.append(threading.Thread(target=work, args=(name,)))
+            threads[-1].start()
+            _queued(turns, i + 2)
+        time.sleep(0.05)
+        assert order == []
+    for t in threads:
+        t.join(5)
+    assert order == ["decode-1", "refit-piece", "decode-2", "refit-fit"]
+    assert overlap == [1, 1, 1, 1] and turns.turns == 5
+
+
+def test_a_caller_interrupted_while_waiting_does_not_block_the_turns(monkeypatch):
+    from latentpref.tasks.evaluate.batcher import ComputeTurns
+    turns = ComputeTurns()
+    holder = turns.turn()
+    holder.__enter__()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(turns._cv, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with turns.turn():
+            pass
+    monkeypatch.undo()
+    holder.__exit__(None, None, None)
+    entered = threading.Event()
+
+    def later():
+        with turns.turn():
+            entered.set()
+    t = threading.Thread(target=later)
+    t.start()
+    assert entered.wait(5), "the turn skipped by the interrupted caller was waited for forever"
+    t.join(5)

@@ -5,11 +5,13 @@ coalesced refits, and an online refit writing exactly the row the night would (t
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -183,3 +185,51 @@ def test_a_refit_owed_by_a_dead_replica_is_recovered(tmp_path):
     live.close()
     assert done and sorted(done[0].user_ids) == ["u1", "u2"]
     assert store.listdir("serving", "refits", "r1") == []
+
+
+def _refit_once(root, turns=None, **kw):
+    from latentpref.tasks.models.registry import load_tokenizer
+    from latentpref.tasks.policy.table import PolicyTable
+    store = Store(str(root))
+    serve_store.night(store, "clapv1", ["user-0", "user-1"], seed=1)
+    release = current_release(store)
+    clap, _ = serve_store.write_clap(store, "clapv1", seed=1)
+    tokenizer = load_tokenizer(store.local_copy(*serve_store.BASE))
+    manifest = {**release_manifest(store, release), "release": release.release_id}
+    refitter = OnlineRefitter(store, manifest, clap.eval(), tokenizer, on_refit=lambda r: None, prompt_tokens=32,
+                              response_tokens=16, turns=turns, **kw)
+    rows = serve_store.pair_rows("user-1", 3, offset=50) + serve_store.pair_rows("newbie", 2)
+    store_feedback(store, _parse(rows).rows, validate.QUARANTINE_SCHEMA.empty_table(), source="t", rows_read=5)
+    return refitter, lambda: PolicyTable(store, "clapv1").rows(["newbie", "user-1"],
+                                                              columns=["user_id", "params"]).sort_by("user_id")
+
+
+def test_a_refit_takes_turns_with_decoding_and_writes_the_same_rows(tmp_path):
+    """With the replica's turns, a refit waits for the decode holding the cores, encodes a few texts per turn, and
+    writes exactly the rows of a refit without turns."""
+    from latentpref.tasks.evaluate.batcher import ComputeTurns
+    plain, read_plain = _refit_once(tmp_path / "plain")
+    plain.refit(["user-1", "newbie"])
+    plain.close()
+    expected = read_plain()
+
+    turns = ComputeTurns()
+    refitter, read = _refit_once(tmp_path / "turns", turns, encode_texts_per_turn=2)
+    done = []
+    with turns.turn():                                  # a decode batch holds the cores
+        worker = threading.Thread(target=lambda: done.append(refitter.refit(["user-1", "newbie"])))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not done           # the refit waits for its turn
+    worker.join(60)
+    refitter.close()
+    result = done[0]
+    assert result.encoded_texts > 2
+    assert turns.turns >= 1 + math.ceil(result.encoded_texts / 2)   # the decode + a turn per piece (the fit in the last)
+    got = read()
+    assert got["user_id"].to_pylist() == expected["user_id"].to_pylist()
+    for a, b in zip(got["params"].to_pylist(), expected["params"].to_pylist()):
+        assert np.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="encode_texts_per_turn"):
+        OnlineRefitter(Store(str(tmp_path / "x")), {}, None, None, on_refit=lambda r: None, prompt_tokens=8,
+                       response_tokens=8, encode_texts_per_turn=0)
