@@ -17,9 +17,12 @@ Steps (every phase's wall time and the load average go in the JSON: the box is s
 4. load: `--feedback-clients` threads send one feedback request (`--rows` rows) per user for `--users` users (half of
    them users of the store, half new `online-new-NNNN`), pacing `--feedback-interval-s` between requests, each with
    its own idempotency key (body or `Idempotency-Key` header, alternately), retried with the SAME key on a dropped
-   connection / 5xx / 429 (Retry-After honoured); meanwhile the completion clients keep requesting completions,
-   polling first the users whose feedback was answered and whose new policy they have not seen yet (least recently
-   polled first), other users otherwise. When `--kill-at` of the feedback requests have been answered, the serving
+   connection / 5xx / 429 (Retry-After honoured); meanwhile the completion clients keep requesting completions.
+   `--poll status` (default): a status client asks `POST /v1/users/status` every `--status-poll-s` which of the
+   users whose feedback was answered are served a new online fit yet, and the next free completion client requests a
+   completion for such a user first (as an app would after its "saved" notice), other users otherwise.
+   `--poll completions` (sessions 11-14's runs): the completion clients poll the waiting users themselves with
+   completions, least recently polled first. When `--kill-at` of the feedback requests have been answered, the serving
    replica's process (pid from /health) gets SIGKILL; Serve starts a new one, and the `--resend-after-kill` requests
    answered last before the kill are sent again with the same key and rows (a client whose answer was lost in the
    kill; requests in flight during the restart wait in Serve's proxy, so few fail on their own). After the last
@@ -37,8 +40,8 @@ Definitions (also under "definitions" in the JSON):
   exact, order-independent); sending time excludes that completion's decoding and its queueing in the server (the
   policy is read when its batch starts). "..._to_response" variants run to that completion's answer (upper bound).
   A feedback never seen applied counts with the time until the end of the observation (censored, flagged).
-  The completion clients poll pending users least-recently-polled first, so under a backlog the polling gap is part
-  of this figure; "feedback_to_policy.outside_kill_window" keeps the requests whose wait does not overlap the kill
+  Under `--poll completions` the clients poll the waiting users with completions, so under a backlog the polling gap
+  is part of this figure; under `--poll status` a status poll (every --status-poll-s) and a free completion client; "feedback_to_policy.outside_kill_window" keeps the requests whose wait does not overlap the kill
   window (below), as completion_p99_ms does; "feedback_to_policy_row_written" is the server's side without the
   polling gap: 2xx -> the online refit's row of a fit including the feedback written to the policy table (its
   `written_at`, every table version read).
@@ -279,6 +282,7 @@ class Load:
         self.feedback: list[dict] = []
         self.pending: dict[str, dict] = {}    # user -> {"t": 2xx time, "old": versions seen before, "polled": t}
         self.last_version: dict[str, str | None] = {}
+        self.status_polls = 0
         self.stop = threading.Event()
         self.counter = 0
         self.kill: dict = {}
@@ -288,11 +292,41 @@ class Load:
     # completion clients ----------------------------------------------------------------------------------
     def pick_user(self, i: int) -> str:
         with self.lock:
-            if self.pending:
+            if self.args.poll == "status":        # a user whose new fit the status says is served, oldest first
+                ready = [u for u, p in self.pending.items() if p.get("ready")]
+                if ready:
+                    user = min(ready, key=lambda u: self.pending[u]["t"])
+                    self.pending[user]["ready"] = False          # one completion per sighting
+                    return user
+            elif self.pending:
                 user = min(self.pending, key=lambda u: self.pending[u]["polled"])
                 self.pending[user]["polled"] = time.time()
                 return user
         return self.pool[i % len(self.pool)]
+
+    def status_worker(self) -> None:
+        """--poll status: every --status-poll-s, one POST /v1/users/status for the users waiting for a new fit; a user
+        whose status names an online fit they did not have before the feedback is marked ready for a completion."""
+        client = Http(self.port)
+        while not self.stop.wait(self.args.status_poll_s):
+            with self.lock:
+                users = [u for u, p in self.pending.items() if not p.get("ready")][:1000]
+            if not users:
+                continue
+            try:
+                status, out, _ = client.call("POST", "/v1/users/status", {"users": users})
+            except Exception:
+                client.reset()
+                continue
+            if status != 200:
+                continue
+            with self.lock:
+                self.status_polls += 1
+                for entry in out["data"]:
+                    pend = self.pending.get(entry["user"])
+                    if pend is not None and entry["refitted_online"] \
+                            and entry["user_artifact_version"] not in pend["old"]:
+                        pend["ready"] = True
 
     def completion_worker(self, limit: int | None) -> None:
         client = Http(self.port)
@@ -447,6 +481,8 @@ def run_feedback_load(port: int, pool: list[str], jobs: list[tuple], args) -> Lo
 
     comp = [threading.Thread(target=load.completion_worker, args=(None,)) for _ in range(args.completion_clients)]
     fb = [threading.Thread(target=load.feedback_worker, args=(queue, on_answer)) for _ in range(args.feedback_clients)]
+    if args.poll == "status":
+        comp.append(threading.Thread(target=load.status_worker))
     load.t0 = time.time()
     for t in comp + fb:
         t.start()
@@ -521,7 +557,7 @@ def feedback_timing(facts: StoreFacts, load: Load) -> dict:
             "outside_kill_window": {"p50_s": rnd(pct(clear, 0.5)), "p99_s": rnd(pct(clear, 0.99)),
                                     "requests": len(clear), "waited_through_the_kill": len(spans) - len(clear)},
             "to_response_p50_s": rnd(pct(to_recv, 0.5)), "to_response_p99_s": rnd(pct(to_recv, 0.99)),
-            "requests_timed": len(to_send), "never_seen_applied": censored,
+            "requests_timed": len(to_send), "status_polls": load.status_polls, "never_seen_applied": censored,
             "never_seen_applied_answered_before_the_kill": lost_in_kill,
             "first_online_fit_seen_was_this_feedbacks": sum(naive), "of": len(naive)}
 
@@ -1034,7 +1070,9 @@ def run(args, write) -> dict:
                          "settle_s": args.settle_s, "retry_budget_s": args.retry_budget_s,
                          "forget_cli": args.forget_cli, "forget_api": args.forget_api,
                          "serve_options": options.model_dump(exclude={"store"}), "tiny": args.tiny,
-                         "seed": args.seed, "reduced": args.reduced_note},
+                         "seed": args.seed, "reduced": args.reduced_note, "poll": args.poll,
+                         "status_poll_s": args.status_poll_s if args.poll == "status" else None,
+                         "refit_turns": not args.no_refit_turns},
             "setup": {**setup, "phases": phase.out, "total_seconds": round(time.perf_counter() - phase.t0, 1),
                       "command": " ".join(sys.argv)},
             "definitions": {k: v for k, v in DEFINITIONS.items()},
@@ -1054,7 +1092,10 @@ def run(args, write) -> dict:
 
 DEFINITIONS = {
     "feedback_to_policy": "feedback 2xx -> sending of the first completion for that user naming a fit that includes "
-                          "the feedback (its decoding and server queueing excluded); *_to_response: to its answer",
+                          "the feedback (its decoding and server queueing excluded); *_to_response: to its answer. "
+                          "How clients find the new fit is settings.poll: 'status' = POST /v1/users/status for the "
+                          "waiting users every settings.status_poll_s, then a completion; 'completions' = completions "
+                          "for the waiting users, least recently polled first",
     "feedback_to_policy_row_written": "feedback 2xx -> the policy-table row of an online refit including it written "
                                       "(server clock, same machine): the refit's own latency, no polling gap",
     "completion_p99_ms": "completions during the feedback load, the kill window (SIGKILL .. new replica answering "
@@ -1116,6 +1157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, help="CPUs (torch threads) of the replica (default 2; --tiny 1)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--reload-interval-s", type=float, default=2.0)
+    p.add_argument("--poll", choices=("status", "completions"), default="status",
+                   help="how completion clients find a user's new fit: status (one POST /v1/users/status every "
+                        "--status-poll-s for every waiting user, a completion once it names a new fit) or completions "
+                        "(completions for the waiting users, least recently polled first: session 11-14's runs)")
+    p.add_argument("--status-poll-s", type=float, default=0.25)
     p.add_argument("--no-refit-turns", action="store_true",
                    help="ServeOptions.refit_turns=False: refits beside decode batches, not in turns (the comparison)")
     p.add_argument("--kill-at", type=float, default=0.4, help="kill the replica after this share of feedback answers "

@@ -3,6 +3,8 @@
     POST /v1/completions   {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "user", "best_of"}
     POST /v1/feedback      {"rows": [{"user_id", "prompt", "chosen", "rejected", ...}], "idempotency_key"}: stored
                            as an ingest batch before the answer; the users refitted here within seconds
+    GET  /v1/users/{id}    the policy the user's next completion gets (`personalization`'s fields) and whether a refit
+                           of theirs is queued, without decoding; POST /v1/users/status {"users": [ids]}: many at once
     DELETE /v1/users/{id}  forget the user: personalization stops at once, every trace purged (tasks/policy/forget)
     GET  /v1/models        the served model id, CLaP version and release
     GET  /health           liveness + what is served (no token needed: for probes)
@@ -46,10 +48,12 @@ from latentpref.tasks.evaluate.serve_core import (
     current_release,
     load_token,
     parse_completion_request,
+    parse_json_body,
 )
 
 log = logging.getLogger(__name__)
 APP_NAME = "latentpref"
+MAX_STATUS_USERS = 1000     # user ids per POST /v1/users/status
 
 
 class ServeOptions(BaseModel):
@@ -287,6 +291,53 @@ class Completions:
                 "already_stored": report.already_ingested, "users": req.user_ids,
                 "refit": "queued" if refitter is not None else "next night",
                 "release": self.state.release.release_id}
+
+    def _user_status(self, user_id: str) -> dict:
+        """What this replica would answer the user's next completion with, without decoding anything."""
+        state, refitter = self.state, self.refitter
+        entry = state.served_user(user_id)
+        reason = entry.policy if isinstance(entry.policy, str) else None
+        online = reason is None and str(entry.policy.manifest.get("night", "")).startswith("online-")
+        return {"object": "user", "user": user_id, "served": "personalized" if reason is None else "prior",
+                "reason": reason, "user_artifact_version": entry.artifact_version, "refitted_online": online,
+                "refit_pending": refitter is not None and refitter.is_pending(user_id),
+                "release": state.release.release_id, "clap_version": state.release.clap_version}
+
+    @api.get("/v1/users/{user_id}")
+    async def user_status(self, user_id: str, request: Request):
+        """The policy the user's next completion gets here (`personalization`'s fields) and whether a refit of
+        theirs is queued: a client sees its feedback take effect without spending a decode."""
+        from latentpref.tasks.data.validate import InvalidUserId, check_user_id
+        try:
+            check_bearer(request.headers.get("authorization"), self.token)
+            try:
+                check_user_id(user_id)
+            except InvalidUserId as err:
+                raise BadRequest(str(err), param="user_id", code="invalid_user_id") from None
+        except BadRequest as err:
+            return self._refuse(err)
+        return await asyncio.to_thread(self._user_status, user_id)
+
+    @api.post("/v1/users/status")
+    async def users_status(self, request: Request):
+        """`GET /v1/users/{id}` for many users in one request: {"users": [ids]} -> {"data": [status, ...]}."""
+        from latentpref.tasks.data.validate import InvalidUserId, check_user_id
+        try:
+            check_bearer(request.headers.get("authorization"), self.token)
+            body = parse_json_body(await request.body(), request.headers.get("content-type"),
+                                   self.limits.max_body_bytes)
+            users = body.get("users") if isinstance(body, dict) else None
+            if not isinstance(users, list) or not users or len(users) > MAX_STATUS_USERS:
+                raise BadRequest(f'body must be {{"users": [user ids]}} with 1 to {MAX_STATUS_USERS} ids',
+                                 param="users", code="invalid_users")
+            for i, user_id in enumerate(users):
+                try:
+                    check_user_id(user_id)
+                except InvalidUserId as err:
+                    raise BadRequest(f"users[{i}]: {err}", param="users", code="invalid_user_id") from None
+        except BadRequest as err:
+            return self._refuse(err)
+        return {"object": "list", "data": await asyncio.to_thread(lambda: [self._user_status(u) for u in users])}
 
     @api.delete("/v1/users/{user_id}")
     async def forget_user(self, user_id: str, request: Request):

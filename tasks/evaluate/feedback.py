@@ -184,6 +184,7 @@ class OnlineRefitter:
         self.max_users = max_users_per_refit
         self._pending: dict[str, float] = {}
         self._markers: dict[str, set[str]] = {}     # durable marker (feedback batch) -> its users
+        self._running: set[str] = set()             # users of the refit in progress
         self._cv = threading.Condition()
         self._stop = False
         self._pairs: pa.Table | None = None
@@ -252,6 +253,11 @@ class OnlineRefitter:
     def _turn(self):
         return self.turns.turn() if self.turns is not None else contextlib.nullcontext()
 
+    def is_pending(self, user_id: str) -> bool:
+        """Whether a refit of this user is queued or running here."""
+        with self._cv:
+            return user_id in self._pending or user_id in self._running
+
     def pending(self) -> int:
         with self._cv:
             return len(self._pending)
@@ -270,6 +276,7 @@ class OnlineRefitter:
                     return
                 users = sorted(self._pending, key=self._pending.get)[:self.max_users]
                 requested = {u: self._pending.pop(u) for u in users}
+                self._running = set(users)
             try:
                 result = self.refit(users, requested)
                 self.on_refit(result)
@@ -278,6 +285,9 @@ class OnlineRefitter:
                 self.errors += 1
                 log.exception("online refit of %d users failed; their feedback is stored and the night fits it",
                               len(users))
+            finally:
+                with self._cv:
+                    self._running = set()
 
     # the work ---------------------------------------------------------------------------------------------
     def simulated_pairs(self) -> pa.Table | None:

@@ -227,6 +227,40 @@ def test_feedback_refits_the_user_within_seconds(server):
     print(f"feedback to a completion naming the new fit: {seconds:.1f}s")
 
 
+def test_user_status_says_what_the_next_completion_gets(server):
+    """GET /v1/users/{id} and POST /v1/users/status: the policy the user's next completion is served with, without
+    decoding; a feedback's refit shows there as a new online fit, then in the completion too."""
+    base, _ = server
+    status, st = call(base, "/v1/users/user-8")
+    assert status == 200, st
+    first = complete(base, user="user-8")[1]["personalization"]
+    for key in ("served", "user_artifact_version", "refitted_online", "release", "clap_version"):
+        assert st[key] == first[key], key
+    rows = serve_store.pair_rows("user-8", 3, offset=400)
+    assert call(base, "/v1/feedback", {"rows": rows, "idempotency_key": "status-1"})[0] == 200
+    deadline, seen = time.monotonic() + 60, st
+    while time.monotonic() < deadline:
+        seen = call(base, "/v1/users/user-8")[1]
+        if seen["user_artifact_version"] != st["user_artifact_version"] and not seen["refit_pending"]:
+            break
+        time.sleep(0.2)
+    assert seen["refitted_online"] and seen["user_artifact_version"] != st["user_artifact_version"], seen
+    assert complete(base, user="user-8")[1]["personalization"]["user_artifact_version"] == \
+        seen["user_artifact_version"]
+    status, many = call(base, "/v1/users/status", {"users": ["user-8", "nobody-9"]})
+    assert status == 200 and [d["user"] for d in many["data"]] == ["user-8", "nobody-9"]
+    assert many["data"][0]["user_artifact_version"] == seen["user_artifact_version"]
+    assert many["data"][1]["served"] == "prior" and many["data"][1]["reason"] and not many["data"][1]["refit_pending"]
+    # refused, naming the problem
+    assert call(base, "/v1/users/user-8", token=None)[0] == 401
+    status, err = call(base, "/v1/users/bad..id")
+    assert status == 400 and err["error"]["code"] == "invalid_user_id", err
+    status, err = call(base, "/v1/users/status", {"users": ["user-8", "bad..id"]})
+    assert status == 400 and "users[1]" in err["error"]["message"], err
+    assert call(base, "/v1/users/status", {"users": []})[0] == 400
+    assert call(base, "/v1/users/status", {"ids": ["user-8"]})[0] == 400
+
+
 def test_bad_feedback_is_refused_and_nothing_stored(server):
     base, store = server
     from latentpref.tasks.data.ingest import committed_rows_for
