@@ -18,11 +18,11 @@ Steps (every phase's wall time and the load average go in the JSON: the box is s
    them users of the store, half new `online-new-NNNN`), pacing `--feedback-interval-s` between requests, each with
    its own idempotency key (body or `Idempotency-Key` header, alternately), retried with the SAME key on a dropped
    connection / 5xx / 429 (Retry-After honoured); meanwhile the completion clients keep requesting completions.
-   `--poll status` (default): a status client asks `POST /v1/users/status` every `--status-poll-s` which of the
-   users whose feedback was answered are served a new online fit yet, and the next free completion client requests a
-   completion for such a user first (as an app would after its "saved" notice), other users otherwise.
-   `--poll completions` (sessions 11-14's runs): the completion clients poll the waiting users themselves with
-   completions, least recently polled first. When `--kill-at` of the feedback requests have been answered, the serving
+   `--poll completions` (default): the completion clients poll the users whose feedback was answered and whose new
+   fit they have not seen yet with completions, least recently polled first, other users otherwise.
+   `--poll status`: a status client asks `POST /v1/users/status` every `--status-poll-s` which of those users are
+   served a new online fit yet (`feedback_to_policy.to_status_*`), and the next free completion client requests a
+   completion for such a user first, other users otherwise. When `--kill-at` of the feedback requests have been answered, the serving
    replica's process (pid from /health) gets SIGKILL; Serve starts a new one, and the `--resend-after-kill` requests
    answered last before the kill are sent again with the same key and rows (a client whose answer was lost in the
    kill; requests in flight during the restart wait in Serve's proxy, so few fail on their own). After the last
@@ -283,6 +283,7 @@ class Load:
         self.pending: dict[str, dict] = {}    # user -> {"t": 2xx time, "old": versions seen before, "polled": t}
         self.last_version: dict[str, str | None] = {}
         self.status_polls = 0
+        self.status_ready_at: dict[str, float] = {}   # --poll status: when the status first named a new fit
         self.stop = threading.Event()
         self.counter = 0
         self.kill: dict = {}
@@ -296,7 +297,8 @@ class Load:
                 ready = [u for u, p in self.pending.items() if p.get("ready")]
                 if ready:
                     user = min(ready, key=lambda u: self.pending[u]["t"])
-                    self.pending[user]["ready"] = False          # one completion per sighting
+                    # one completion per sighting: not asked about again (nor sent again) while it is in flight
+                    self.pending[user].update(ready=False, sent=True)
                     return user
             elif self.pending:
                 user = min(self.pending, key=lambda u: self.pending[u]["polled"])
@@ -310,7 +312,7 @@ class Load:
         client = Http(self.port)
         while not self.stop.wait(self.args.status_poll_s):
             with self.lock:
-                users = [u for u, p in self.pending.items() if not p.get("ready")][:1000]
+                users = [u for u, p in self.pending.items() if not p.get("ready") and not p.get("sent")][:1000]
             if not users:
                 continue
             try:
@@ -320,6 +322,7 @@ class Load:
                 continue
             if status != 200:
                 continue
+            t_answer = time.time()
             with self.lock:
                 self.status_polls += 1
                 for entry in out["data"]:
@@ -327,6 +330,7 @@ class Load:
                     if pend is not None and entry["refitted_online"] \
                             and entry["user_artifact_version"] not in pend["old"]:
                         pend["ready"] = True
+                        self.status_ready_at.setdefault(entry["user"], t_answer)
 
     def completion_worker(self, limit: int | None) -> None:
         client = Http(self.port)
@@ -360,7 +364,10 @@ class Load:
                     if pend is not None and rec["online"] and rec["version"] not in pend["old"] \
                             and t_recv > pend["t"]:
                         del self.pending[user]          # (the exact resolution is made afterwards, from the store)
+                        pend = None
                     self.last_version[user] = rec["version"]
+                if pend is not None:
+                    pend["sent"] = False                # not the new fit yet: the status client asks again
             if status != 200:
                 time.sleep(0.2)
 
@@ -553,7 +560,12 @@ def feedback_timing(facts: StoreFacts, load: Load) -> dict:
     lo = load.kill.get("at", math.inf)
     hi = load.kill.get("restarted_at", load.t_end) + KILL_GRACE_S if "at" in load.kill else -math.inf
     clear = [d for t, d in spans if t + d < lo or t > hi]
+    # --poll status: 2xx -> the first status answer naming a new online fit (what a client polling the status sees)
+    to_status = [load.status_ready_at[u] - f["t_2xx"] for u, reqs in by_user.items() for f in reqs[:1]
+                 if u in load.status_ready_at]
     return {"p50_s": rnd(pct(to_send, 0.5)), "p99_s": rnd(pct(to_send, 0.99)), "max_s": rnd(max(to_send, default=None)),
+            "to_status_p50_s": rnd(pct(to_status, 0.5)), "to_status_p99_s": rnd(pct(to_status, 0.99)),
+            "to_status_requests": len(to_status),
             "outside_kill_window": {"p50_s": rnd(pct(clear, 0.5)), "p99_s": rnd(pct(clear, 0.99)),
                                     "requests": len(clear), "waited_through_the_kill": len(spans) - len(clear)},
             "to_response_p50_s": rnd(pct(to_recv, 0.5)), "to_response_p99_s": rnd(pct(to_recv, 0.99)),
@@ -917,6 +929,11 @@ def run(args, write) -> dict:
         sampler.phase = "feedback_load"
         with phase("feedback_load"):
             load = run_feedback_load(port, pool, jobs, args)
+        if args.dump_requests:    # every request of the load, for a closer look than the percentiles
+            with open(args.dump_requests, "w") as out:
+                json.dump({"t0": load.t0, "kill": load.kill, "status_ready_at": load.status_ready_at,
+                           "feedback": [{k: v for k, v in f.items() if k != "rows"} for f in load.feedback],
+                           "completions": load.completions}, out, default=str)
         h_after = health(port) or {}
         comp = completion_figures(load)
         timing = feedback_timing(facts, load)
@@ -1157,11 +1174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica-cpus", type=float, help="CPUs (torch threads) of the replica (default 2; --tiny 1)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--reload-interval-s", type=float, default=2.0)
-    p.add_argument("--poll", choices=("status", "completions"), default="status",
+    p.add_argument("--poll", choices=("status", "completions"), default="completions",
                    help="how completion clients find a user's new fit: status (one POST /v1/users/status every "
                         "--status-poll-s for every waiting user, a completion once it names a new fit) or completions "
                         "(completions for the waiting users, least recently polled first: session 11-14's runs)")
     p.add_argument("--status-poll-s", type=float, default=0.25)
+    p.add_argument("--dump-requests", default=None, help="write every request of the load (times, versions) here")
     p.add_argument("--no-refit-turns", action="store_true",
                    help="ServeOptions.refit_turns=False: refits beside decode batches, not in turns (the comparison)")
     p.add_argument("--kill-at", type=float, default=0.4, help="kill the replica after this share of feedback answers "

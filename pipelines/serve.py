@@ -4,7 +4,7 @@
     POST /v1/feedback      {"rows": [{"user_id", "prompt", "chosen", "rejected", ...}], "idempotency_key"}: stored
                            as an ingest batch before the answer; the users refitted here within seconds
     GET  /v1/users/{id}    the policy the user's next completion gets (`personalization`'s fields) and whether a refit
-                           of theirs is queued, without decoding; POST /v1/users/status {"users": [ids]}: many at once
+                           of theirs is queued or running, without decoding; POST /v1/users/status {"users": [ids]}: many at once
     DELETE /v1/users/{id}  forget the user: personalization stops at once, every trace purged (tasks/policy/forget)
     GET  /v1/models        the served model id, CLaP version and release
     GET  /health           liveness + what is served (no token needed: for probes)
@@ -292,6 +292,19 @@ class Completions:
                 "refit": "queued" if refitter is not None else "next night",
                 "release": self.state.release.release_id}
 
+    def _check_user_request(self, request: Request, user_id: str) -> JSONResponse | None:
+        """The refusal of a /v1/users/{user_id} request (wrong token 401, malformed id 400), or None."""
+        from latentpref.tasks.data.validate import InvalidUserId, check_user_id
+        try:
+            check_bearer(request.headers.get("authorization"), self.token)
+            try:
+                check_user_id(user_id)
+            except InvalidUserId as err:
+                raise BadRequest(str(err), param="user_id", code="invalid_user_id") from None
+        except BadRequest as err:
+            return self._refuse(err)
+        return None
+
     def _user_status(self, user_id: str) -> dict:
         """What this replica would answer the user's next completion with, without decoding anything."""
         state, refitter = self.state, self.refitter
@@ -306,16 +319,10 @@ class Completions:
     @api.get("/v1/users/{user_id}")
     async def user_status(self, user_id: str, request: Request):
         """The policy the user's next completion gets here (`personalization`'s fields) and whether a refit of
-        theirs is queued: a client sees its feedback take effect without spending a decode."""
-        from latentpref.tasks.data.validate import InvalidUserId, check_user_id
-        try:
-            check_bearer(request.headers.get("authorization"), self.token)
-            try:
-                check_user_id(user_id)
-            except InvalidUserId as err:
-                raise BadRequest(str(err), param="user_id", code="invalid_user_id") from None
-        except BadRequest as err:
-            return self._refuse(err)
+        theirs is queued or running: a client sees its feedback take effect without spending a decode."""
+        refused = self._check_user_request(request, user_id)
+        if refused is not None:
+            return refused
         return await asyncio.to_thread(self._user_status, user_id)
 
     @api.post("/v1/users/status")
@@ -347,16 +354,10 @@ class Completions:
         from latentpref.pipelines.config import RuntimeConfig
         from latentpref.pipelines.runtime import mlflow_uris
         from latentpref.tasks.data.locks import StoreLocked, store_lock
-        from latentpref.tasks.data.validate import InvalidUserId, check_user_id
         from latentpref.tasks.policy.forget import forget_in_mlflow, forget_user, mark_forgotten
-        try:
-            check_bearer(request.headers.get("authorization"), self.token)
-            try:
-                check_user_id(user_id)
-            except InvalidUserId as err:
-                raise BadRequest(str(err), param="user_id", code="invalid_user_id") from None
-        except BadRequest as err:
-            return self._refuse(err)
+        refused = self._check_user_request(request, user_id)
+        if refused is not None:
+            return refused
         stone = await asyncio.to_thread(mark_forgotten, self.store, user_id)
         self.state.forget(user_id)
 

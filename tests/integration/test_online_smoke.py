@@ -25,7 +25,7 @@ def test_online_tiny_loses_nothing_counts_nothing_twice_and_forgets(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out), "--work", str(tmp_path),
                            "--tiny-users", "8", "--users", "6", "--feedback-clients", "2", "--completion-clients", "2",
                            "--baseline-requests", "8", "--feedback-interval-s", "0.2", "--settle-s", "15",
-                           "--forget-cli", "1", "--forget-api", "1"],
+                           "--forget-cli", "1", "--forget-api", "1", "--poll", "status"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     seconds = time.monotonic() - t0
@@ -48,6 +48,9 @@ def test_online_tiny_loses_nothing_counts_nothing_twice_and_forgets(tmp_path):
     timing = r["feedback_to_policy"]     # every timed request is either clear of the kill window or waited through it
     split = timing["outside_kill_window"]
     assert split["requests"] + split["waited_through_the_kill"] == timing["requests_timed"] == 6, timing
+    # --poll status: the clients learnt of new fits from POST /v1/users/status
+    assert timing["status_polls"] >= 1 and 1 <= timing["to_status_requests"] <= 6, timing
+    assert r["settings"]["poll"] == "status"
     assert r["night"]["rc"] == 0 and sum(r["night"]["feedback_users"].values()) == 6
     assert len(r["machine"]["load_average_at_start"]) == 3 and r["settings"]["tiny"] is True
     print(f"online --tiny: {seconds:.0f}s; feedback_to_policy p99 {r['feedback_to_policy_p99_s']}s, "
