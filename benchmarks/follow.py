@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -138,10 +139,8 @@ def main() -> None:
             return loss
         opt.step(closure)
         rms = float(mu.norm(dim=-1).pow(2).mean().sqrt())
-        heads = type("Readout", (), {})()
-        heads.direction = (w.detach() / w.detach().norm(dim=-1, keepdim=True).clamp(min=1e-8)) * rms
-        heads.rms = rms
-        return heads
+        unit = w.detach() / w.detach().norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        return SimpleNamespace(direction=unit * rms, rms=rms)
 
     rng = np.random.default_rng(0)
     data, extra = {}, {}
