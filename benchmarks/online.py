@@ -41,7 +41,8 @@ Definitions (also under "definitions" in the JSON):
   policy is read when its batch starts). "..._to_response" variants run to that completion's answer (upper bound).
   A feedback never seen applied counts with the time until the end of the observation (censored, flagged).
   Under `--poll completions` the clients poll the waiting users with completions, so under a backlog the polling gap
-  is part of this figure; under `--poll status` a status poll (every --status-poll-s) and a free completion client; "feedback_to_policy.outside_kill_window" keeps the requests whose wait does not overlap the kill
+  is part of this figure; under `--poll status`, a status poll (every --status-poll-s) and a free completion
+  client are. "feedback_to_policy.outside_kill_window" keeps the requests whose wait does not overlap the kill
   window (below), as completion_p99_ms does; "feedback_to_policy_row_written" is the server's side without the
   polling gap: 2xx -> the online refit's row of a fit including the feedback written to the policy table (its
   `written_at`, every table version read).
@@ -557,8 +558,7 @@ def feedback_timing(facts: StoreFacts, load: Load) -> dict:
             naive.append(first is hit)
     # the kill's share apart, as for completions: a request whose wait overlaps [SIGKILL, restarted + grace] waited
     # for a replica that was not there (the headline p50/p99 above keep every request)
-    lo = load.kill.get("at", math.inf)
-    hi = load.kill.get("restarted_at", load.t_end) + KILL_GRACE_S if "at" in load.kill else -math.inf
+    lo, hi = kill_window(load)
     clear = [d for t, d in spans if t + d < lo or t > hi]
     # --poll status: 2xx -> the first status answer naming a new online fit (what a client polling the status sees)
     to_status = [load.status_ready_at[u] - f["t_2xx"] for u, reqs in by_user.items() for f in reqs[:1]
@@ -647,9 +647,15 @@ def server_side_timing(facts: StoreFacts, load: Load, written: dict) -> dict:
             else None, "users_per_commit_max": max(commits, default=None)}
 
 
-def completion_figures(load: Load) -> dict:
+def kill_window(load: Load) -> tuple[float, float]:
+    """[SIGKILL, new replica answering + KILL_GRACE_S]; an empty window when there was no kill."""
     lo = load.kill.get("at", math.inf)
     hi = load.kill.get("restarted_at", load.t_end) + KILL_GRACE_S if "at" in load.kill else -math.inf
+    return lo, hi
+
+
+def completion_figures(load: Load) -> dict:
+    lo, hi = kill_window(load)
     ok = [c for c in load.completions if c["status"] == 200]
     outside = [1000 * (c["t_recv"] - c["t_send"]) for c in ok if not (lo - 0.0 <= c["t_send"] <= hi or
                                                                         c["t_send"] < lo < c["t_recv"])]
@@ -1177,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll", choices=("status", "completions"), default="completions",
                    help="how completion clients find a user's new fit: status (one POST /v1/users/status every "
                         "--status-poll-s for every waiting user, a completion once it names a new fit) or completions "
-                        "(completions for the waiting users, least recently polled first: session 11-14's runs)")
+                        "(completions for the waiting users, least recently polled first)")
     p.add_argument("--status-poll-s", type=float, default=0.25)
     p.add_argument("--dump-requests", default=None, help="write every request of the load (times, versions) here")
     p.add_argument("--no-refit-turns", action="store_true",

@@ -309,10 +309,9 @@ class Completions:
         """What this replica would answer the user's next completion with, without decoding anything."""
         state, refitter = self.state, self.refitter
         entry = state.served_user(user_id)
-        reason = entry.policy if isinstance(entry.policy, str) else None
-        online = reason is None and str(entry.policy.manifest.get("night", "")).startswith("online-")
-        return {"object": "user", "user": user_id, "served": "personalized" if reason is None else "prior",
-                "reason": reason, "user_artifact_version": entry.artifact_version, "refitted_online": online,
+        return {"object": "user", "user": user_id, "served": "personalized" if entry.reason is None else "prior",
+                "reason": entry.reason, "user_artifact_version": entry.artifact_version,
+                "refitted_online": entry.refitted_online,
                 "refit_pending": refitter is not None and refitter.is_pending(user_id),
                 "release": state.release.release_id, "clap_version": state.release.clap_version}
 

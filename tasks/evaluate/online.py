@@ -35,6 +35,16 @@ class ServedUser:
     policy: Any                       # UserPolicy, or the sentence saying why the prior is served
     artifact_version: str | None      # the user's fit that answered (also for a cold start), None if none
 
+    @property
+    def reason(self) -> str | None:
+        """Why the population prior answers, or None when the user's own fit does."""
+        return self.policy if isinstance(self.policy, str) else None
+
+    @property
+    def refitted_online(self) -> bool:
+        """Whether the user's fit is an online refit (POST /v1/feedback) rather than a night's."""
+        return self.reason is None and str(self.policy.manifest.get("night", "")).startswith("online-")
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -242,10 +252,8 @@ class OnlineGenerator(PersonalizedGenerator):
             finish = "length"
             if eos is not None and eos in row:
                 row, finish = row[:row.index(eos)], "stop"
-            reason = e.policy if isinstance(e.policy, str) else None
-            online = reason is None and str(e.policy.manifest.get("night", "")).startswith("online-")
             out.append(Completion(self.tokenizer.decode(row, skip_special_tokens=True), finish, int(n_prompt),
-                                  len(row), reason is None, reason, e.artifact_version, online))
+                                  len(row), e.reason is None, e.reason, e.artifact_version, e.refitted_online))
         return out
 
     def _decode(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, n_new: int,
