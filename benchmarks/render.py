@@ -510,10 +510,11 @@ TEXT_COLUMNS = ("latent_type", "mode")
 # issue 27: per user group, the figures that say whether personalisation is personal
 GROUPS = ("seen", "unseen", "out_of_cohort")
 GROUP_COLUMNS = (("win_rate_vs_prior", "win rate vs prior"), ("win_rate_vs_base", "win rate vs base LM"),
-                 ("own_vs_swapped", "own vs swapped"))
+                 ("own_vs_swapped", "own vs swapped"), ("heldout_accuracy", "held-out accuracy (LM)"))
 GROUP_NOTE = ("seen = users whose pairs the CLaP's training read, unseen = cohort users it never read, out of cohort = "
               "users outside every cohort; own vs swapped = the user's text against the text written for the evaluated "
-              "user with the least similar hidden reward, judged by the user's reward (0.5 = nothing personal)")
+              "user with the least similar hidden reward, judged by the user's reward (0.5 = nothing personal); held-out "
+              "accuracy = the LM run's ranking of the user's held-out pairs (the policy against its reference)")
 
 
 def _personal(pairs: list[tuple[str, str | None]]) -> str:
@@ -535,7 +536,8 @@ def _compare_groups(methods: dict) -> str:
     if not rows:
         return ""
     return ("By user group (" + GROUP_NOTE + "):\n\n"
-            + table(["method", "group", "users", *(f"{h} [95% CI]" for _, h in GROUP_COLUMNS)], rows, "llr" + "r" * 3)
+            + table(["method", "group", "users", *(f"{h} [95% CI]" for _, h in GROUP_COLUMNS)], rows,
+                    "llr" + "r" * len(GROUP_COLUMNS))
             + "\n\n")
 
 

@@ -161,7 +161,9 @@ def test_the_comparison_shows_whether_personalisation_is_personal(render, tmp_pa
     """compare.py's issue-27 figures: win rate vs the base LM and own vs swapped get columns, the seen / unseen /
     out_of_cohort objects a table of their own, and the headline both figures; a JSON without them renders as before."""
     base_lm = {**_personal_row(0.45, 0.5, None, users=6), "trainable_params": 0.0}
-    latent = {**_personal_row(0.625, 0.75, 0.6875, users=6), "seen": _personal_row(0.75, 0.8, 0.8125, users=2),
+    latent = {**_personal_row(0.625, 0.75, 0.6875, users=6),
+              "seen": {**_personal_row(0.75, 0.8, 0.8125, users=2), "heldout_accuracy": 0.625,
+                       "heldout_accuracy_ci95": [0.5, 0.75]},
               "unseen": _personal_row(0.5, 0.7, 0.5, users=2),
               "out_of_cohort": _personal_row(0.625, 0.75, 0.75, users=2)}
     result = {"methods": {"base_lm": {**base_lm, "seen": _personal_row(0.45, 0.5, None, users=3)},
@@ -177,7 +179,9 @@ def test_the_comparison_shows_whether_personalisation_is_personal(render, tmp_pa
     base_line = next(line for line in text.splitlines() if line.startswith("| base_lm | 6 |"))
     assert "| 0.50 [0.40, 0.60] |  |" in base_line                  # own vs swapped: nobody's own text
     assert "By user group (seen = users whose pairs the CLaP's training read" in text
-    assert "| latent_dpo | seen | 2 | 0.75 [0.65, 0.85] | 0.80 [0.70, 0.90] | 0.81 [0.71, 0.91] |" in text
+    assert "| latent_dpo | seen | 2 | 0.75 [0.65, 0.85] | 0.80 [0.70, 0.90] | 0.81 [0.71, 0.91] | 0.62 [0.50, 0.75] |" \
+        in text                                                       # the group's LM-run held-out accuracy
+    assert "| held-out accuracy (LM) [95% CI] |" in text
     assert "| latent_dpo | unseen | 2 | 0.50 [0.40, 0.60] | 0.70 [0.60, 0.80] | 0.50 [0.40, 0.60] |" in text
     assert "| latent_dpo | out of cohort | 2 |" in text and "| base_lm | seen | 3 | 0.45 [0.35, 0.55] |" in text
     assert text.index("By user group") < text.index("Preset `small`")
